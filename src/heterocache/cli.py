@@ -1,0 +1,41 @@
+"""`heterocache` command line: one sub-command group per feature module.
+
+Each feature module exposes ``register(subparsers)`` that adds its sub-command(s) and sets
+``func`` on the parsed namespace; this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Feature modules that contribute sub-commands, in help order.
+_COMMAND_MODULES = (
+    "heterocache.profile.cli",
+    "heterocache.eval.cli",
+    "heterocache.bench_cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="heterocache", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and name.startswith(err.name):
+                continue  # feature not present in this build
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
