@@ -1,3 +1,27 @@
-"""heterocache: heterogeneous KV-cache compression for Hugging Face transformers."""
+"""heterocache: heterogeneous KV-cache compression for Hugging Face transformers.
+
+Importing the package registers the ``"heterocache"`` attention implementation with transformers.
+"""
 
 __version__ = "0.1.0"
+
+from .attention import ATTENTION_NAME, AttentionNotEnabledError, enable  # noqa: E402  (registers)
+from .budget import check_budget  # noqa: E402
+from .cache import FullKVCache, RaggedCache, SnapKVCache  # noqa: E402
+from .memory import MemoryReport  # noqa: E402
+from .policies import FullKVPolicy, Policy, PrefillContext, SnapKVPolicy  # noqa: E402
+
+__all__ = [
+    "ATTENTION_NAME",
+    "AttentionNotEnabledError",
+    "FullKVCache",
+    "FullKVPolicy",
+    "MemoryReport",
+    "Policy",
+    "PrefillContext",
+    "RaggedCache",
+    "SnapKVCache",
+    "SnapKVPolicy",
+    "check_budget",
+    "enable",
+]

@@ -1,0 +1,82 @@
+"""The policy interface: which prompt tokens each (layer, KV head) keeps, and what happens at
+each decode step. A policy decides; the store holds; the attention reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..store import RaggedKVStore
+
+
+@dataclass
+class PrefillContext:
+    """What a policy sees when a layer's prompt has just been attended.
+
+    Attributes:
+        layer_idx: index of the layer.
+        num_layers: layers of the model (known once the whole model ran; may be None at layer 0).
+        query: ``[B, Hq, L, D]`` queries of the prompt (after RoPE).
+        key, value: ``[B, H, L, D]`` keys (after RoPE) and values.
+        valid: bool ``[B, L]``: real tokens (False for left padding).
+        scaling: the layer's softmax scale.
+    """
+
+    layer_idx: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    valid: torch.Tensor
+    scaling: float
+    num_layers: int | None = None
+
+    @property
+    def num_groups(self) -> int:
+        """Query heads per KV head (GQA group size)."""
+        return self.query.shape[1] // self.key.shape[1]
+
+    @property
+    def prompt_tokens(self) -> torch.Tensor:
+        """Real prompt tokens per row, int64 ``[B]``."""
+        return self.valid.sum(-1)
+
+
+class Policy:
+    """Base class of every KV policy (FullKV, SnapKV, ..., HeteroCache).
+
+    Subclasses override ``plan`` and ``select`` to compress the prompt, and ``on_decode`` to evict or
+    refresh while decoding. The defaults keep everything.
+    """
+
+    name = "base"
+    #: Whether ``crop`` can restore the cache exactly (False for methods that evict while decoding).
+    croppable = True
+
+    def head_roles(self, layer_idx: int, num_heads: int) -> list[str]:
+        """Role name of each KV head of a layer, for memory accounting."""
+        return ["full"] * num_heads
+
+    def plan(self, ctx: PrefillContext) -> torch.Tensor:
+        """Prompt tokens each (row, KV head) keeps: int64 ``[B, H]``."""
+        B, H = ctx.key.shape[:2]
+        return ctx.prompt_tokens[:, None].expand(B, H).clone()
+
+    def select(self, ctx: PrefillContext, plan: torch.Tensor) -> torch.Tensor:
+        """Which prompt tokens stay: bool ``[B, H, L]`` with exactly ``plan[b, h]`` True per row and
+        head, all of them real tokens."""
+        B, H = ctx.key.shape[:2]
+        return ctx.valid[:, None, :].expand(B, H, -1).clone()
+
+    def on_prefill_done(self, layer_idx: int, store: RaggedKVStore, ctx: PrefillContext) -> None:
+        """Called after the store of a layer was filled (e.g. to offload copies)."""
+
+    def on_decode(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
+        """Called after each decode step's token was appended and attended (evict, refresh)."""
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Reorder or repeat per-row policy state (beam search, batch expansion)."""
+
+    def reset(self) -> None:
+        """Forget all per-prompt state."""

@@ -1,0 +1,59 @@
+"""SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for Before Generation")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..budget import check_budget, tokens_for_budget
+from .base import Policy, PrefillContext
+from .scoring import pool_scores, reduce_gqa, topk_keep, window_attention_scores
+
+
+@dataclass
+class SnapKVPolicy(Policy):
+    """Keep the prompt tokens most attended by the last ``window`` prompt queries.
+
+    Every KV head of every layer keeps ``round(budget * prompt_tokens)`` tokens (uniform budget):
+    the observation window itself plus the top-scoring earlier tokens, scores summed over the window
+    queries, pooled along the sequence and reduced over the GQA group (scored and stored per KV head,
+    never per query head).
+
+    Args:
+        budget: fraction of the prompt KV kept, in (0, 1]. Default 0.25.
+        window: observation window (last prompt queries). Default 32 (paper).
+        kernel: pooling kernel. Default 5 (paper's 7 for some models; 5 in the reference code).
+        pooling: "avg" or "max". Default "avg".
+        gqa_reduce: how a GQA group's query-head scores become one KV-head score: "mean" or "max".
+    """
+
+    budget: float = 0.25
+    window: int = 32
+    kernel: int = 5
+    pooling: str = "avg"
+    gqa_reduce: str = "mean"
+    name = "snapkv"
+
+    def __post_init__(self):
+        self.budget = check_budget(self.budget)
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be a positive odd number, got {self.kernel}")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
+        if self.gqa_reduce not in ("mean", "max"):
+            raise ValueError(f"gqa_reduce must be 'mean' or 'max', got {self.gqa_reduce!r}")
+
+    def head_roles(self, layer_idx: int, num_heads: int) -> list[str]:
+        return ["compressed"] * num_heads
+
+    def plan(self, ctx: PrefillContext) -> torch.Tensor:
+        B, H = ctx.key.shape[:2]
+        return tokens_for_budget(self.budget, ctx.prompt_tokens)[:, None].expand(B, H).clone()
+
+    def select(self, ctx: PrefillContext, plan: torch.Tensor) -> torch.Tensor:
+        scores = window_attention_scores(ctx.query, ctx.key, ctx.valid, self.window, ctx.scaling)
+        scores = reduce_gqa(pool_scores(scores, self.kernel, self.pooling), ctx.key.shape[1], self.gqa_reduce)
+        return topk_keep(scores, ctx.valid, plan, protect_last=self.window)

@@ -1,0 +1,104 @@
+"""Attention of new queries over a ragged per-head KV store, in plain PyTorch.
+
+Two paths:
+- ``decode_attention``: one query token per row (the decode step). The store's flat buffers are
+  viewed as ``[num_blocks, block_size, D]`` blocks with one owner segment each, so the whole layer
+  is two batched matmuls and a segment-wise softmax (max and sum reduced per segment with
+  ``scatter_reduce``/``index_add``). No copy of the cache, no padding to the longest head.
+  This is the reference that faster kernels are tested against.
+- ``extend_attention``: several query tokens on a non-empty store (a second turn appended to a
+  cached conversation). Rare, so it pads the stored part to a dense tensor and calls SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .store import RaggedKVStore
+
+
+def decode_attention(store: RaggedKVStore, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Single-token attention of every query head over its KV head's stored tokens.
+
+    Args:
+        store: the layer's store; every segment must hold at least one token.
+        query: ``[B, Hq, 1, D]`` with ``Hq = H * G`` (query head ``h * G + g`` reads KV head ``h``).
+        scaling: softmax scale.
+
+    Returns:
+        ``[B, 1, Hq, D]`` (the layout attention functions return), in the query's dtype.
+    """
+    B, Hq, q_len, D = query.shape
+    H, bs = store.num_heads, store.block_size
+    G = Hq // H
+    S = B * H
+    owner = store.block_owner
+    q = query.reshape(S, G, D).to(store.dtype)
+    kb = store.k.view(-1, bs, D)
+    vb = store.v.view(-1, bs, D)
+    # [NB, G, bs]: every block scored by the G query heads of its owner segment.
+    scores = torch.bmm(q[owner], kb.transpose(1, 2)).float() * scaling
+    slot = store.block_offset[:, None] + torch.arange(bs, device=store.device)[None, :]
+    valid = slot < store.length[owner][:, None]
+    scores.masked_fill_(~valid[:, None, :], float("-inf"))
+    seg_max = torch.full((S, G), float("-inf"), device=store.device)
+    seg_max.scatter_reduce_(0, owner[:, None].expand(-1, G), scores.amax(-1), reduce="amax")
+    probs = torch.exp(scores - seg_max[owner][:, :, None])
+    denom = torch.zeros(S, G, device=store.device).index_add_(0, owner, probs.sum(-1))
+    partial = torch.bmm(probs.to(store.dtype), vb).float()  # [NB, G, D]
+    out = torch.zeros(S, G, D, device=store.device).index_add_(0, owner, partial)
+    out = out / denom[:, :, None]
+    return out.to(query.dtype).view(B, 1, Hq, D)
+
+
+def extend_attention(
+    store: RaggedKVStore,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    new_valid: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Attention of q new tokens over the stored tokens plus themselves (causal).
+
+    Args:
+        store: the layer's store (tokens already cached, all in the past of the new ones).
+        query: ``[B, Hq, q, D]``.
+        key, value: ``[B, H, q, D]`` of the new tokens (not yet in the store).
+        new_valid: optional bool ``[B, q]``: False for padding among the new tokens.
+        scaling: softmax scale.
+
+    Returns:
+        ``[B, q, Hq, D]``.
+    """
+    B, Hq, q_len, D = query.shape
+    H = store.num_heads
+    G = Hq // H
+    k_old, v_old, valid_old, _ = store.padded()
+    k_all = torch.cat([k_old.to(key.dtype), key], dim=2)
+    v_all = torch.cat([v_old.to(value.dtype), value], dim=2)
+    causal = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril()
+    new_mask = causal[None, None].expand(B, H, q_len, q_len)
+    if new_valid is not None:
+        new_mask = new_mask & new_valid[:, None, None, :]
+    mask = torch.cat([valid_old[:, :, None, :].expand(-1, -1, q_len, -1), new_mask], dim=-1)
+    # A padding query may see nothing; let it see itself so its (ignored) output is not NaN.
+    mask = _with_diagonal(mask, k_old.shape[2])
+    out = F.scaled_dot_product_attention(
+        query.view(B, H, G, q_len, D).reshape(B * H, G, q_len, D),
+        k_all.reshape(B * H, 1, -1, D).expand(-1, G, -1, -1),
+        v_all.reshape(B * H, 1, -1, D).expand(-1, G, -1, -1),
+        attn_mask=mask.reshape(B * H, 1, q_len, -1),
+        scale=scaling,
+    )
+    return out.view(B, Hq, q_len, D).transpose(1, 2)
+
+
+def _with_diagonal(mask: torch.Tensor, offset: int) -> torch.Tensor:
+    """Let every new token attend to itself (column ``offset + i`` for query i)."""
+    q_len = mask.shape[2]
+    eye = torch.eye(q_len, dtype=torch.bool, device=mask.device)
+    mask = mask.clone()
+    mask[..., offset:] |= eye
+    return mask

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random models built from configs, and the real SmolLM2 loaded once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import heterocache  # noqa: F401  (registers the attention)
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=96,
+    intermediate_size=192,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+)
+
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+}
+
+
+def tiny_model(arch: str = "llama", attn: str = "heterocache", seed: int = 0, **overrides):
+    """A random-weight model of the given family (fp32, eval mode)."""
+    config_cls, model_cls, extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY, **extra, **overrides})
+    config._attn_implementation = attn
+    model = model_cls(config).eval()
+    return model
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct with heterocache attention, loaded once."""
+    pytest.importorskip("gguf")
+    from heterocache.models import load_smollm2
+
+    try:
+        return load_smollm2(attn_implementation="heterocache")
+    except FileNotFoundError as err:  # pragma: no cover - CI installs it
+        pytest.skip(str(err))

@@ -1,0 +1,93 @@
+"""The ragged decode/extend attention equals dense masked attention on random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heterocache.ragged_attention import decode_attention, extend_attention
+from heterocache.store import RaggedKVStore
+
+
+def _random_store(B, H, D, lengths, dtype, seed=0, block_size=16):
+    """A store whose (row, head) segment i holds lengths[i] random tokens; also the dense copy."""
+    g = torch.Generator().manual_seed(seed)
+    L = max(lengths)
+    key = torch.randn(B, H, L, D, generator=g).to(dtype)
+    value = torch.randn(B, H, L, D, generator=g).to(dtype)
+    keep = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    keep = keep.view(B, H, L)
+    store = RaggedKVStore(B, H, D, dtype, torch.device("cpu"), block_size=block_size, reserve=5)
+    store.fill(key, value, keep, torch.arange(L))
+    # Garbage in the reserved slots must never reach the result.
+    free = torch.ones(store.capacity, dtype=torch.bool)
+    free[store.used_slots()] = False
+    store.k[free] = 1e4
+    store.v[free] = -1e4
+    return store, key, value, keep
+
+
+def _dense_reference(query, key, value, keep, scaling):
+    """softmax(q k^T) v per query head with the GQA group expanded and masked keys excluded."""
+    G = query.shape[1] // key.shape[1]
+    k = key.float().repeat_interleave(G, dim=1)
+    v = value.float().repeat_interleave(G, dim=1)
+    m = keep.repeat_interleave(G, dim=1)[:, :, None, :]
+    s = (query.float() @ k.transpose(-1, -2)) * scaling
+    p = torch.softmax(s.masked_fill(~m, float("-inf")), dim=-1)
+    return (p @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("group", [1, 3, 7])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_attention_equals_dense_masked_attention(group, dtype, tol):
+    B, H, D = 2, 3, 32
+    lengths = torch.randint(1, 90, (B * H,), generator=torch.Generator().manual_seed(group)).tolist()
+    lengths[0] = 1
+    store, key, value, keep = _random_store(B, H, D, lengths, dtype, seed=group)
+    query = torch.randn(B, H * group, 1, D).to(dtype)
+    out = decode_attention(store, query, scaling=D**-0.5)
+    ref = _dense_reference(query, key, value, keep, D**-0.5)
+    assert out.shape == (B, 1, H * group, D) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+def test_decode_attention_after_appends_and_growth():
+    B, H, D, G = 1, 2, 16, 2
+    store, key, value, keep = _random_store(B, H, D, [3, 40], torch.float32, seed=1)
+    for step in range(30):  # forces several reallocations (reserve=5)
+        k_new, v_new = torch.randn(B, H, 1, D), torch.randn(B, H, 1, D)
+        store.append(k_new, v_new, torch.tensor([100 + step]))
+        key = torch.cat([key, torch.zeros(B, H, 1, D)], 2)
+        value = torch.cat([value, torch.zeros(B, H, 1, D)], 2)
+        keep = torch.cat([keep, torch.zeros(B, H, 1, dtype=torch.bool)], 2)
+        for h in range(H):  # place the new token right after each head's last kept one
+            n = int(keep[0, h].sum())
+            key[0, h, n], value[0, h, n], keep[0, h, n] = k_new[0, h, 0], v_new[0, h, 0], True
+    query = torch.randn(B, H * G, 1, D)
+    torch.testing.assert_close(
+        decode_attention(store, query, 0.25), _dense_reference(query, key, value, keep, 0.25), rtol=1e-5, atol=1e-5
+    )
+    assert store.lengths().tolist() == [[33, 70]]
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_extend_attention_equals_dense_causal_attention(group):
+    B, H, D, q = 2, 2, 16, 5
+    store, key, value, keep = _random_store(B, H, D, [7, 12, 3, 9], torch.float32, seed=2)
+    query = torch.randn(B, H * group, q, D)
+    k_new, v_new = torch.randn(B, H, q, D), torch.randn(B, H, q, D)
+    new_valid = torch.ones(B, q, dtype=torch.bool)
+    new_valid[1, :2] = False  # row 1's first two new tokens are padding
+    out = extend_attention(store, query, k_new, v_new, new_valid, 0.3)
+    # Reference per (row, query): dense over kept old tokens + causal valid new tokens.
+    for b in range(B):
+        for i in range(q):
+            if not new_valid[b, i]:
+                continue
+            for hq in range(H * group):
+                h = hq // group
+                ks = torch.cat([key[b, h][keep[b, h]], k_new[b, h, : i + 1][new_valid[b, : i + 1]]])
+                vs = torch.cat([value[b, h][keep[b, h]], v_new[b, h, : i + 1][new_valid[b, : i + 1]]])
+                p = torch.softmax(ks @ query[b, hq, i] * 0.3, 0)
+                torch.testing.assert_close(out[b, i, hq], p @ vs, rtol=1e-5, atol=1e-5)
