@@ -38,21 +38,29 @@ def _dense_reference(query, key, value, keep, scaling):
     return (p @ v).transpose(1, 2)
 
 
+@pytest.mark.parametrize("strategy", ["blocks", "segments", "kernel"])
 @pytest.mark.parametrize("group", [1, 3, 7])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_decode_attention_equals_dense_masked_attention(group, dtype, tol):
+def test_decode_attention_equals_dense_masked_attention(group, dtype, tol, strategy):
     B, H, D = 2, 3, 32
     lengths = torch.randint(1, 90, (B * H,), generator=torch.Generator().manual_seed(group)).tolist()
     lengths[0] = 1
     store, key, value, keep = _random_store(B, H, D, lengths, dtype, seed=group)
     query = torch.randn(B, H * group, 1, D).to(dtype)
-    out = decode_attention(store, query, scaling=D**-0.5)
+    out = decode_attention(store, query, scaling=D**-0.5, strategy=strategy)
     ref = _dense_reference(query, key, value, keep, D**-0.5)
     assert out.shape == (B, 1, H * group, D) and out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
 
 
-def test_decode_attention_after_appends_and_growth():
+def test_unknown_decode_strategy_is_rejected():
+    store, *_ = _random_store(1, 1, 8, [3], torch.float32)
+    with pytest.raises(ValueError, match="strategy"):
+        decode_attention(store, torch.randn(1, 1, 1, 8), 1.0, strategy="dense")
+
+
+@pytest.mark.parametrize("strategy", ["blocks", "segments"])
+def test_decode_attention_after_appends_and_growth(strategy):
     B, H, D, G = 1, 2, 16, 2
     store, key, value, keep = _random_store(B, H, D, [3, 40], torch.float32, seed=1)
     for step in range(30):  # forces several reallocations (reserve=5)
@@ -66,7 +74,7 @@ def test_decode_attention_after_appends_and_growth():
             key[0, h, n], value[0, h, n], keep[0, h, n] = k_new[0, h, 0], v_new[0, h, 0], True
     query = torch.randn(B, H * G, 1, D)
     torch.testing.assert_close(
-        decode_attention(store, query, 0.25), _dense_reference(query, key, value, keep, 0.25), rtol=1e-5, atol=1e-5
+        decode_attention(store, query, 0.25, strategy), _dense_reference(query, key, value, keep, 0.25), rtol=1e-5, atol=1e-5
     )
     assert store.lengths().tolist() == [[33, 70]]
 

@@ -1,11 +1,15 @@
 """Attention of new queries over a ragged per-head KV store, in plain PyTorch.
 
 Two paths:
-- ``decode_attention``: one query token per row (the decode step). The store's flat buffers are
-  viewed as ``[num_blocks, block_size, D]`` blocks with one owner segment each, so the whole layer
-  is two batched matmuls and a segment-wise softmax (max and sum reduced per segment with
-  ``scatter_reduce``/``index_add``). No copy of the cache, no padding to the longest head.
-  This is the reference that faster kernels are tested against.
+- ``decode_attention``: one query token per row (the decode step), with two strategies that read
+  the packed buffers in place (no copy of the cache, no padding to the longest head):
+  ``"blocks"`` views the flat buffers as ``[num_blocks, block_size, D]`` blocks with one owner
+  segment each, so a whole layer is two batched matmuls and a segment-wise softmax (max and sum
+  reduced per segment); loop-free, good on GPUs. ``"segments"`` runs SDPA on each segment's
+  contiguous slice; a Python loop over (row, head), but CPU matmul kernels are far faster on one
+  long slice than on many tiny blocks. On CUDA with triton installed the split-K Triton kernel of
+  ``heterocache.kernels`` is used instead (strategy ``"kernel"``); all are tested against the
+  general oracle ``heterocache.kernels.ragged_decode_attention_torch``.
 - ``extend_attention``: several query tokens on a non-empty store (a second turn appended to a
   cached conversation). Rare, so it pads the stored part to a dense tensor and calls SDPA.
 """
@@ -15,20 +19,60 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .store import RaggedKVStore
 
 
-def decode_attention(store: RaggedKVStore, query: torch.Tensor, scaling: float) -> torch.Tensor:
+def decode_attention(
+    store: RaggedKVStore, query: torch.Tensor, scaling: float, strategy: str | None = None
+) -> torch.Tensor:
     """Single-token attention of every query head over its KV head's stored tokens.
 
     Args:
         store: the layer's store; every segment must hold at least one token.
         query: ``[B, Hq, 1, D]`` with ``Hq = H * G`` (query head ``h * G + g`` reads KV head ``h``).
         scaling: softmax scale.
+        strategy: "segments", "blocks" or "kernel" (``heterocache.kernels`` dispatcher: Triton on
+            CUDA). Default: "segments" on CPU, "kernel" on CUDA when triton is installed, else
+            "blocks".
 
     Returns:
         ``[B, 1, Hq, D]`` (the layout attention functions return), in the query's dtype.
     """
+    if strategy is None:
+        strategy = _default_strategy(store.device)
+    if strategy == "kernel":
+        B, Hq, _, D = query.shape
+        q = query.reshape(store.num_segments, Hq // store.num_heads, D).to(store.dtype)
+        out = kernels.ragged_decode_attention(q, store.k, store.v, store.start, store.length, scaling)
+        return out.to(query.dtype).view(B, 1, Hq, D)
+    if strategy == "segments":
+        return _decode_segments(store, query, scaling)
+    if strategy == "blocks":
+        return _decode_blocks(store, query, scaling)
+    raise ValueError(f"strategy must be 'segments', 'blocks' or 'kernel', got {strategy!r}")
+
+
+def _default_strategy(device: torch.device) -> str:
+    if device.type == "cpu":
+        return "segments"
+    if device.type == "cuda" and kernels.triton_available():
+        return "kernel"
+    return "blocks"
+
+
+def _decode_segments(store: RaggedKVStore, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    B, Hq, _, D = query.shape
+    G = Hq // store.num_heads
+    q = query.reshape(store.num_segments, 1, G, D).to(store.dtype)
+    out = torch.empty(store.num_segments, G, D, dtype=store.dtype, device=store.device)
+    for s, (lo, n) in enumerate(zip(store.start.tolist(), store.length.tolist())):
+        k, v = store.k[lo : lo + n].unsqueeze(0), store.v[lo : lo + n].unsqueeze(0)
+        out[s] = F.scaled_dot_product_attention(q[s], k, v, scale=scaling)[0]
+    return out.to(query.dtype).view(B, 1, Hq, D)
+
+
+def _decode_blocks(store: RaggedKVStore, query: torch.Tensor, scaling: float) -> torch.Tensor:
     B, Hq, q_len, D = query.shape
     H, bs = store.num_heads, store.block_size
     G = Hq // H
