@@ -186,7 +186,9 @@ class RaggedCache(Cache):
             out, _ = sdpa_attention_forward(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
-            self._fill(layer, query, key, value, _key_validity(attention_mask, key), positions, scaling)
+            num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+            valid = _key_validity(attention_mask, key)
+            self._fill(layer, query, key, value, valid, positions, scaling, num_layers)
             return out, None
         if q_len == 1:
             layer.store.append(key, value, positions)
@@ -198,11 +200,11 @@ class RaggedCache(Cache):
         layer.store.append(key, value, positions, new_valid)
         return out, None
 
-    def _fill(self, layer: RaggedLayer, query, key, value, valid, positions, scaling) -> None:
+    def _fill(self, layer: RaggedLayer, query, key, value, valid, positions, scaling, num_layers=None) -> None:
         B, H, L, D = key.shape
         if valid is None:
             valid = torch.ones(B, L, dtype=torch.bool, device=key.device)
-        ctx = PrefillContext(layer.layer_idx, query, key, value, valid, scaling, num_layers=None)
+        ctx = PrefillContext(layer.layer_idx, query, key, value, valid, scaling, num_layers=num_layers)
         plan = self.policy.plan(ctx)
         keep = self.policy.select(ctx, plan)
         kept = keep.sum(-1)
