@@ -48,9 +48,8 @@ class RaggedKVStore:
         head_dim: D.
         dtype, device: of the stored keys and values.
         block_size: slot alignment of each segment (default 64).
-        reserve: minimum free slots a segment gets when it is (re)allocated (default 128). A
-            segment that runs out grows by ``max(reserve, length // 8)`` so long decodes reallocate
-            a geometrically shrinking number of times.
+        reserve: free slots a segment gets when it is filled (default 128). A segment that runs
+            out grows by ``max(reserve, length // 8)`` so long decodes reallocate O(log n) times.
 
     Attributes:
         k, v: ``[capacity, D]`` flat buffers.
@@ -106,8 +105,10 @@ class RaggedKVStore:
         nb = int(nblocks.sum())
         self.block_offset = torch.arange(nb, device=self.device) * self.block_size - self.start[self.block_owner]
 
-    def _capacity_for(self, needed: torch.Tensor) -> torch.Tensor:
-        extra = torch.clamp(needed // 8, min=self.reserve)
+    def _capacity_for(self, needed: torch.Tensor, growing: bool = False) -> torch.Tensor:
+        # A fresh fill reserves a fixed room; a segment that ran out grows geometrically so that a
+        # long decode reallocates O(log n) times.
+        extra = torch.clamp(needed // 8, min=self.reserve) if growing else torch.full_like(needed, self.reserve)
         return _round_up(needed + extra, self.block_size)
 
     def used_slots(self) -> torch.Tensor:
@@ -168,7 +169,7 @@ class RaggedKVStore:
 
     def _grow(self, needed: torch.Tensor) -> None:
         """Reallocate so every segment has room for ``needed`` tokens (copies the used slots once)."""
-        caps = torch.where(needed > self.cap, self._capacity_for(needed), self.cap)
+        caps = torch.where(needed > self.cap, self._capacity_for(needed, growing=True), self.cap)
         self._relayout(torch.arange(self.num_segments, device=self.device), caps)
 
     def _relayout(self, source_segments: torch.Tensor, caps: torch.Tensor) -> None:

@@ -1,0 +1,42 @@
+"""Evaluation harness: RULER-style synthetic tasks, LongBench / LongBench v2 / InfiniteBench
+loaders, teacher-forced fidelity, and a resumable grid runner over methods × budgets × tasks ×
+lengths × modes. See :mod:`heterocache.eval.runner` for the Python API, ``heterocache eval`` for
+the command line and ``docs/evaluation.md`` for the guide.
+
+Names are imported lazily, so that ``heterocache --help`` (which imports :mod:`.cli`) does not
+load torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "FULL_METHODS": "caches",
+    "default_cache_factory": "caches",
+    "FidelityConfig": "fidelity",
+    "MODES": "generation",
+    "generate_answer": "generation",
+    "EncodedPrompt": "prompting",
+    "PromptFormatter": "prompting",
+    "EvalConfig": "runner",
+    "EvalResult": "runner",
+    "run_eval": "runner",
+    "BenchmarkDataMissing": "tasks",
+    "Sample": "tasks",
+    "Task": "tasks",
+    "available_tasks": "tasks",
+    "get_task": "tasks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

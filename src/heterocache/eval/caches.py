@@ -1,0 +1,60 @@
+"""Where the runner gets a fresh KV cache for each generation: the method-registry interface.
+
+A *cache factory* is any callable ``make_cache(method: str, budget: float, model) -> Cache | None``:
+``method`` is a registry name ("full", "snapkv", "heterocache", ...), ``budget`` the fraction of
+the prompt's KV kept in fast memory (0 < budget <= 1; kvpress's compression_ratio is 1 - budget),
+``model`` the loaded model. It must return a new, empty cache on every call; ``None`` means
+"transformers' default DynamicCache". The runner never shares a cache between two samples.
+
+By default the factory is ``heterocache.methods.make_cache`` when that module exists; without it
+only the uncompressed methods in :data:`FULL_METHODS` are available.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+#: Method names that keep the whole cache: run once per cell at budget 1.0, drawn as a reference line.
+FULL_METHODS = frozenset({"full", "dynamic", "fullkv"})
+
+CacheFactory = Callable[[str, float, object], object]
+
+
+def is_full(method: str) -> bool:
+    """Whether ``method`` keeps the whole KV cache (its budget is irrelevant)."""
+    return method.lower() in FULL_METHODS
+
+
+def dynamic_only_factory(method: str, budget: float, model) -> object:
+    """Fallback factory: a ``transformers.DynamicCache`` for the full-cache methods, else an error."""
+    from transformers import DynamicCache
+
+    if is_full(method):
+        return DynamicCache()
+    raise ValueError(
+        f"unknown method {method!r}: heterocache.methods is not available, so only "
+        f"{', '.join(sorted(FULL_METHODS))} can be evaluated"
+    )
+
+
+def default_cache_factory() -> CacheFactory:
+    """``heterocache.methods.make_cache`` if the module exists, else :func:`dynamic_only_factory`."""
+    try:
+        module = importlib.import_module("heterocache.methods")
+    except ModuleNotFoundError as err:
+        if err.name not in ("heterocache.methods", "heterocache"):
+            raise  # the registry exists but one of its own imports is broken: say so
+        return dynamic_only_factory
+    return module.make_cache
+
+
+def new_cache(factory: CacheFactory, method: str, budget: float, model):
+    """A fresh cache from ``factory``; ``None`` from the factory becomes a ``DynamicCache`` so that
+    the query-agnostic mode always has a cache object to carry from prefill to generation."""
+    cache = factory(method, budget, model)
+    if cache is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+    return cache

@@ -1,0 +1,173 @@
+"""``heterocache eval`` (run or resume a grid) and ``heterocache eval-report`` (write docs/results.md)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+from pathlib import Path
+
+
+def _csv(kind):
+    def parse(text: str):
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        try:
+            return tuple(kind(x) for x in items)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    return parse
+
+
+def register(subparsers) -> None:
+    """Add the ``eval`` and ``eval-report`` sub-commands to ``subparsers``."""
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate cache methods: tasks x budgets x lengths x modes (resumable)",
+        description="Run or resume an evaluation grid; writes records.jsonl, results.json, "
+        "results.csv and plots/ under --out, and prints a summary table.",
+    )
+    p.add_argument(
+        "--model", default="smollm2", help="'smollm2' (bundled) or a local Hugging Face model folder"
+    )
+    p.add_argument(
+        "--attn",
+        default="auto",
+        help="attention implementation: auto (heterocache when available, else sdpa), sdpa, eager, ...",
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--methods", type=_csv(str), default=("full",), help="comma-separated method names (default: full)"
+    )
+    p.add_argument(
+        "--budgets",
+        type=_csv(float),
+        default=(0.1, 0.25, 0.5),
+        help="kept fractions of the prompt KV (default: 0.1,0.25,0.5)",
+    )
+    p.add_argument(
+        "--tasks",
+        type=_csv(str),
+        default=("ruler",),
+        help="task or group names: ruler, niah_single, vt, cwe, longbench/hotpotqa, longbenchv2, "
+        "infinitebench/passkey, ... ('none' for fidelity only; default: ruler)",
+    )
+    p.add_argument("--lengths", type=_csv(int), default=(1024, 2048, 4096), help="prompt lengths in tokens")
+    p.add_argument(
+        "--modes",
+        type=_csv(str),
+        default=("query_aware", "query_agnostic"),
+        help="query_aware and/or query_agnostic (aware, agnostic)",
+    )
+    p.add_argument(
+        "--num-samples", type=int, default=5, help="samples per task and length (datasets: 0 = all)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override every task's generation length")
+    p.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto")
+    p.add_argument(
+        "--data-dir", default="data", help="folder holding longbench/, longbenchv2/, infinitebench/"
+    )
+    p.add_argument("--fidelity", action="store_true", help="also measure teacher-forced KL / top-1 agreement")
+    p.add_argument("--fidelity-prefill", type=int, default=1024)
+    p.add_argument("--fidelity-decode", type=int, default=128)
+    p.add_argument("--fidelity-samples", type=int, default=2)
+    p.add_argument(
+        "--fidelity-text", type=Path, default=None, help="text file for fidelity (default: generated essay)"
+    )
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/eval/<model>)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--list-tasks", action="store_true", help="print the task names and exit")
+    p.set_defaults(func=run_command)
+
+    r = subparsers.add_parser(
+        "eval-report",
+        help="write the results page (docs/results.md and its plots) from results.json files",
+    )
+    r.add_argument(
+        "results", nargs="*", type=Path, help="results.json files (default: runs/eval/*/results.json)"
+    )
+    r.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    r.set_defaults(func=report_command)
+
+
+def default_attention() -> str:
+    """``heterocache`` when :mod:`heterocache.attention` exists, else ``sdpa``."""
+    return "heterocache" if importlib.util.find_spec("heterocache.attention") else "sdpa"
+
+
+def load_model(spec: str, attn: str = "auto", dtype: str = "float32", device: str | None = None):
+    """``(model, tokenizer, name)`` for ``"smollm2"`` or a local model folder, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    attn = default_attention() if attn == "auto" else attn
+    torch_dtype = getattr(torch, dtype)
+    if spec == "smollm2":
+        from heterocache.models import SMOLLM2_NAME, load_smollm2
+
+        model, tokenizer = load_smollm2(attn_implementation=attn, dtype=torch_dtype)
+        name = SMOLLM2_NAME
+    else:
+        if attn == "heterocache":
+            import heterocache.attention  # noqa: F401  (registers the attention function)
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, attn_implementation=attn)
+        name = getattr(model.config, "name_or_path", None) or spec
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer, name
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from .fidelity import FidelityConfig
+    from .runner import EvalConfig, run_eval
+    from .tasks import available_tasks
+
+    if args.list_tasks:
+        print("\n".join(["ruler", "longbench", "infinitebench", *available_tasks()]))
+        return 0
+    tasks = () if args.tasks in (("none",), ()) else args.tasks
+    fidelity = None
+    if args.fidelity:
+        fidelity = FidelityConfig(
+            args.fidelity_prefill, args.fidelity_decode, args.fidelity_samples, args.fidelity_text
+        )
+    config = EvalConfig(
+        methods=args.methods,
+        budgets=args.budgets,
+        tasks=tasks,
+        lengths=args.lengths,
+        modes=args.modes,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        chat_template={"auto": None, "on": True, "off": False}[args.chat_template],
+        data_dir=args.data_dir,
+        fidelity=fidelity,
+    )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tokenizer, name = load_model(args.model, args.attn, args.dtype, args.device)
+    out = args.out or Path("runs/eval") / re.sub(r"[^A-Za-z0-9_.-]+", "_", name.split("/")[-1])
+    result = run_eval(
+        model, tokenizer, config, out, model_name=name, progress=not args.no_progress, plots=not args.no_plots
+    )
+    print(result.summary)
+    print(f"\n{result.ran} new generations; outputs:")
+    for path in result.files:
+        print(f"  {path}")
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    paths = args.results or sorted(Path("runs/eval").glob("*/results.json"))
+    path = write_report(paths, args.out)
+    print(f"wrote {path}")
+    return 0

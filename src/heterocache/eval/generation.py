@@ -1,0 +1,113 @@
+"""One greedy answer for one prompt, in either evaluation mode.
+
+- ``query_aware``: the whole prompt (context and question) is prefilled by ``generate()``, so a
+  compression method sees the question while it chooses what to keep.
+- ``query_agnostic``: the context alone is prefilled first (one forward pass; the method
+  compresses it without knowing the question), then ``generate()`` receives the full prompt ids
+  and the same cache; transformers feeds only the uncached question ids. This is the multi-turn
+  situation (one document, many questions) where methods that refresh their selection while
+  decoding should pay off.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .prompting import EncodedPrompt
+
+MODES = ("query_aware", "query_agnostic")
+_ALIASES = {"aware": "query_aware", "agnostic": "query_agnostic", "qa": "query_aware", "qg": "query_agnostic"}
+
+
+def canonical_mode(mode: str) -> str:
+    """``"aware"``/``"agnostic"`` (and the full names) to the full names; errors otherwise."""
+    mode = _ALIASES.get(mode, mode)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)} (or aware, agnostic)")
+    return mode
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one generation produced.
+
+    Attributes:
+        text: decoded new tokens (special tokens skipped).
+        new_tokens: number of generated tokens.
+        prefill_seconds: time of the context-only prefill (0 in query-aware mode).
+        seconds: wall time of the whole call, prefill included.
+    """
+
+    text: str
+    new_tokens: int
+    prefill_seconds: float
+    seconds: float
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: torch.Tensor, cache) -> None:
+    """Run ``input_ids`` ``[1, C]`` through ``model`` into ``cache`` (only the last logits are kept)."""
+    kwargs = dict(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache, use_cache=True
+    )
+    try:
+        # A [1, C, vocab] logits tensor would dwarf the KV cache at long C: keep the last row only.
+        model(**kwargs, logits_to_keep=1)
+    except TypeError as err:
+        if "logits_to_keep" not in str(err):
+            raise
+        model(**kwargs)  # an architecture without logits_to_keep
+
+
+@torch.inference_mode()
+def generate_answer(
+    model, tokenizer, prompt: EncodedPrompt, cache, mode: str, max_new_tokens: int
+) -> Generation:
+    """Greedy answer to ``prompt`` with ``cache`` (fresh, empty) in ``mode``.
+
+    Args:
+        model: a causal LM.
+        tokenizer: decodes the reply; its pad/eos id is passed to ``generate``.
+        prompt: token ids with the context length.
+        cache: the KV cache to fill (a ``transformers.Cache``).
+        mode: ``"query_aware"`` or ``"query_agnostic"``.
+        max_new_tokens: generation limit (generation also stops at EOS).
+    """
+    mode = canonical_mode(mode)
+    device = _device(model)
+    ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)
+    _sync(device)
+    start = time.perf_counter()
+    prefill_seconds = 0.0
+    if mode == "query_agnostic":
+        prefill(model, ids[:, : prompt.context_len], cache)
+        _sync(device)
+        prefill_seconds = time.perf_counter() - start
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+    )
+    _sync(device)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1] :]
+    return Generation(
+        tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), prefill_seconds, seconds
+    )

@@ -1,0 +1,102 @@
+"""PNG plots of the aggregated cells (matplotlib, Agg canvas: no display needed).
+
+- ``score_<task>.png``: score vs budget, one line per method; one panel per (mode, length).
+  Full-cache methods are dashed horizontal reference lines.
+- ``fidelity_<P>.png``: KL(full || method) and top-1 agreement vs budget, one line per method.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from .caches import is_full
+from .generation import MODES
+from .results import FIDELITY_TASK
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _figure(nrows: int, ncols: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _draw(ax, cells: list[dict], metric: str, budgets: list[float]) -> None:
+    by_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for c in cells:
+        if metric in c:
+            by_method[c["method"]].append((c["budget"], c[metric]))
+    lo, hi = (min(budgets), max(budgets)) if budgets else (0.0, 1.0)
+    for i, (method, points) in enumerate(sorted(by_method.items())):
+        points.sort()
+        if is_full(method):
+            value = points[-1][1]
+            ax.hlines(value, lo, hi, colors="black", linestyles="--", label=method)
+        else:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=method, color=f"C{i}")
+    if budgets:
+        ax.set_xscale("log" if hi / max(lo, 1e-9) >= 8 else "linear")
+        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    ax.set_xlabel("budget (kept fraction of prompt KV)")
+    ax.grid(alpha=0.3)
+
+
+def plot_task(cells: list[dict], task: str, path: Path, title: str = "") -> Path:
+    """Score vs budget for one task; panels = modes (rows) × lengths (columns)."""
+    cells = [c for c in cells if c["task"] == task and "score" in c]
+    present = {c["mode"] for c in cells}
+    modes = [m for m in MODES if m in present] + sorted(present - set(MODES))
+    lengths = sorted({c["length"] for c in cells})
+    budgets = sorted({c["budget"] for c in cells if not is_full(c["method"])})
+    fig, axes = _figure(len(modes), len(lengths))
+    for r, mode in enumerate(modes):
+        for k, length in enumerate(lengths):
+            ax = axes[r][k]
+            _draw(ax, [c for c in cells if c["mode"] == mode and c["length"] == length], "score", budgets)
+            ax.set_title(f"{mode}, {length} tokens", fontsize=9)
+            ax.set_ylabel("score")
+            ax.set_ylim(-3, 103)
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{task}" + (f" — {title}" if title else ""))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_fidelity(cells: list[dict], prefill: int, path: Path, title: str = "") -> Path:
+    """KL and top-1 agreement vs budget for the fidelity cells with ``prefill`` tokens."""
+    cells = [c for c in cells if c["task"] == FIDELITY_TASK and c["length"] == prefill]
+    budgets = sorted({c["budget"] for c in cells if not is_full(c["method"])})
+    fig, axes = _figure(1, 2)
+    for ax, metric, label in (
+        (axes[0][0], "kl", "mean KL(full || method), nats"),
+        (axes[0][1], "top1_agreement", "top-1 agreement"),
+    ):
+        _draw(ax, cells, metric, budgets)
+        ax.set_ylabel(label)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"teacher-forced fidelity after {prefill} prefill tokens" + (f" — {title}" if title else ""))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_all(cells: list[dict], out_dir: Path, title: str = "") -> list[Path]:
+    """Every plot for ``cells`` under ``out_dir``; returns the written paths."""
+    out_dir = Path(out_dir)
+    paths = []
+    for task in sorted({c["task"] for c in cells if c["task"] != FIDELITY_TASK}):
+        paths.append(plot_task(cells, task, out_dir / f"score_{_safe(task)}.png", title))
+    for prefill in sorted({c["length"] for c in cells if c["task"] == FIDELITY_TASK}):
+        paths.append(plot_fidelity(cells, prefill, out_dir / f"fidelity_{prefill}.png", title))
+    return paths

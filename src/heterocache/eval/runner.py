@@ -1,0 +1,372 @@
+"""The evaluation grid: methods × budgets × tasks × context lengths × modes on one model.
+
+Python API::
+
+    from heterocache.eval import EvalConfig, run_eval
+    result = run_eval(model, tokenizer, EvalConfig(methods=("full", "snapkv"), budgets=(0.1, 0.25)),
+                      out_dir="runs/eval/smollm2")
+    print(result.summary)
+
+Every finished sample is appended to ``<out_dir>/records.jsonl`` at once, keyed by
+``(method, budget, task, length, mode, sample_idx)``; a re-run skips those keys, so an interrupted
+or extended grid resumes where it stopped. Outputs (rewritten after each run from *all* records
+in the folder, so a grid can grow across runs): ``results.json``, ``results.csv`` and
+``plots/*.png``. Prompts depend only on (seed, task, length, sample index) and decoding is
+greedy, so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import plot
+from .caches import CacheFactory, default_cache_factory, is_full, new_cache
+from .fidelity import FidelityConfig, compare, fidelity_ids, teacher_forced_logprobs
+from .generation import canonical_mode, generate_answer
+from .prompting import PromptFormatter
+from .results import (
+    FIDELITY_MODE,
+    FIDELITY_TASK,
+    RecordLog,
+    aggregate,
+    record_key,
+    summary,
+    write_csv,
+    write_json,
+)
+from .tasks import expand_task_names, get_task
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate.
+
+    Attributes:
+        methods: cache-method names for the factory; full-cache names ("full", "dynamic") run once
+            per cell at budget 1.0.
+        budgets: kept fractions of the prompt KV, each in (0, 1].
+        tasks: task or group names (see :mod:`heterocache.eval.tasks`); groups are expanded.
+        lengths: prompt lengths in tokens (synthetic: filled to; datasets: truncated to).
+        modes: ``query_aware`` and/or ``query_agnostic`` (``aware``/``agnostic`` accepted).
+        num_samples: samples per (task, length) (datasets: the first ones; 0 = all).
+        seed: seeds the synthetic prompts (and torch, for methods that draw random numbers).
+        max_new_tokens: overrides every task's own generation length when set.
+        chat_template: ``None`` = use the tokenizer's when it has one; True/False force it.
+        data_dir: root of ``longbench/``, ``longbenchv2/``, ``infinitebench/``.
+        fidelity: also run the teacher-forced fidelity measurement when set.
+    """
+
+    methods: tuple[str, ...] = ("full",)
+    budgets: tuple[float, ...] = (0.5,)
+    tasks: tuple[str, ...] = ("niah_single",)
+    lengths: tuple[int, ...] = (1024,)
+    modes: tuple[str, ...] = ("query_aware", "query_agnostic")
+    num_samples: int = 5
+    seed: int = 0
+    max_new_tokens: int | None = None
+    chat_template: bool | None = None
+    data_dir: str = "data"
+    fidelity: FidelityConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods)
+        self.budgets = tuple(float(b) for b in self.budgets)
+        self.tasks = tuple(expand_task_names(self.tasks))
+        self.lengths = tuple(int(n) for n in self.lengths)
+        self.modes = tuple(dict.fromkeys(canonical_mode(m) for m in self.modes))
+        if not all(0 < b <= 1 for b in self.budgets):
+            raise ValueError(f"budgets are kept fractions in (0, 1], got {self.budgets}")
+        if not all(n > 0 for n in self.lengths):
+            raise ValueError(f"lengths must be positive, got {self.lengths}")
+        if self.num_samples < 0:
+            raise ValueError("num_samples must be >= 0")
+        if isinstance(self.fidelity, dict):
+            self.fidelity = FidelityConfig(**self.fidelity)
+
+    def method_budgets(self) -> list[tuple[str, float]]:
+        """The (method, budget) pairs to run: full-cache methods once, at 1.0."""
+        return [(m, b) for m in self.methods for b in ((1.0,) if is_full(m) else self.budgets)]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.fidelity is not None and self.fidelity.text_path is not None:
+            d["fidelity"]["text_path"] = str(self.fidelity.text_path)
+        return d
+
+
+@dataclass
+class EvalResult:
+    """What :func:`run_eval` returns: the aggregated cells, all records, where the files went,
+    and how many generations this call actually ran (0 when everything was already done)."""
+
+    cells: list[dict]
+    records: list[dict]
+    out_dir: Path
+    files: list[Path] = field(default_factory=list)
+    ran: int = 0
+
+    @property
+    def summary(self) -> str:
+        return summary(self.cells)
+
+
+def _fingerprint(config: EvalConfig, model_name: str) -> dict:
+    """The settings that change what a record means; they must match to resume in a folder."""
+    fid = config.fidelity
+    return {
+        "model": model_name,
+        "seed": config.seed,
+        "chat_template": config.chat_template,
+        "max_new_tokens": config.max_new_tokens,
+        "fidelity_decode_tokens": fid.decode_tokens if fid else None,
+        "fidelity_text": str(fid.text_path) if fid and fid.text_path else None,
+    }
+
+
+def _check_fingerprint(path: Path, fingerprint: dict) -> None:
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        # Fidelity settings may be added to a folder that had none.
+        diff = {
+            k: (old.get(k), v)
+            for k, v in fingerprint.items()
+            if old.get(k) != v and not (k.startswith("fidelity") and old.get(k) is None)
+        }
+        if diff:
+            raise ValueError(
+                f"{path.parent} holds results of a different setup ({diff}, as (stored, now)); "
+                "use another output folder"
+            )
+        fingerprint = {k: v if v is not None else old.get(k) for k, v in fingerprint.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
+
+
+def _meta_for_record(meta: dict) -> dict:
+    small = {k: v for k, v in meta.items() if len(json.dumps(v, default=str)) <= 2000}
+    return json.loads(json.dumps(small, default=str))
+
+
+def run_eval(
+    model,
+    tokenizer,
+    config: EvalConfig,
+    out_dir: str | Path,
+    make_cache: CacheFactory | None = None,
+    model_name: str | None = None,
+    progress: bool = True,
+    plots: bool = True,
+) -> EvalResult:
+    """Run (or resume) the grid of ``config`` and write the outputs under ``out_dir``.
+
+    Args:
+        model: a causal LM in eval mode (its attention must suit the methods evaluated).
+        tokenizer: the model's tokenizer.
+        config: the grid.
+        out_dir: output folder (created); holds ``records.jsonl`` for resuming.
+        make_cache: ``make_cache(method, budget, model) -> Cache | None``; default:
+            :func:`heterocache.eval.caches.default_cache_factory`.
+        model_name: recorded and checked on resume (default: ``model.config.name_or_path``).
+        progress: show a tqdm progress bar.
+        plots: write PNG plots (needs matplotlib).
+
+    Raises:
+        ValueError: a length does not fit the model's context, or ``out_dir`` holds results of
+            another model/seed/prompt setting.
+    """
+    out_dir = Path(out_dir)
+    model_name = model_name or getattr(model.config, "name_or_path", None) or type(model).__name__
+    _check_context(model, config)
+    _check_fingerprint(out_dir / "config.json", _fingerprint(config, model_name))
+    grid = _Grid(
+        model, tokenizer, config, make_cache or default_cache_factory(), RecordLog(out_dir / "records.jsonl")
+    )
+    grid.run(progress)
+    return write_outputs(grid.log, out_dir, config, model, model_name, plots=plots, ran=grid.ran)
+
+
+def _check_context(model, config: EvalConfig) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    too_long = [n for n in config.lengths if n + (config.max_new_tokens or 1) > limit]
+    if too_long:
+        raise ValueError(f"lengths {too_long} (+ generated tokens) exceed the model's context of {limit}")
+    fid = config.fidelity
+    if fid and fid.prefill_tokens + fid.decode_tokens > limit:
+        raise ValueError(
+            f"fidelity needs {fid.prefill_tokens + fid.decode_tokens} positions; the model has {limit}"
+        )
+
+
+class _Grid:
+    """One pass over the grid: skips what the log holds, runs and logs the rest."""
+
+    def __init__(self, model, tokenizer, config: EvalConfig, factory: CacheFactory, log: RecordLog) -> None:
+        self.model, self.tokenizer, self.config, self.factory, self.log = (
+            model,
+            tokenizer,
+            config,
+            factory,
+            log,
+        )
+        self.formatter = PromptFormatter(tokenizer, config.chat_template)
+        self.pairs = config.method_budgets()
+        self.tasks = [get_task(name, config.data_dir) for name in config.tasks]
+        self.limit = getattr(model.config, "max_position_embeddings", None)
+        self.ran = 0
+        self.bar = None
+
+    def done(self, method, budget, task, length, mode, idx) -> bool:
+        return (
+            record_key(
+                dict(method=method, budget=budget, task=task, length=length, mode=mode, sample_idx=idx)
+            )
+            in self.log
+        )
+
+    def pending(self, task: str, length: int, modes, indices) -> list[tuple]:
+        """``(idx, mode, method, budget)`` not yet in the log."""
+        return [
+            (i, mode, m, b)
+            for i in indices
+            for mode in modes
+            for m, b in self.pairs
+            if not self.done(m, b, task, length, mode, i)
+        ]
+
+    def run(self, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        cfg, fid = self.config, self.config.fidelity
+        # Known up front unless a dataset is asked for all its rows (num_samples = 0): those add
+        # to the total once loaded.
+        total = 0
+        if cfg.num_samples:
+            total += sum(
+                len(self.pending(t.name, n, cfg.modes, range(cfg.num_samples)))
+                for t in self.tasks
+                for n in cfg.lengths
+            )
+        if fid:
+            total += len(
+                self.pending(FIDELITY_TASK, fid.prefill_tokens, [FIDELITY_MODE], range(fid.num_samples))
+            )
+        with tqdm(total=total, disable=not progress, desc="eval", unit="gen") as self.bar:
+            for task in self.tasks:
+                for length in cfg.lengths:
+                    self.run_task(task, length)
+            if fid:
+                self.run_fidelity(fid)
+
+    def run_task(self, task, length: int) -> None:
+        cfg = self.config
+        if cfg.num_samples and not self.pending(task.name, length, cfg.modes, range(cfg.num_samples)):
+            return  # finished: do not even build the prompts
+        for sample in task.samples(self.formatter, length, cfg.num_samples, cfg.seed):
+            todo = self.pending(task.name, length, cfg.modes, [sample.index])
+            if not cfg.num_samples:
+                self.bar.total += len(todo)
+            if not todo:
+                continue
+            prompt = self.formatter.encode(sample)
+            max_new = cfg.max_new_tokens or sample.max_new_tokens
+            if self.limit and prompt.length + max_new > self.limit:
+                max_new = max(self.limit - prompt.length, 1)
+            for _, mode, method, budget in todo:
+                self.bar.set_postfix_str(f"{task.name} {length} {mode} {method}@{budget:g}", refresh=False)
+                torch.manual_seed(cfg.seed)
+                cache = new_cache(self.factory, method, budget, self.model)
+                gen = generate_answer(self.model, self.tokenizer, prompt, cache, mode, max_new)
+                del cache  # free it before the next one is built
+                self.log.append(
+                    {
+                        "method": method,
+                        "budget": budget,
+                        "task": task.name,
+                        "length": length,
+                        "mode": mode,
+                        "sample_idx": sample.index,
+                        "metrics": {"score": task.score(gen.text, sample)},
+                        "prediction": gen.text,
+                        "answers": list(sample.answers),
+                        "prompt_tokens": prompt.length,
+                        "context_tokens": prompt.context_len,
+                        "new_tokens": gen.new_tokens,
+                        "seconds": gen.seconds,
+                        "prefill_seconds": gen.prefill_seconds,
+                        "meta": _meta_for_record(sample.meta),
+                    }
+                )
+                self.ran += 1
+                self.bar.update(1)
+
+    def run_fidelity(self, fid: FidelityConfig) -> None:
+        from transformers import DynamicCache
+
+        for i in range(fid.num_samples):
+            todo = self.pending(FIDELITY_TASK, fid.prefill_tokens, [FIDELITY_MODE], [i])
+            if not todo:
+                continue
+            ids = fidelity_ids(self.tokenizer, fid, i, self.config.seed)
+            reference = teacher_forced_logprobs(self.model, ids, DynamicCache(), fid.prefill_tokens)
+            for _, _, method, budget in todo:
+                self.bar.set_postfix_str(f"fidelity {method}@{budget:g}", refresh=False)
+                torch.manual_seed(self.config.seed)
+                start = time.perf_counter()
+                cache = new_cache(self.factory, method, budget, self.model)
+                logprobs = teacher_forced_logprobs(self.model, ids, cache, fid.prefill_tokens)
+                del cache
+                self.log.append(
+                    {
+                        "method": method,
+                        "budget": budget,
+                        "task": FIDELITY_TASK,
+                        "length": fid.prefill_tokens,
+                        "mode": FIDELITY_MODE,
+                        "sample_idx": i,
+                        "metrics": compare(reference, logprobs),
+                        "decode_tokens": fid.decode_tokens,
+                        "prompt_tokens": len(ids),
+                        "seconds": time.perf_counter() - start,
+                    }
+                )
+                self.ran += 1
+                self.bar.update(1)
+
+
+def write_outputs(
+    log: RecordLog,
+    out_dir: Path,
+    config: EvalConfig,
+    model,
+    model_name: str,
+    plots: bool = True,
+    ran: int = 0,
+) -> EvalResult:
+    """Aggregate every record in ``log`` and (re)write ``results.json``, ``results.csv`` and plots."""
+    records = list(log.records.values())
+    cells = aggregate(records)
+    meta = {
+        "model": model_name,
+        "dtype": str(next(model.parameters()).dtype),
+        "device": str(next(model.parameters()).device),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "python": platform.python_version(),
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "records": len(records),
+    }
+    files = [out_dir / "results.json", out_dir / "results.csv"]
+    write_json(files[0], cells, config.to_dict(), meta)
+    write_csv(files[1], cells)
+    if plots:
+        files += plot.plot_all(cells, out_dir / "plots", title=model_name)
+    return EvalResult(cells=cells, records=records, out_dir=out_dir, files=files, ran=ran)

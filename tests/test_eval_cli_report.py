@@ -1,0 +1,125 @@
+"""The `heterocache eval` / `eval-report` commands and the generated results page."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from heterocache.eval import cli
+from heterocache.eval.report import build_report, write_report
+from heterocache.eval.results import write_json
+from heterocache.eval.toy import byte_tokenizer, tiny_llama
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="heterocache")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_register_adds_eval_with_comma_separated_grid_options():
+    args = _parser().parse_args(
+        [
+            "eval",
+            "--methods",
+            "full,snapkv",
+            "--budgets",
+            "0.1,0.5",
+            "--lengths",
+            "1024,2048",
+            "--modes",
+            "agnostic",
+        ]
+    )
+    assert args.func is cli.run_command
+    assert args.methods == ("full", "snapkv") and args.budgets == (0.1, 0.5)
+    assert args.lengths == (1024, 2048) and args.modes == ("agnostic",)
+    assert _parser().parse_args(["eval-report"]).func is cli.report_command
+
+
+def test_eval_command_runs_a_local_model_folder(tmp_path, capsys):
+    model_dir = tmp_path / "tiny"
+    tiny_llama().save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "out"
+    args = _parser().parse_args(
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--attn",
+            "sdpa",
+            "--device",
+            "cpu",
+            "--tasks",
+            "niah_single",
+            "--lengths",
+            "600",
+            "--num-samples",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--modes",
+            "aware",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-plots",
+        ]
+    )
+    assert args.func(args) == 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert [(c["method"], c["task"], c["length"], c["mode"], c["n"]) for c in cells] == [
+        ("full", "niah_single", 600, "query_aware", 1)
+    ]
+    printed = capsys.readouterr().out
+    assert "score (0-100)" in printed and "1 new generations" in printed
+
+
+CELLS = [
+    {"method": m, "budget": b, "task": "niah_single", "length": 1024, "mode": mode, "n": 5, "score": s}
+    for mode in ("query_aware", "query_agnostic")
+    for m, b, s in [("full", 1.0, 100.0), ("snapkv", 0.1, 40.0), ("snapkv", 0.5, 80.0)]
+] + [
+    {
+        "method": "snapkv",
+        "budget": 0.1,
+        "task": "fidelity",
+        "length": 512,
+        "mode": "teacher_forced",
+        "n": 2,
+        "kl": 0.1234,
+        "top1_agreement": 0.9,
+    },
+]
+
+
+def test_results_page_has_tables_and_plots_from_the_json(tmp_path):
+    results = tmp_path / "runs" / "smol" / "results.json"
+    write_json(results, CELLS, {"seed": 0, "num_samples": 5, "chat_template": None}, {"model": "tiny/model"})
+    page = write_report([results], tmp_path / "docs" / "results.md")
+    text = page.read_text()
+    assert "## tiny/model" in text
+    assert "| length | mode | method | 0.1 | 0.5 | 1 | n |" in text
+    assert "| 1024 | query_agnostic | snapkv | 40.0 | 80.0 |  | 5 |" in text
+    assert "| 512 | snapkv | 0.1234 | 2 |" in text
+    assert "### RULER average (niah_single)" in text
+    for image in ("results/smol/score_niah_single.png", "results/smol/fidelity_512.png"):
+        assert f"]({image})" in text
+        assert (tmp_path / "docs" / image).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_results_page_without_results_explains_how_to_make_them(tmp_path):
+    text = build_report([], tmp_path / "results.md")
+    assert "No results yet" in text and "heterocache eval" in text
