@@ -186,10 +186,10 @@ class RaggedCache(Cache):
             out, _ = sdpa_attention_forward(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
-            num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
             valid = _key_validity(attention_mask, key)
-            self._fill(layer, query, key, value, valid, positions, scaling, num_layers)
+            self._fill(layer, query, key, value, valid, positions, scaling, getattr(module, "config", None))
             return out, None
+        self.policy.before_attention(layer.layer_idx)
         if q_len == 1:
             layer.store.append(key, value, positions)
             out = decode_attention(layer.store, query, scaling)
@@ -200,11 +200,12 @@ class RaggedCache(Cache):
         layer.store.append(key, value, positions, new_valid)
         return out, None
 
-    def _fill(self, layer: RaggedLayer, query, key, value, valid, positions, scaling, num_layers=None) -> None:
+    def _fill(self, layer: RaggedLayer, query, key, value, valid, positions, scaling, config=None) -> None:
         B, H, L, D = key.shape
         if valid is None:
             valid = torch.ones(B, L, dtype=torch.bool, device=key.device)
-        ctx = PrefillContext(layer.layer_idx, query, key, value, valid, scaling, num_layers=num_layers)
+        num_layers = getattr(config, "num_hidden_layers", None)
+        ctx = PrefillContext(layer.layer_idx, query, key, value, valid, scaling, num_layers, config)
         plan = self.policy.plan(ctx)
         keep = self.policy.select(ctx, plan)
         kept = keep.sum(-1)

@@ -22,6 +22,7 @@ class PrefillContext:
         key, value: ``[B, H, L, D]`` keys (after RoPE) and values.
         valid: bool ``[B, L]``: real tokens (False for left padding).
         scaling: the layer's softmax scale.
+        config: the model's config (transformers ``PretrainedConfig``) when known.
     """
 
     layer_idx: int
@@ -31,6 +32,7 @@ class PrefillContext:
     valid: torch.Tensor
     scaling: float
     num_layers: int | None = None
+    config: object | None = None
 
     @property
     def num_groups(self) -> int:
@@ -71,6 +73,9 @@ class Policy:
 
     def on_prefill_done(self, layer_idx: int, store: RaggedKVStore, ctx: PrefillContext) -> None:
         """Called after the store of a layer was filled (e.g. to offload copies)."""
+
+    def before_attention(self, layer_idx: int) -> None:
+        """Called before a decode or extend step reads the layer's store (wait for pending copies)."""
 
     def on_decode(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         """Called after each decode step's token was appended and attended (evict, refresh)."""

@@ -1,0 +1,65 @@
+"""``HeteroCache``: the transformers cache of the HeteroCache method."""
+
+from __future__ import annotations
+
+import os
+
+from ..cache import RaggedCache
+from ..memory import build_memory_report
+from ..profile import HeadProfile, profile_for_model
+from .policy import HeteroCachePolicy
+
+
+class HeteroCache(RaggedCache):
+    """HeteroCache (arXiv 2601.13684) on the ragged per-head engine.
+
+    Args:
+        profile: a ``HeadProfile``, or anything ``HeadProfile.from_pretrained`` takes (a file, a
+            folder, a bundled profile name such as "meta-llama/Llama-3.1-8B-Instruct", a Hub repo).
+        budget: fraction of the prompt KV kept on the device, in (0, 1] (default 0.25).
+        block_size, reserve: store layout (see ``RaggedCache``).
+        **params: the policy's parameters (``budget_tokens``, ``window``, ``kernel``,
+            ``refresh_interval``, ``drift_threshold``, ``drift_topk``, ``refresh``, ``offload``,
+            ``inverse_stability``, ``asynchronous``; see ``HeteroCachePolicy``).
+
+    Example::
+
+        cache = HeteroCache("HuggingFaceTB/SmolLM2-135M-Instruct", budget=0.25)
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        print(cache.memory_report()); print(cache.stats())
+    """
+
+    def __init__(self, profile, budget: float = 0.25, block_size: int = 64, reserve: int = 128, **params):
+        if isinstance(profile, (str, os.PathLike)):
+            profile = HeadProfile.from_pretrained(profile)
+        super().__init__(HeteroCachePolicy(profile=profile, budget=budget, **params), block_size, reserve)
+
+    @classmethod
+    def for_model(cls, model, budget: float = 0.25, **params) -> "HeteroCache":
+        """The cache for a loaded model, with its profile found by the model's name (bundled
+        profiles first, then the Hub) and checked against its shape (``profile_for_model``)."""
+        return cls(profile_for_model(model), budget=budget, **params)
+
+    @property
+    def profile(self) -> HeadProfile:
+        return self.policy.profile
+
+    def stats(self) -> dict:
+        """Refreshes per layer and pivot, checks, tokens and bytes moved, copy time (GPU), and bytes
+        on device and host by role."""
+        policy = self.policy
+        policy.synchronize()
+        report = build_memory_report(self)
+        s = policy.stats
+        return {
+            "drift_checks": s.checks,
+            "refreshes": sum(s.refreshes.values()),
+            "refreshes_per_layer_pivot": {f"{layer}:{pivot}": n for (layer, pivot), n in sorted(s.refreshes.items())},
+            "satellite_refills": s.satellite_refills,
+            "tokens_moved": s.tokens_moved,
+            "bytes_moved": s.bytes_moved,
+            "copy_seconds": policy._transfer.copy_seconds() if policy._transfer is not None else 0.0,
+            "device_bytes_by_role": {role: r["bytes"] for role, r in report.by_role().items()},
+            "device_bytes": report.device_bytes,
+            "host_bytes": report.host_bytes,
+        }

@@ -1,0 +1,92 @@
+"""Budget plan of HeteroCache: how many prompt tokens each KV head keeps.
+
+With H KV heads in the model, F of them kept full (volatile and pivot), a prompt of L tokens and a
+budget b (fraction of the full prompt KV kept), the compressed heads share ``b*H*L - F*L`` tokens.
+Head h gets ``min(L, base * ratio_h)`` with ``base`` chosen so the shares add up: the
+``(b*H - F) * L / (H - F)`` of the paper when no head hits the prompt length, and more for the
+others when some do (the tokens a clamped head cannot use are redistributed, not lost). Integer
+counts are rounded so the total is exact (each head within one token of its real share).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class InfeasibleBudgetError(ValueError):
+    """The profile keeps more heads full than the budget allows."""
+
+
+def min_feasible_budget(full: torch.Tensor, prompt_tokens: int) -> float:
+    """Smallest budget with which every compressed head keeps at least one token.
+
+    Args:
+        full: bool ``[layers, kv_heads]``: heads kept full.
+        prompt_tokens: L.
+    """
+    H, F = full.numel(), int(full.sum())
+    return (F * prompt_tokens + (H - F)) / (H * prompt_tokens)
+
+
+def plan_tokens(full: torch.Tensor, ratios: torch.Tensor, budget: float, prompt_tokens: int) -> torch.Tensor:
+    """Prompt tokens kept by every KV head.
+
+    Args:
+        full: bool ``[layers, kv_heads]``: heads kept full (volatile, pivot).
+        ratios: float ``[layers, kv_heads]``: budget ratio of each compressed head (mean 1 over them;
+            ignored for full heads).
+        budget: fraction of the prompt KV kept, in (0, 1].
+        prompt_tokens: L (real tokens of one batch row).
+
+    Returns:
+        int64 ``[layers, kv_heads]``: L for full heads, at least 1 and at most L for the others,
+        summing to ``round(budget * H * L)`` (unless every head is full).
+
+    Raises:
+        InfeasibleBudgetError: the budget cannot even give every compressed head one token.
+    """
+    L = int(prompt_tokens)
+    H, F = full.numel(), int(full.sum())
+    out = torch.full(full.shape, L, dtype=torch.long)
+    if F == H or L == 0:
+        return out
+    total = round(budget * H * L) - F * L
+    if total < H - F:
+        need = min_feasible_budget(full, L)
+        raise InfeasibleBudgetError(
+            f"budget {budget} is too small for this head profile: {F} of {H} KV heads are kept full "
+            f"(volatile and pivot), so the smallest feasible budget for a {L}-token prompt is {need:.4f} "
+            f"(> {F / H:.4f} for long prompts)"
+        )
+    comp = ~full
+    r = ratios[comp].double().clamp_min(1e-9)
+    share = _water_fill(r, float(total), float(L))
+    counts = torch.floor(share).long().clamp(1, L)
+    remaining = total - int(counts.sum())
+    if remaining > 0:
+        # Floors lose less than one token per head: the heads with the largest fractional parts
+        # (never one already at L) get one more each.
+        frac = torch.where(counts < L, share - counts.double(), torch.full_like(share, -1.0))
+        counts[torch.argsort(frac, descending=True, stable=True)[:remaining]] += 1
+    elif remaining < 0:
+        # The one-token minimum overshot: take the excess back, a token at a time from the largest
+        # head (at most one per compressed head; feasibility keeps every head at >= 1).
+        for _ in range(-remaining):
+            counts[torch.argmax(counts)] -= 1
+    out[comp] = counts
+    return out
+
+
+def _water_fill(ratios: torch.Tensor, total: float, cap: float) -> torch.Tensor:
+    """Shares ``min(cap, base * ratio)`` summing to ``total`` (float64 ``[n]``)."""
+    clamped = torch.zeros_like(ratios, dtype=torch.bool)
+    for _ in range(len(ratios) + 1):
+        free = ~clamped
+        left = total - cap * int(clamped.sum())
+        base = left / float(ratios[free].sum()) if bool(free.any()) else 0.0
+        share = torch.where(clamped, torch.full_like(ratios, cap), base * ratios)
+        newly = free & (share > cap)
+        if not bool(newly.any()):
+            return share
+        clamped |= newly
+    return share.clamp_max(cap)

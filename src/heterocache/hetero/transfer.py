@@ -1,0 +1,81 @@
+"""Moving refreshed satellite KV from host memory into the device store.
+
+Without CUDA the copy is a plain synchronous write (the path CI exercises). On CUDA it is issued
+on a side stream, after the main stream's work so far (so the store is not overwritten while the
+current step still reads it), and an event marks its end. The main stream waits on that event
+exactly where the layer's KV is next read (``wait(layer)`` at the start of the layer's next
+attention), so the copy overlaps the following layers and a decode step never reads a
+half-refreshed head. Host staging buffers stay referenced until their event has completed, so
+nothing reuses them while a copy is in flight.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..store import RaggedKVStore
+
+
+class RefreshTransfer:
+    """Writes host KV into store slots, asynchronously on CUDA.
+
+    Args:
+        device: the store's device.
+        asynchronous: use a side stream on CUDA (default True; False = synchronous copies).
+    """
+
+    def __init__(self, device: torch.device, asynchronous: bool = True):
+        self.device = torch.device(device)
+        self.asynchronous = asynchronous and self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.asynchronous else None
+        self._pending: dict[int, torch.cuda.Event] = {}
+        self._in_flight: list[tuple[torch.cuda.Event, tuple]] = []
+        self._timed: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.wait_s = 0.0  # host time spent blocked on copies (synchronous mode / explicit syncs)
+
+    def write(self, layer_idx: int, store: RaggedKVStore, slots: torch.Tensor, k_host, v_host) -> None:
+        """Write ``k_host, v_host [n, D]`` into ``store`` slots ``slots`` (int64 ``[n]``, device)."""
+        if not self.asynchronous:
+            store.k[slots] = k_host.to(store.device, store.dtype)
+            store.v[slots] = v_host.to(store.device, store.dtype)
+            return
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.stream):
+            start.record(self.stream)
+            k_dev = k_host.to(self.device, non_blocking=True)
+            v_dev = v_host.to(self.device, non_blocking=True)
+            store.k[slots] = k_dev.to(store.dtype)
+            store.v[slots] = v_dev.to(store.dtype)
+            end.record(self.stream)
+        for t in (slots, store.k, store.v):
+            t.record_stream(self.stream)  # allocations of the main stream used on the side stream
+        self._pending[layer_idx] = end
+        self._in_flight.append((end, (k_host, v_host, k_dev, v_dev, slots)))
+        self._timed.append((start, end))
+        self._in_flight = [(e, keep) for e, keep in self._in_flight if not e.query()]
+
+    def wait(self, layer_idx: int) -> None:
+        """Make the main stream wait for the layer's outstanding copies (no host blocking)."""
+        event = self._pending.pop(layer_idx, None)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def synchronize(self) -> None:
+        """Block the host until every copy has finished (e.g. before timing or inspection)."""
+        if self.stream is not None:
+            t = time.perf_counter()
+            self.stream.synchronize()
+            self.wait_s += time.perf_counter() - t
+            self._pending.clear()
+            self._in_flight.clear()
+
+    def copy_seconds(self) -> float:
+        """GPU time spent in refresh copies so far (0 without CUDA)."""
+        if not self._timed:
+            return 0.0
+        self.synchronize()
+        return sum(s.elapsed_time(e) for s, e in self._timed) / 1e3

@@ -1,0 +1,229 @@
+"""HeteroCache runtime on tiny random models with a hand-made profile (every role present)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import DynamicCache
+
+from heterocache import FullKVCache, RaggedCache
+from heterocache.cache import RaggedLayer
+from heterocache.hetero import HeteroCache, HeteroCachePolicy, InfeasibleBudgetError
+from heterocache.profile import HeadProfile, ProfileError, Role
+from heterocache.profile.testing import toy_profile
+
+# The toy profile's shape: 3 layers, 8 query heads, 4 KV heads, head_dim 16.
+TOY_SHAPE = dict(num_hidden_layers=3, hidden_size=128, num_attention_heads=8, num_key_value_heads=4, head_dim=16)
+
+
+def toy_model(arch="llama"):
+    return tiny_model(arch, **TOY_SHAPE)
+
+
+def _ids(B=1, L=120, seed=0):
+    return torch.randint(1, 256, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def test_budget_one_gives_exactly_fullkv_tokens(arch):
+    model = toy_model(arch)
+    ids = _ids(L=90)
+    ref = model.generate(ids, past_key_values=FullKVCache(), max_new_tokens=20, do_sample=False)
+    out = model.generate(ids, past_key_values=HeteroCache(toy_profile(), budget=1.0), max_new_tokens=20, do_sample=False)
+    assert torch.equal(out, ref)
+
+
+def test_stored_tokens_follow_the_plan_and_roles(arch):
+    model = toy_model(arch)
+    profile = toy_profile()
+    cache = HeteroCache(profile, budget=0.5, refresh=False)
+    ids, mask = _ids(B=2, L=100), torch.ones(2, 100, dtype=torch.long)
+    mask[1, :30] = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+    report = cache.memory_report()
+    for row, n in enumerate([100, 70]):
+        plan = cache.policy.plan_for(n)
+        stored = torch.tensor([layer.stored_tokens[row] for layer in report.layers])
+        assert torch.equal(stored, plan)
+        full = (profile.roles == Role.VOLATILE) | (profile.roles == Role.PIVOT)
+        assert torch.equal(stored[full], torch.full_like(stored[full], n))
+        assert int(stored.sum()) == round(0.5 * 12 * n)
+    assert report.layers[1].roles == ["volatile", "pivot", "satellite", "anchor"]
+
+
+def test_only_satellites_are_copied_to_host_memory():
+    model = toy_model()
+    cache = HeteroCache(toy_profile(), budget=0.5)
+    with torch.no_grad():
+        model(_ids(B=2, L=64), past_key_values=cache)
+    host = cache.memory_report().host_bytes
+    satellites = int((toy_profile().roles == Role.SATELLITE).sum())  # 4 of 12 heads
+    assert host == 2 * satellites * 64 * 16 * 4 * 2  # rows x heads x tokens x dim x fp32 x (K, V)
+    no_offload = HeteroCache(toy_profile(), budget=0.5, offload=False)
+    with torch.no_grad():
+        model(_ids(B=2, L=64), past_key_values=no_offload)
+    assert no_offload.memory_report().host_bytes == 0
+
+
+def _prefilled(model, profile, ids, **params):
+    cache = HeteroCache(profile, **params)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    return cache
+
+
+def test_forced_refresh_refills_satellites_from_host_at_pivot_top_positions():
+    model = toy_model()
+    cache = _prefilled(model, toy_profile(), _ids(L=80), budget=0.5, refresh_interval=1000)
+    with torch.no_grad():  # a few decode steps so satellites hold appended tokens too
+        for t in range(3):
+            model(_ids(L=1, seed=10 + t), past_key_values=cache)
+    policy, layer = cache.policy, 0  # layer 0: pivot 0 with satellites 1 and 2
+    store = cache.layers[layer].store
+    state = policy._layers[layer]
+    before = {s: [t.clone() for t in store.segment(s)] for s in range(store.num_segments)}
+    refreshed = policy.check_drift(layer, store, scaling=16**-0.5, force=True)
+    assert refreshed == [(0, 0)]
+    scores = policy.last_pivot_scores[(0, 0)]
+    for sat in (1, 2):
+        n = int(state.plan[0, sat])
+        expected = scores.topk(n).indices.sort().values
+        k, v, pos = store.segment(sat)
+        assert torch.equal(pos[:n].long(), expected)  # prompt positions, in order
+        assert torch.equal(k[:n], state.host.k[0, state.host.slot[sat], expected])
+        assert torch.equal(v[:n], state.host.v[0, state.host.slot[sat], expected])
+        assert torch.equal(k[n:], before[sat][0][n:])  # decode-appended tokens untouched
+        assert torch.equal(pos[n:], before[sat][2][n:])
+    for other in (0, 3):  # pivot and anchor untouched
+        assert all(torch.equal(a, b) for a, b in zip(store.segment(other), before[other]))
+    assert policy.stats.satellite_refills == 2
+
+
+def _one_layer_setup(query_vec, steps_query, threshold=0.5):
+    """One layer: pivot 0, satellite 1, G=1, D=8, prompt of 40 tokens, then decode queries."""
+    profile = HeadProfile(
+        roles=torch.tensor([[3, 4]]), stability=torch.tensor([[0.3, 0.6]]), budget_ratios=torch.tensor([[0.0, 1.0]]),
+        pivots=torch.tensor([[-1, 0]]), model_name="toy/one-layer", num_attention_heads=2, head_dim=8,
+    )
+    policy = HeteroCachePolicy(profile=profile, budget=0.75, refresh_interval=4, drift_threshold=threshold, drift_topk=5)
+    cache = RaggedCache(policy)
+    cache.layers.append(RaggedLayer(0))
+    g = torch.Generator().manual_seed(0)
+    L, D = 40, 8
+    key = torch.randn(1, 2, L, D, generator=g) * 2
+    query = query_vec.expand(1, 2, L, D).clone()
+    cache.layers[0].seen = L
+    cache._fill(cache.layers[0], query, key, key.clone(), torch.ones(1, L, dtype=torch.bool),
+                torch.arange(L), 1.0)
+    store = cache.layers[0].store
+    for _ in range(4):
+        policy.on_decode(0, store, steps_query.expand(1, 2, 1, D), 1.0)
+    return policy
+
+
+def test_no_refresh_when_attention_does_not_drift():
+    q = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    policy = _one_layer_setup(q, q)
+    assert policy.stats.checks == 1 and sum(policy.stats.refreshes.values()) == 0
+
+
+def test_refresh_when_attention_drifts():
+    q = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    policy = _one_layer_setup(q, -q)  # the opposite query attends to the opposite tokens
+    assert sum(policy.stats.refreshes.values()) == 1 and policy.stats.satellite_refills == 1
+
+
+def test_generation_with_refresh_every_step_and_padding_runs(arch):
+    model = toy_model(arch)
+    ids, mask = _ids(B=2, L=70), torch.ones(2, 70, dtype=torch.long)
+    mask[0, :9] = 0
+    cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0)
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12, do_sample=False)
+    assert out.shape == (2, 82)
+    stats = cache.stats()
+    assert stats["drift_checks"] > 0 and stats["refreshes"] > 0 and stats["bytes_moved"] > 0
+    assert set(stats["device_bytes_by_role"]) == {"anchor", "volatile", "pivot", "satellite"}
+
+
+def test_rows_with_different_padding_are_planned_independently():
+    model = toy_model()
+    ids = _ids(B=2, L=60)
+    mask = torch.ones(2, 60, dtype=torch.long)
+    mask[1, :20] = 0
+    cache = HeteroCache(toy_profile(), budget=0.5, refresh=False)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate() derives them from the mask
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+    single = HeteroCache(toy_profile(), budget=0.5, refresh=False)
+    with torch.no_grad():
+        model(ids[1:, 20:], past_key_values=single)
+    for layer_b, layer_s in zip(cache.layers, single.layers):
+        for h in range(4):
+            kb, _, pb = layer_b.store.segment(4 + h)  # row 1
+            ks, _, ps = layer_s.store.segment(h)
+            assert torch.equal(pb - 20, ps)  # same tokens, shifted by the padding
+            torch.testing.assert_close(kb, ks, rtol=1e-4, atol=1e-5)
+
+
+def test_beam_search_at_budget_one_equals_dynamic_cache():
+    model = toy_model()
+    ids = _ids(B=1, L=40)
+    model.set_attn_implementation("sdpa")
+    ref = model.generate(ids, past_key_values=DynamicCache(), num_beams=3, max_new_tokens=8, do_sample=False)
+    model.set_attn_implementation("heterocache")
+    out = model.generate(ids, past_key_values=HeteroCache(toy_profile(), budget=1.0), num_beams=3,
+                         max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, ref)
+
+
+def test_uniform_switch_gives_equal_compressed_shares():
+    model = toy_model()
+    cache = _prefilled(model, toy_profile(), _ids(L=100), budget=0.6, inverse_stability=False, refresh=False)
+    comp = (toy_profile().roles == Role.ANCHOR) | (toy_profile().roles == Role.SATELLITE)
+    stored = torch.stack([layer.store.lengths()[0] for layer in cache.layers])
+    assert int(stored[comp].max()) - int(stored[comp].min()) <= 1
+
+
+def test_absolute_token_budget():
+    model = toy_model()
+    cache = _prefilled(model, toy_profile(), _ids(L=100), budget_tokens=60, refresh=False)
+    stored = torch.stack([layer.store.lengths()[0] for layer in cache.layers])
+    assert int(stored.sum()) == 60 * 12
+
+
+def test_profile_that_does_not_fit_the_model_is_rejected():
+    model = tiny_model("llama")  # 3 layers but 2 KV heads, head_dim 16
+    with pytest.raises(ProfileError, match="KV heads: profile 4 != model 2"):
+        model.generate(_ids(L=20), past_key_values=HeteroCache(toy_profile(), budget=0.5), max_new_tokens=2)
+
+
+def test_infeasible_budget_is_rejected_with_the_smallest_feasible_one():
+    model = toy_model()
+    with pytest.raises(InfeasibleBudgetError, match="smallest feasible budget"):
+        _prefilled(model, toy_profile(), _ids(L=50), budget=0.2)  # 5 of 12 heads are full
+
+
+@pytest.mark.parametrize("kwargs", [{"budget": 0}, {"budget": 1.5}, {"window": 0}, {"kernel": 4},
+                                    {"drift_threshold": 1.5}, {"budget_tokens": 0}, {"refresh_interval": 0}])
+def test_bad_parameters_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        HeteroCache(toy_profile(), **kwargs)
+
+
+def test_unknown_profile_name_is_a_clear_error():
+    with pytest.raises(Exception, match="profile"):
+        HeteroCache("nobody/no-such-model-profile", budget=0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_async_refresh_gives_the_tokens_of_the_synchronous_path():
+    model = toy_model().cuda()
+    ids = _ids(B=2, L=300).cuda()
+    outs = []
+    for asynchronous in (False, True):
+        cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0, asynchronous=asynchronous)
+        outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=64, do_sample=False))
+        assert cache.stats()["refreshes"] > 0
+    assert torch.equal(outs[0], outs[1])
