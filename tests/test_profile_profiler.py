@@ -155,3 +155,10 @@ def test_a_cache_that_dropped_prompt_keys_is_reported():
     recorder = TopKRecorder(num_layers=1, num_kv_heads=1, prefill_len=10, k=2, decode_steps=1)
     with pytest.raises(RuntimeError, match="sees 8 keys, fewer than the 10 prompt tokens"):
         recorder.observe(0, torch.randn(1, 2, 1, 4), torch.randn(1, 1, 8, 4), None, None)
+
+
+def test_the_calibration_tokens_are_identified_by_a_hash():
+    texts = random_token_texts(2, 48)
+    a = collect_statistics(tiny_llama(), None, texts, SETTINGS, progress=False).tokens_sha256
+    b = collect_statistics(tiny_llama(), None, texts[::-1], SETTINGS, progress=False).tokens_sha256
+    assert len(a) == 64 and a != b

@@ -10,6 +10,9 @@ from .budget import check_budget  # noqa: E402
 from .cache import FullKVCache, RaggedCache, SnapKVCache  # noqa: E402
 from .memory import MemoryReport  # noqa: E402
 from .policies import FullKVPolicy, Policy, PrefillContext, SnapKVPolicy  # noqa: E402
+from .policies import CAKEPolicy, H2OPolicy, PyramidKVPolicy, StreamingLLMPolicy  # noqa: E402
+from .methods import CAKECache, H2OCache, PyramidKVCache, StreamingLLMCache  # noqa: E402
+from .methods import list_methods, make_cache, register_method  # noqa: E402
 
 __all__ = [
     "ATTENTION_NAME",
@@ -24,4 +27,17 @@ __all__ = [
     "SnapKVPolicy",
     "check_budget",
     "enable",
+]
+__all__ += [
+    "CAKECache",
+    "CAKEPolicy",
+    "H2OCache",
+    "H2OPolicy",
+    "PyramidKVCache",
+    "PyramidKVPolicy",
+    "StreamingLLMCache",
+    "StreamingLLMPolicy",
+    "list_methods",
+    "make_cache",
+    "register_method",
 ]

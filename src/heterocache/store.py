@@ -55,6 +55,7 @@ class RaggedKVStore:
         k, v: ``[capacity, D]`` flat buffers.
         pos: int32 ``[capacity]`` logical position of each slot (-1 where unused).
         start, cap, length: int64 ``[S]`` with ``S = B * H``.
+        slot_buffers: per-slot policy state kept aligned with the tokens (``add_slot_buffer``).
     """
 
     def __init__(
@@ -75,6 +76,8 @@ class RaggedKVStore:
         S = num_rows * num_heads
         zeros = torch.zeros(S, dtype=torch.long, device=self.device)
         self.start, self.cap, self.length = zeros, zeros.clone(), zeros.clone()
+        self.slot_buffers: dict[str, torch.Tensor] = {}
+        self._slot_fill: dict[str, float] = {}
         self._allocate(zeros)
 
     # ----------------------------------------------------------------- layout
@@ -100,6 +103,7 @@ class RaggedKVStore:
         self.k = torch.zeros(total, self.head_dim, dtype=self.dtype, device=self.device)
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full((total,), -1, dtype=torch.int32, device=self.device)
+        self._allocate_slot_buffers(total)
         nblocks = caps // self.block_size
         self.block_owner = torch.repeat_interleave(torch.arange(len(caps), device=self.device), nblocks)
         nb = int(nblocks.sum())
@@ -165,6 +169,7 @@ class RaggedKVStore:
             self.k[dest] = key.reshape(B * H, q, D)[valid_s].to(self.dtype)
             self.v[dest] = value.reshape(B * H, q, D)[valid_s].to(self.dtype)
             self.pos[dest] = positions.to(torch.int32).expand(B * H, q)[valid_s]
+        self._reset_slot_buffers(dest)
         self.length = self.length + added
 
     def _grow(self, needed: torch.Tensor) -> None:
@@ -175,12 +180,15 @@ class RaggedKVStore:
     def _relayout(self, source_segments: torch.Tensor, caps: torch.Tensor) -> None:
         """New buffers whose segment i holds a copy of old segment ``source_segments[i]``."""
         old_k, old_v, old_pos = self.k, self.v, self.pos
+        old_slot_buffers = dict(self.slot_buffers)
         src = segment_ranges(self.start[source_segments], self.length[source_segments])
         lengths = self.length[source_segments]
         self._allocate(caps)
         self.length = lengths
         dest = segment_ranges(self.start, lengths)
         self.k[dest], self.v[dest], self.pos[dest] = old_k[src], old_v[src], old_pos[src]
+        for name, old in old_slot_buffers.items():
+            self.slot_buffers[name][dest] = old[src]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep (and reorder or repeat) batch rows: row i of the result is old row ``rows[i]``."""
@@ -206,6 +214,109 @@ class RaggedKVStore:
         lo = int(self.start[segment]) + slots_from
         self.k[lo : lo + n], self.v[lo : lo + n] = key.to(self.dtype), value.to(self.dtype)
         self.pos[lo : lo + n] = positions.to(torch.int32)
+
+    # ----------------------------------------------------------------- eviction
+    def compact(self, keep: torch.Tensor) -> torch.Tensor:
+        """Evict tokens: keep only the marked tokens of every segment, in their order, packed at the
+        front of the segment (capacities and starts do not change; see ``shrink``).
+
+        Freed slots are zeroed (``pos`` -1, slot buffers back to their fill value).
+
+        Args:
+            keep: bool ``[B, H, M]`` or ``[S, M]`` aligned with ``padded()``: ``keep[s, i]`` says
+                whether the i-th stored token of segment s stays. ``M`` must be at least the longest
+                segment; entries at or beyond a segment's length are ignored.
+
+        Returns:
+            int64 ``[S]``: tokens evicted per segment.
+        """
+        S = self.num_segments
+        keep = keep.to(self.device).reshape(S, -1)
+        M = int(self.length.max()) if S else 0
+        if keep.shape[1] < M:
+            raise ValueError(f"compact: keep has {keep.shape[1]} columns, the longest segment holds {M}")
+        keep = keep[:, :M]
+        ar = torch.arange(M, device=self.device)
+        inside = ar[None, :] < self.length[:, None]
+        keep = keep.bool() & inside
+        new_length = keep.sum(-1)
+        new_index = torch.cumsum(keep.long(), -1) - 1
+        src = (self.start[:, None] + ar[None, :])[keep]
+        dest = (self.start[:, None] + new_index)[keep]
+        moved = src != dest
+        src, dest = src[moved], dest[moved]
+        if src.numel():
+            # Advanced indexing gathers the sources into a new tensor before writing: overlap is safe.
+            self.k[dest], self.v[dest], self.pos[dest] = self.k[src], self.v[src], self.pos[src]
+            for buf in self.slot_buffers.values():
+                buf[dest] = buf[src]
+        freed = segment_ranges(self.start + new_length, self.length - new_length)
+        if freed.numel():
+            self.k[freed] = 0
+            self.v[freed] = 0
+            self.pos[freed] = -1
+            self._reset_slot_buffers(freed)
+        evicted = self.length - new_length
+        self.length = new_length
+        return evicted
+
+    def shrink(self) -> None:
+        """Give back unused capacity: every segment whose capacity exceeds what a fresh allocation of
+        its tokens would reserve is reallocated to that size (one copy of the layer, only if needed)."""
+        caps = torch.minimum(self.cap, self._capacity_for(self.length))
+        if not torch.equal(caps, self.cap):
+            self._relayout(torch.arange(self.num_segments, device=self.device), caps)
+
+    def padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot index of the i-th stored token of every segment, padded to the longest segment.
+
+        Returns:
+            ``idx``: int64 ``[S, M]`` (0 where the segment is shorter), ``valid``: bool ``[S, M]``.
+            ``self.k[idx]`` is ``padded()``'s keys as ``[S, M, D]``; ``buf[idx]`` reads a slot buffer
+            in the same layout.
+        """
+        M = int(self.length.max()) if self.num_segments else 0
+        ar = torch.arange(M, device=self.device)
+        valid = ar[None, :] < self.length[:, None]
+        idx = torch.where(valid, self.start[:, None] + ar[None, :], torch.zeros_like(ar)[None, :])
+        return idx, valid
+
+    # ----------------------------------------------------------------- per-slot policy state
+    def add_slot_buffer(self, name: str, dtype: torch.dtype = torch.float32, fill: float = 0.0) -> torch.Tensor:
+        """A per-slot tensor that the store keeps aligned with its tokens (e.g. H2O's accumulated
+        attention): ``[capacity]``, moved with the tokens by reallocation, ``select_rows``,
+        ``compact`` and ``shrink``; slots of newly appended tokens and freed slots hold ``fill``.
+        ``write_segment_tokens`` leaves the values of the overwritten slots as they were.
+
+        Returns:
+            the buffer (initialised to ``fill``); read it again with ``slot_buffer(name)`` after any
+            store operation, which may replace it.
+
+        Raises:
+            ValueError: a buffer of that name exists.
+        """
+        if name in self.slot_buffers:
+            raise ValueError(f"slot buffer {name!r} exists")
+        self._slot_fill[name] = fill
+        self.slot_buffers[name] = torch.full((self.capacity,), fill, dtype=dtype, device=self.device)
+        return self.slot_buffers[name]
+
+    def slot_buffer(self, name: str) -> torch.Tensor:
+        """The current ``[capacity]`` tensor of a slot buffer (see ``add_slot_buffer``)."""
+        return self.slot_buffers[name]
+
+    def remove_slot_buffer(self, name: str) -> None:
+        """Forget a slot buffer (no error if absent)."""
+        self.slot_buffers.pop(name, None)
+        self._slot_fill.pop(name, None)
+
+    def _allocate_slot_buffers(self, total: int) -> None:
+        for name, buf in self.slot_buffers.items():
+            self.slot_buffers[name] = torch.full((total,), self._slot_fill[name], dtype=buf.dtype, device=self.device)
+
+    def _reset_slot_buffers(self, slots: torch.Tensor) -> None:
+        for name, buf in self.slot_buffers.items():
+            buf[slots] = self._slot_fill[name]
 
     # ----------------------------------------------------------------- reads
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -233,7 +344,8 @@ class RaggedKVStore:
 
     # ----------------------------------------------------------------- accounting
     def bytes_allocated(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2 + self.pos.numel() * self.pos.element_size()
+        extra = sum(buf.numel() * buf.element_size() for buf in self.slot_buffers.values())
+        return self.k.numel() * self.k.element_size() * 2 + self.pos.numel() * self.pos.element_size() + extra
 
     def bytes_used(self) -> int:
         return int(self.length.sum()) * self.head_dim * self.k.element_size() * 2

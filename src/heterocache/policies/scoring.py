@@ -6,6 +6,52 @@ import torch
 import torch.nn.functional as F
 
 
+def _window_probabilities(
+    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, window: int, scaling: float, chunk: int
+):
+    """Attention probabilities of the last ``window`` queries over all keys, one key chunk at a time.
+
+    A two-pass softmax: pass 1 gathers each window query's max and normaliser over every chunk,
+    pass 2 yields the normalised probabilities, so at most ``window x chunk`` scores per head exist at
+    once (no ``L x L`` matrix, no eager attention).
+
+    Yields:
+        ``(lo, hi, p)`` with ``p`` float32 ``[B, H, G, w, hi - lo]`` (``w = min(window, L)``; query
+        ``L - w + i`` is row i); 0 for padding keys, for keys in a query's future and for padding
+        queries.
+    """
+    B, Hq, L, D = query.shape
+    H = key.shape[1]
+    G = Hq // H
+    w = min(window, L)
+    q = query[:, :, L - w :, :].float().reshape(B, H, G * w, D)
+    q_pos = torch.arange(L - w, L, device=query.device).repeat(G)  # [G*w] position of each query row
+
+    def chunk_scores(lo: int, hi: int) -> torch.Tensor:
+        k = key[:, :, lo:hi, :].float()
+        s = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, G*w, c]
+        k_pos = torch.arange(lo, hi, device=query.device)
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & valid[:, None, None, lo:hi]
+        return s.masked_fill(~allowed, float("-inf"))
+
+    # Pass 1: online softmax statistics (max and normaliser) of every window query.
+    row_max = torch.full((B, H, G * w), float("-inf"), device=query.device)
+    row_sum = torch.zeros(B, H, G * w, device=query.device)
+    for lo in range(0, L, chunk):
+        s = chunk_scores(lo, min(L, lo + chunk))
+        new_max = torch.maximum(row_max, s.amax(-1))
+        safe = torch.nan_to_num(new_max, neginf=0.0)
+        row_sum = row_sum * torch.exp(row_max - safe) + torch.exp(s - safe[..., None]).sum(-1)
+        row_max = new_max
+    row_max = torch.nan_to_num(row_max, neginf=0.0)
+    inv_sum = 1.0 / row_sum.clamp_min(1e-30)
+    # Pass 2: normalised probabilities.
+    for lo in range(0, L, chunk):
+        hi = min(L, lo + chunk)
+        p = torch.exp(chunk_scores(lo, hi) - row_max[..., None]) * inv_sum[..., None]
+        yield lo, hi, p.view(B, H, G, w, hi - lo)
+
+
 def window_attention_scores(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -33,36 +79,118 @@ def window_attention_scores(
     """
     B, Hq, L, D = query.shape
     H = key.shape[1]
-    G = Hq // H
-    w = min(window, L)
-    q = query[:, :, L - w :, :].float().reshape(B, H, G * w, D)
-    q_pos = torch.arange(L - w, L, device=query.device).repeat(G)  # [G*w] position of each query row
-
-    def chunk_scores(lo: int, hi: int) -> torch.Tensor:
-        k = key[:, :, lo:hi, :].float()
-        s = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, G*w, c]
-        k_pos = torch.arange(lo, hi, device=query.device)
-        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & valid[:, None, None, lo:hi]
-        return s.masked_fill(~allowed, float("-inf"))
-
-    # Pass 1: online softmax statistics (max and normaliser) of every window query.
-    row_max = torch.full((B, H, G * w), float("-inf"), device=query.device)
-    row_sum = torch.zeros(B, H, G * w, device=query.device)
-    for lo in range(0, L, chunk):
-        s = chunk_scores(lo, min(L, lo + chunk))
-        new_max = torch.maximum(row_max, s.amax(-1))
-        safe = torch.nan_to_num(new_max, neginf=0.0)
-        row_sum = row_sum * torch.exp(row_max - safe) + torch.exp(s - safe[..., None]).sum(-1)
-        row_max = new_max
-    row_max = torch.nan_to_num(row_max, neginf=0.0)
-    inv_sum = 1.0 / row_sum.clamp_min(1e-30)
-    # Pass 2: normalised probabilities, summed over the window queries.
-    out = torch.empty(B, H, G, L, device=query.device)
-    for lo in range(0, L, chunk):
-        hi = min(L, lo + chunk)
-        p = torch.exp(chunk_scores(lo, hi) - row_max[..., None]) * inv_sum[..., None]
-        out[..., lo:hi] = p.view(B, H, G, w, hi - lo).sum(3)
+    out = torch.empty(B, H, Hq // H, L, device=query.device)
+    for lo, hi, p in _window_probabilities(query, key, valid, window, scaling, chunk):
+        out[..., lo:hi] = p.sum(3)
     return out.reshape(B, Hq, L)
+
+
+def window_attention_stats(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    valid: torch.Tensor,
+    window: int,
+    scaling: float,
+    chunk: int = 8192,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-key moments of the attention of the last ``window`` queries (what CAKE needs).
+
+    Same chunked two-pass softmax as ``window_attention_scores`` (no ``L x L`` matrix).
+
+    Returns:
+        float32 ``[B, Hq, L]`` each, summed over the window queries ``i`` for every key ``j``:
+        ``sum_i p_ij``, ``sum_i p_ij**2`` and ``-sum_i p_ij log p_ij`` (0 where p is 0).
+    """
+    B, Hq, L, D = query.shape
+    H = key.shape[1]
+    G = Hq // H
+    total = torch.empty(B, H, G, L, device=query.device)
+    squares = torch.empty_like(total)
+    entropy = torch.empty_like(total)
+    for lo, hi, p in _window_probabilities(query, key, valid, window, scaling, chunk):
+        total[..., lo:hi] = p.sum(3)
+        squares[..., lo:hi] = (p * p).sum(3)
+        entropy[..., lo:hi] = -torch.xlogy(p, p).sum(3)
+    return total.reshape(B, Hq, L), squares.reshape(B, Hq, L), entropy.reshape(B, Hq, L)
+
+
+def accumulated_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    valid: torch.Tensor,
+    scaling: float,
+    query_chunk: int = 512,
+    max_chunk_elements: int = 1 << 26,
+) -> torch.Tensor:
+    """Column sums of the causal attention of every real prompt query (H2O's accumulated score).
+
+    Computed in chunks of queries: at most ``min(query_chunk, max_chunk_elements / (B*Hq*L))``
+    query rows (at least 1) are scored at once, each against all L keys, so the ``L x L`` matrix is
+    never materialised (no eager attention).
+
+    Args:
+        query: ``[B, Hq, L, D]``; key: ``[B, H, L, D]`` (``Hq = H * G``).
+        valid: bool ``[B, L]`` real tokens (padding queries add nothing, padding keys get 0).
+        scaling: softmax scale.
+
+    Returns:
+        float32 ``[B, Hq, L]``: for each query head, the attention each key received, summed over
+        all queries.
+    """
+    B, Hq, L, D = query.shape
+    H = key.shape[1]
+    G = Hq // H
+    k = key.float()
+    c = max(1, min(query_chunk, max_chunk_elements // max(1, B * Hq * L)))
+    k_pos = torch.arange(L, device=query.device)
+    out = torch.zeros(B, H, G, L, device=query.device)
+    for lo in range(0, L, c):
+        hi = min(L, lo + c)
+        n = hi - lo
+        q = query[:, :, lo:hi, :].float().reshape(B, H, G * n, D)
+        s = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, G*n, L]
+        q_pos = torch.arange(lo, hi, device=query.device).repeat(G)
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & valid[:, None, None, :]
+        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+        q_valid = valid[:, lo:hi].repeat(1, G)[:, None, :, None]  # [B, 1, G*n, 1]
+        p = torch.where(q_valid, p, torch.zeros((), device=p.device))  # padding queries: NaN rows -> 0
+        out += p.view(B, H, G, n, L).sum(3)
+    return out.reshape(B, Hq, L)
+
+
+def stored_attention(store, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention probabilities of one new query per query head over its KV head's stored tokens.
+
+    Reads the packed buffers in place, block by block (each block has one owner segment), with a
+    segment-wise softmax: no copy of the cache, no padding to the longest head.
+
+    Args:
+        store: a ``RaggedKVStore`` (every segment holding at least one token).
+        query: ``[B, Hq, 1, D]`` (query head ``h * G + g`` reads KV head ``h``).
+        scaling: softmax scale.
+
+    Returns:
+        float32 ``[capacity, G]``: probability of every slot for each of its segment's G query heads
+        (0 at unused slots). ``out[store.padded_index()[0]]`` gives ``[S, M, G]``.
+    """
+    B, Hq, _, D = query.shape
+    H, bs = store.num_heads, store.block_size
+    G = Hq // H
+    S = store.num_segments
+    owner = store.block_owner
+    q = query.reshape(S, G, D).to(store.dtype)
+    kb = store.k.view(-1, bs, D)
+    scores = torch.bmm(q[owner], kb.transpose(1, 2)).float() * scaling  # [NB, G, bs]
+    slot = store.block_offset[:, None] + torch.arange(bs, device=store.device)[None, :]
+    inside = slot < store.length[owner][:, None]
+    scores.masked_fill_(~inside[:, None, :], float("-inf"))
+    seg_max = torch.full((S, G), float("-inf"), device=store.device)
+    seg_max.scatter_reduce_(0, owner[:, None].expand(-1, G), scores.amax(-1), reduce="amax")
+    seg_max = torch.nan_to_num(seg_max, neginf=0.0)
+    probs = torch.exp(scores - seg_max[owner][:, :, None])
+    denom = torch.zeros(S, G, device=store.device).index_add_(0, owner, probs.sum(-1))
+    probs = probs / denom.clamp_min(1e-30)[owner][:, :, None]
+    return probs.transpose(1, 2).reshape(-1, G)
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, mode: str = "avg") -> torch.Tensor:
@@ -97,26 +225,29 @@ def reduce_gqa(scores: torch.Tensor, num_heads: int, mode: str = "mean") -> torc
     raise ValueError(f"gqa_reduce must be 'mean' or 'max', got {mode!r}")
 
 
-def topk_keep(scores: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor, protect_last: int = 0) -> torch.Tensor:
+def topk_keep(scores: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor, protect_last=0) -> torch.Tensor:
     """Keep mask with the ``counts`` highest-scoring real tokens per row and head.
 
     Args:
         scores: ``[B, H, L]``.
         valid: bool ``[B, L]``.
         counts: int64 ``[B, H]`` tokens to keep (<= real tokens of the row).
-        protect_last: the last this-many real tokens of each row are kept first (latest first).
+        protect_last: the last this-many real tokens of each row are kept first (the newest ones when
+            the count is smaller): an int, or int64 ``[B]`` / ``[B, H]``.
 
     Returns:
         bool ``[B, H, L]``; kept tokens stay in their original order in the store.
     """
     B, H, L = scores.shape
     s = scores.float().clone()
-    if protect_last > 0:
-        # Rank from the end among real tokens; the window outranks every score, newest first.
+    protect = torch.as_tensor(protect_last, device=scores.device).long()
+    if protect.dim() == 1:
+        protect = protect[:, None]
+    protect = torch.minimum(protect.expand(B, H), counts)  # never more than the count: all are kept
+    if bool((protect > 0).any()):
         from_end = torch.flip(torch.cumsum(torch.flip(valid.long(), [-1]), -1), [-1])  # 1 = last real token
-        protected = valid & (from_end <= protect_last)
-        bonus = (protect_last + 1 - from_end).float() + 1e6
-        s = torch.where(protected[:, None, :], bonus[:, None, :].expand(B, H, L), s)
+        protected = valid[:, None, :] & (from_end[:, None, :] <= protect[:, :, None])
+        s = s.masked_fill(protected, float("inf"))
     s = s.masked_fill(~valid[:, None, :], float("-inf"))
     kmax = int(counts.max()) if counts.numel() else 0
     keep = torch.zeros(B, H, L, dtype=torch.bool, device=scores.device)

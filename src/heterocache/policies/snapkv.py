@@ -6,29 +6,33 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budget import check_budget, tokens_for_budget
-from .base import Policy, PrefillContext
+from .base import PrefillContext
+from .budgeted import BudgetedPolicy
 from .scoring import pool_scores, reduce_gqa, topk_keep, window_attention_scores
 
 
 @dataclass
-class SnapKVPolicy(Policy):
+class SnapKVPolicy(BudgetedPolicy):
     """Keep the prompt tokens most attended by the last ``window`` prompt queries.
 
-    Every KV head of every layer keeps ``round(budget * prompt_tokens)`` tokens (uniform budget):
+    Every KV head of every layer keeps ``round(budget * prompt_tokens)`` tokens, or
+    ``min(budget_tokens, prompt_tokens)`` (uniform budget):
     the observation window itself plus the top-scoring earlier tokens, scores summed over the window
     queries, pooled along the sequence and reduced over the GQA group (scored and stored per KV head,
     never per query head).
 
     Args:
         budget: fraction of the prompt KV kept, in (0, 1]. Default 0.25.
+        budget_tokens: keyword-only; prompt tokens kept per head, overrides ``budget`` (default None).
         window: observation window (last prompt queries). Default 32 (paper).
         kernel: pooling kernel. Default 5 (paper's 7 for some models; 5 in the reference code).
         pooling: "avg" or "max". Default "avg".
         gqa_reduce: how a GQA group's query-head scores become one KV-head score: "mean" or "max".
+
+    Decoded tokens are appended and never evicted.
     """
 
-    budget: float = 0.25
+    budget: float | None = 0.25
     window: int = 32
     kernel: int = 5
     pooling: str = "avg"
@@ -36,7 +40,7 @@ class SnapKVPolicy(Policy):
     name = "snapkv"
 
     def __post_init__(self):
-        self.budget = check_budget(self.budget)
+        super().__post_init__()
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.kernel < 1 or self.kernel % 2 == 0:
@@ -46,14 +50,14 @@ class SnapKVPolicy(Policy):
         if self.gqa_reduce not in ("mean", "max"):
             raise ValueError(f"gqa_reduce must be 'mean' or 'max', got {self.gqa_reduce!r}")
 
-    def head_roles(self, layer_idx: int, num_heads: int) -> list[str]:
-        return ["compressed"] * num_heads
-
     def plan(self, ctx: PrefillContext) -> torch.Tensor:
         B, H = ctx.key.shape[:2]
-        return tokens_for_budget(self.budget, ctx.prompt_tokens)[:, None].expand(B, H).clone()
+        return self.head_tokens(ctx)[:, None].expand(B, H).clone()
 
     def select(self, ctx: PrefillContext, plan: torch.Tensor) -> torch.Tensor:
+        return topk_keep(self.token_scores(ctx), ctx.valid, plan, protect_last=self.window)
+
+    def token_scores(self, ctx: PrefillContext) -> torch.Tensor:
+        """SnapKV's importance of every prompt token per KV head: float32 ``[B, H, L]``."""
         scores = window_attention_scores(ctx.query, ctx.key, ctx.valid, self.window, ctx.scaling)
-        scores = reduce_gqa(pool_scores(scores, self.kernel, self.pooling), ctx.key.shape[1], self.gqa_reduce)
-        return topk_keep(scores, ctx.valid, plan, protect_last=self.window)
+        return reduce_gqa(pool_scores(scores, self.kernel, self.pooling), ctx.key.shape[1], self.gqa_reduce)

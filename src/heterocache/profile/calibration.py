@@ -120,7 +120,7 @@ class _Writer:
             "km": r.randint(4, 900), "metres": r.randint(40, 4200), "ordinal": _ordinal(r.randint(2, 9)),
             **{key: self.pick(key) for key in WORDS if key not in ("syllables", "templates", "sections")},
             # second, different values for templates that name two of a kind
-            **{f"{key}2": r.choice([w for w in WORDS[key] if w]) for key in ("month", "industry", "material", "colour")},
+            **{f"{key}2": r.choice(WORDS[key]) for key in ("month", "industry", "material", "colour")},
         }
 
     def sentence(self, template: str) -> str:

@@ -128,7 +128,8 @@ class HeadProfile:
             ValueError: ``pivot`` is not a pivot head.
         """
         if self.role_of(layer, pivot) is not Role.PIVOT:
-            raise ValueError(f"layer {layer}, KV head {pivot} is {self.role_of(layer, pivot).with_article}, not a pivot")
+            role = self.role_of(layer, pivot).with_article
+            raise ValueError(f"layer {layer}, KV head {pivot} is {role}, not a pivot")
         return (self.pivots[layer] == pivot).nonzero().flatten().tolist()
 
     def clusters(self, layer: int) -> dict[int, list[int]]:
@@ -182,7 +183,9 @@ class HeadProfile:
         return load_file(path)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None, **kwargs: Any) -> "HeadProfile":
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, revision: str | None = None, **kwargs: Any
+    ) -> "HeadProfile":
         """Load a profile from a file, a folder, a bundled profile name or a Hub repository.
 
         See :func:`heterocache.profile.io.lookup.resolve_profile_file` for the lookup order and the

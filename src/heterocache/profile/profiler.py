@@ -19,6 +19,7 @@ every text contributes the same number of steps.
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -79,12 +80,14 @@ class CalibrationStatistics:
         similarity: float32 ``[texts, L, H, H]``.
         prompt_lengths: prompt tokens of each text.
         topk_used: set size k of each text.
+        tokens_sha256: hash of every prompt's token ids (identifies the calibration data exactly).
     """
 
     stability: torch.Tensor
     similarity: torch.Tensor
     prompt_lengths: list[int] = field(default_factory=list)
     topk_used: list[int] = field(default_factory=list)
+    tokens_sha256: str = ""
 
     def mean_stability(self) -> torch.Tensor:
         return self.stability.mean(0)
@@ -118,6 +121,7 @@ def collect_statistics(
     shape = model_shape(model)
     device = next(model.parameters()).device
     stabilities, similarities, lengths, ks = [], [], [], []
+    digest = hashlib.sha256()
     bar = tqdm(total=len(texts) * (1 + settings.decode_tokens), desc="profiling heads", unit="step",
                disable=not progress)
     was_training = model.training
@@ -125,7 +129,9 @@ def collect_statistics(
     try:
         with profiler_attention_enabled(model), torch.inference_mode():
             for text in texts:
-                ids = _token_ids(text, tokenizer)[: settings.prefill_tokens].to(device)[None, :]
+                ids = _token_ids(text, tokenizer)[: settings.prefill_tokens]
+                digest.update(ids.numpy().astype("<i8").tobytes())
+                ids = ids.to(device)[None, :]
                 recorder = TopKRecorder(
                     shape.num_layers, shape.num_kv_heads, prefill_len=ids.shape[1],
                     k=effective_topk(ids.shape[1], settings.topk, settings.max_topk_fraction),
@@ -140,7 +146,8 @@ def collect_statistics(
     finally:
         bar.close()
         model.train(was_training)
-    return CalibrationStatistics(torch.stack(stabilities), torch.stack(similarities), lengths, ks)
+    return CalibrationStatistics(torch.stack(stabilities), torch.stack(similarities), lengths, ks,
+                                 digest.hexdigest())
 
 
 def _token_ids(text: str | Sequence[int] | torch.Tensor, tokenizer: Any) -> torch.Tensor:
@@ -189,6 +196,7 @@ def profile_from_statistics(
         "num_texts": int(stats.stability.shape[0]),
         "prompt_tokens": _summary(stats.prompt_lengths),
         "topk_used": _summary(stats.topk_used),
+        "tokens_sha256": stats.tokens_sha256,
         "aggregation": "mean of per-text stability and similarity, then thresholds and clustering",
         **{key: value for key, value in asdict(settings).items() if key not in ("topk", "tau_stable", "tau_sim")},
         **(calibration or {}),
