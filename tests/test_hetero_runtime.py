@@ -211,7 +211,10 @@ def test_bad_parameters_are_rejected(kwargs):
         HeteroCache(toy_profile(), **kwargs)
 
 
-def test_unknown_profile_name_is_a_clear_error():
+def test_unknown_profile_name_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network round trips
     with pytest.raises(Exception, match="profile"):
         HeteroCache("nobody/no-such-model-profile", budget=0.5)
 

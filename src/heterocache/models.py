@@ -58,3 +58,99 @@ def load_smollm2(attn_implementation: str = "heterocache", dtype=None):
     model.config.name_or_path = SMOLLM2_NAME
     model.eval()
     return model, tokenizer
+
+
+#: Architectures of published models, for random-weight benchmarks in their exact shapes (weights
+#: cannot be downloaded everywhere; decode speed and memory depend only on the shapes).
+KNOWN_SHAPES: dict[str, dict] = {
+    "meta-llama/Llama-3.1-8B-Instruct": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=8192),
+    ),
+    "Qwen/Qwen2.5-14B-Instruct": dict(
+        model_type="qwen2", hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+        num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, max_position_embeddings=131072,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=1e6),
+    ),
+}
+KNOWN_SHAPES["deepseek-ai/DeepSeek-R1-Distill-Llama-8B"] = KNOWN_SHAPES["meta-llama/Llama-3.1-8B-Instruct"]
+
+
+def random_model(name: str, *, attn_implementation: str = "heterocache", dtype=None, device="cpu",
+                 num_layers: int | None = None, seed: int = 0):
+    """A model with random weights in the shape of a published one (``KNOWN_SHAPES``).
+
+    ``config.name_or_path`` is the published name, so ``HeteroCache.for_model`` finds its bundled
+    profile. Random attention drifts all the time: a worst case for HeteroCache's refresh traffic.
+
+    Args:
+        name: a key of ``KNOWN_SHAPES`` (case-insensitive), e.g. "meta-llama/Llama-3.1-8B-Instruct",
+            or a ``config.json`` file / a folder holding one.
+        attn_implementation: "heterocache" (default), "sdpa", ...
+        dtype: weight dtype (default bfloat16).
+        device: where the weights are created (initialised there directly: no host copy).
+        num_layers: keep only this many layers (smoke tests on CPU); the profile then no longer fits.
+        seed: torch seed of the initialisation.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if attn_implementation == "heterocache":
+        import heterocache.attention  # noqa: F401
+    key = {k.lower(): k for k in KNOWN_SHAPES}.get(name.lower())
+    if key is not None:
+        config = AutoConfig.for_model(**KNOWN_SHAPES[key])
+    elif Path(name).exists():  # a config.json (or a folder holding one): any architecture, no weights
+        config = AutoConfig.from_pretrained(name)
+        key = getattr(config, "_name_or_path", None) or name
+    else:
+        raise ValueError(f"no known shape for {name!r} and no such config file; known: {', '.join(KNOWN_SHAPES)}")
+    if num_layers is not None:
+        config.num_hidden_layers = int(num_layers)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype or torch.bfloat16, attn_implementation=attn_implementation
+        )
+    model.config.name_or_path = key
+    model.eval()
+    return model
+
+
+def load_model(spec: str, *, attn_implementation: str = "heterocache", dtype=None, device="cpu",
+               num_layers: int | None = None):
+    """``(model, tokenizer or None)`` from a model spec.
+
+    Args:
+        spec: "smollm2" (the bundled small model), ``random:<published name>`` (random weights in a
+            ``KNOWN_SHAPES`` shape; no tokenizer), or a local Hugging Face model folder.
+        attn_implementation, dtype, device: as in ``from_pretrained``.
+        num_layers: only for ``random:`` specs (see ``random_model``).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if attn_implementation == "heterocache":
+        import heterocache.attention  # noqa: F401
+    if spec.startswith("random:"):
+        return random_model(spec[len("random:"):], attn_implementation=attn_implementation, dtype=dtype,
+                            device=device, num_layers=num_layers), None
+    if num_layers is not None:
+        raise ValueError("num_layers only applies to random: models")
+    if spec.lower() == "smollm2":
+        model, tokenizer = load_smollm2(attn_implementation=attn_implementation, dtype=dtype)
+        return model.to(device), tokenizer
+    if not Path(spec).is_dir():
+        raise FileNotFoundError(
+            f"model {spec!r} is not 'smollm2', 'random:<name>' or a local model folder "
+            "(models are not downloaded here: pass a folder holding config.json and the weights)"
+        )
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or torch.bfloat16,
+                                                 attn_implementation=attn_implementation).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(spec)

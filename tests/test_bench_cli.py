@@ -1,0 +1,92 @@
+"""`heterocache bench` on a random-weight model built from a config file (no weights, no download)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from heterocache.bench import measure_decode, prompt_ids
+from heterocache.cli import main
+from heterocache.methods import make_cache
+from heterocache.models import random_model
+from heterocache.profile.testing import toy_profile
+
+
+@pytest.fixture(scope="module")
+def toy_config(tmp_path_factory):
+    """A config in the toy profile's shape (3 layers, 8 query / 4 KV heads, head_dim 16) + that profile."""
+    folder = tmp_path_factory.mktemp("toy")
+    LlamaConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=16, vocab_size=256, max_position_embeddings=4096).save_pretrained(folder)
+    toy_profile().save(folder / "toy.safetensors")
+    return folder
+
+
+def test_bench_writes_rows_for_every_cell_and_a_plot(toy_config, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench"
+    rc = main(["bench", "--model", f"random:{toy_config}", "--methods", "dynamic,fullkv,snapkv,heterocache",
+               "--budgets", "0.2,0.6", "--lengths", "64,256", "--batch-sizes", "1,2", "--new-tokens", "3",
+               "--warmup", "1", "--profile", str(toy_config / "toy.safetensors"), "--out", str(out)])
+    assert rc == 0
+    result = json.loads((out / "bench.json").read_text())
+    rows = result["rows"]
+    # 2 lengths x 2 batches x (dynamic, fullkv, 2 x snapkv, 2 x heterocache)
+    assert len(rows) == 2 * 2 * 6
+    assert result["machine"]["device"] == "cpu" and result["settings"]["weight_bytes_read_per_step"] > 0
+    full = [r for r in rows if r["method"] == "fullkv"]
+    assert all(r["tokens_equal_dynamic"] for r in full)
+    for L in (256,):  # (at 64 tokens, block rounding and the 128-token reserve hide the budget)
+        for B in (1, 2):
+            kv = {(r["method"], r["budget"]): r["kv_bytes_end"] for r in rows if (r["length"], r["batch"]) == (L, B) and "error" not in r}
+            assert kv[("snapkv", 0.2)] < kv[("snapkv", 0.6)] < kv[("fullkv", None)]
+    for r in rows:
+        if "error" not in r:
+            assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["decode_ms_per_token"])
+    # budget 0.2 is below the toy profile's 5/12 full heads: recorded as infeasible, not a crash
+    hetero = {(r["length"], r["batch"], r["budget"]): r for r in rows if r["method"] == "heterocache"}
+    assert all("infeasible" in r["error"] for k, r in hetero.items() if k[2] == 0.2)
+    assert all(r["refreshes_per_step"] is not None and r["host_bytes_end"] > 0
+               for k, r in hetero.items() if k[2] == 0.6)
+    assert (out / "bench.png").stat().st_size > 10_000
+    assert "| 256 | 2 | snapkv@0.2 |" in capsys.readouterr().out
+
+
+def test_repeated_rows_decode_like_the_single_row(toy_config):
+    model = random_model(str(toy_config))
+    ids = prompt_ids(None, 80, vocab_size=256)
+    one = measure_decode(model, ids, lambda: make_cache("fullkv"), new_tokens=4, warmup=1)
+    three = measure_decode(model, ids, lambda: make_cache("fullkv"), new_tokens=4, warmup=1, replicate=3)
+    assert three["batch"] == 3 and three["kv_bytes_end"] == pytest.approx(3 * one["kv_bytes_end"], rel=0.01)
+    assert three["tokens"] == one["tokens"] * 3
+
+
+def test_bad_requests_fail_before_any_work(toy_config, tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        main(["bench", "--model", f"random:{toy_config}", "--methods", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="needs --device cuda"):
+        main(["bench", "--model", f"random:{toy_config}", "--max-batch", "128", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="budgets must be in"):
+        main(["bench", "--model", f"random:{toy_config}", "--budgets", "1.5", "--out", str(tmp_path)])
+    # heterocache without a profile for this model: says how to make one
+    with pytest.raises(SystemExit, match="heterocache profile run"):
+        main(["bench", "--model", f"random:{toy_config}", "--methods", "heterocache", "--out", str(tmp_path)])
+
+
+def test_random_model_has_the_published_shape_and_finds_its_profile():
+    from heterocache.models import KNOWN_SHAPES
+
+    shape = KNOWN_SHAPES["meta-llama/Llama-3.1-8B-Instruct"]
+    assert (shape["num_hidden_layers"], shape["num_key_value_heads"], shape["head_dim"]) == (32, 8, 128)
+    with pytest.raises(ValueError, match="no known shape for 'gpt-9'"):
+        random_model("gpt-9")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bandwidth_is_measured_on_cuda():
+    from heterocache.bench import copy_bandwidth
+
+    assert copy_bandwidth("cuda", 1 << 26) > 1e11
