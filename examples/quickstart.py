@@ -36,7 +36,10 @@ def needle_prompt(tokenizer, tokens: int, seed: int):
     return ids, sample.answers[0], sample.question.strip()
 
 
-DEFAULT_BUDGET = 0.4
+DEFAULT_BUDGET = 0.3
+# The last 8 prompt queries choose the kept tokens (the paper uses the last one); on this 135M model
+# that keeps the needle more often (tests/test_hetero_smollm2.py).
+DEFAULT_WINDOW = 8
 
 
 class _StepClock(LogitsProcessor):
@@ -71,7 +74,8 @@ def main() -> None:
     parser.add_argument("--method", choices=["heterocache", "snapkv"], default="heterocache")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
                         help=f"fraction of the prompt KV kept (default {DEFAULT_BUDGET})")
-    parser.add_argument("--window", type=int, default=None, help="selection window (default: the method's)")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                        help=f"prompt queries that choose the kept tokens (default {DEFAULT_WINDOW})")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -83,7 +87,7 @@ def main() -> None:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     print(f"Prompt: {ids.shape[1]} tokens. Question: {question!r} (expected: {expected})\n")
 
-    window = {} if args.window is None else {"window": args.window}
+    window = {"window": args.window}
     if args.method == "heterocache":
         compressed = HeteroCache.for_model(model, budget=args.budget, **window)
     else:

@@ -99,3 +99,24 @@ def test_extend_attention_equals_dense_causal_attention(group):
                 vs = torch.cat([value[b, h][keep[b, h]], v_new[b, h, : i + 1][new_valid[b, : i + 1]]])
                 p = torch.softmax(ks @ query[b, hq, i] * 0.3, 0)
                 torch.testing.assert_close(out[b, i, hq], p @ vs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [[20, 20, 20, 20, 20, 20], [17, 26, 20, 18, 25, 22]])
+@pytest.mark.parametrize("group", [1, 3])
+def test_equal_capacity_layers_take_the_one_call_path_and_equal_dense_attention(lengths, group):
+    from heterocache.ragged_attention import _decode_uniform
+
+    B, H, D = 2, 3, 16
+    store, key, value, keep = _random_store(B, H, D, lengths, torch.float32, seed=5)
+    assert len(set(store.cap.tolist())) == 1  # same capacity: one strided [B, H, cap, D] view
+    query = torch.randn(B, H * group, 1, D)
+    ref = _dense_reference(query, key, value, keep, 0.25)
+    torch.testing.assert_close(_decode_uniform(store, query, 0.25), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_attention(store, query, 0.25, "segments"), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unequal_capacities_fall_back_to_the_segment_loop():
+    from heterocache.ragged_attention import _decode_uniform
+
+    store, *_ = _random_store(1, 2, 8, [3, 40], torch.float32)
+    assert _decode_uniform(store, torch.randn(1, 2, 1, 8), 1.0) is None

@@ -7,7 +7,8 @@ Two paths:
   segment each, so a whole layer is two batched matmuls and a segment-wise softmax (max and sum
   reduced per segment); loop-free, good on GPUs. ``"segments"`` runs SDPA on each segment's
   contiguous slice; a Python loop over (row, head), but CPU matmul kernels are far faster on one
-  long slice than on many tiny blocks. On CUDA with triton installed the split-K Triton kernel of
+  long slice than on many tiny blocks; when every segment has the same capacity it is one SDPA
+  call over a strided ``[B, H, cap, D]`` view instead. On CUDA with triton installed the split-K Triton kernel of
   ``heterocache.kernels`` is used instead (strategy ``"kernel"``); all are tested against the
   general oracle ``heterocache.kernels.ragged_decode_attention_torch``.
 - ``extend_attention``: several query tokens on a non-empty store (a second turn appended to a
@@ -47,7 +48,8 @@ def decode_attention(
         out = kernels.ragged_decode_attention(q, store.k, store.v, store.start, store.length, scaling)
         return out.to(query.dtype).view(B, 1, Hq, D)
     if strategy == "segments":
-        return _decode_segments(store, query, scaling)
+        dense = _decode_uniform(store, query, scaling)
+        return dense if dense is not None else _decode_segments(store, query, scaling)
     if strategy == "blocks":
         return _decode_blocks(store, query, scaling)
     raise ValueError(f"strategy must be 'segments', 'blocks' or 'kernel', got {strategy!r}")
@@ -59,6 +61,28 @@ def _default_strategy(device: torch.device) -> str:
     if device.type == "cuda" and kernels.triton_available():
         return "kernel"
     return "blocks"
+
+
+def _decode_uniform(store: RaggedKVStore, query: torch.Tensor, scaling: float) -> torch.Tensor | None:
+    """One SDPA call for the whole layer when every segment has the same capacity (FullKV and the
+    uniform-budget methods): the flat buffers are then a strided ``[B, H, cap, D]`` tensor, read in
+    place; shorter segments are masked. None when the capacities differ (HeteroCache, PyramidKV)."""
+    cap = store.cap
+    if cap.numel() == 0 or not bool((cap == cap[0]).all()):
+        return None
+    B, Hq, _, D = query.shape
+    H, c = store.num_heads, int(cap[0])
+    if int(store.start[-1]) != (store.num_segments - 1) * c:  # segments not laid out back to back
+        return None
+    n = int(store.length.max())
+    k = store.k[: store.num_segments * c].view(B, H, c, D)[:, :, :n]
+    v = store.v[: store.num_segments * c].view(B, H, c, D)[:, :, :n]
+    mask = None
+    if bool((store.length != n).any()):
+        valid = torch.arange(n, device=store.device)[None, :] < store.length[:, None]  # [S, n]
+        mask = valid.view(B, H, 1, 1, n).expand(B, H, Hq // H, 1, n).reshape(B, Hq, 1, n)
+    out = F.scaled_dot_product_attention(query.to(store.dtype), k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return out.to(query.dtype).transpose(1, 2)
 
 
 def _decode_segments(store: RaggedKVStore, query: torch.Tensor, scaling: float) -> torch.Tensor:
