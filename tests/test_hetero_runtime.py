@@ -146,6 +146,23 @@ def test_generation_with_refresh_every_step_and_padding_runs(arch):
     assert set(stats["device_bytes_by_role"]) == {"anchor", "volatile", "pivot", "satellite"}
 
 
+def test_a_new_turn_is_checked_for_drift_before_its_answer_is_decoded():
+    model = toy_model()
+    ids = _ids(L=80)
+    question = _ids(L=12, seed=3)
+    checks = {}
+    for refresh in (True, False):
+        cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=1.0, refresh=refresh)
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+            assert cache.stats()["drift_checks"] == 0
+            model(question, past_key_values=cache)  # the second turn: several tokens at once
+        checks[refresh] = cache.stats()
+    pivots = sum(len(toy_profile().clusters(layer)) for layer in range(3))
+    assert checks[True]["drift_checks"] == pivots and checks[True]["refreshes"] > 0
+    assert checks[False]["drift_checks"] == 0 and checks[False]["refreshes"] == 0
+
+
 def test_rows_with_different_padding_are_planned_independently():
     model = toy_model()
     ids = _ids(B=2, L=60)

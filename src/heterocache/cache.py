@@ -198,6 +198,7 @@ class RaggedCache(Cache):
         new_valid = None if attention_mask is None else _key_validity(attention_mask[..., -q_len:], key)
         out = extend_attention(layer.store, query, key, value, new_valid, scaling)
         layer.store.append(key, value, positions, new_valid)
+        self.policy.on_extend(layer.layer_idx, layer.store, query, scaling)
         return out, None
 
     def _fill(self, layer: RaggedLayer, query, key, value, valid, positions, scaling, config=None) -> None:

@@ -204,6 +204,17 @@ class HeteroCachePolicy(Policy):
         if len(state.queries) >= self.refresh_interval:
             self.check_drift(layer_idx, store, scaling)
 
+    def on_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
+        """A new turn (e.g. the question after a compressed document): its last ``refresh_interval``
+        queries are checked for drift at once, so satellites are refreshed before the answer is
+        decoded rather than ``refresh_interval`` tokens into it. (The paper only decodes one turn.)"""
+        state = self._layers.get(layer_idx)
+        if state is None or state.host is None or not self.refresh:
+            return
+        state.queries.clear()
+        state.queries.extend(query[:, :, -i, :] for i in range(min(self.refresh_interval, query.shape[2]), 0, -1))
+        self.check_drift(layer_idx, store, scaling)
+
     def check_drift(self, layer_idx: int, store: RaggedKVStore, scaling: float, force: bool = False) -> list:
         """Score the buffered queries of every pivot; refresh the satellites of those that drifted.
 

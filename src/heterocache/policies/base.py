@@ -80,6 +80,13 @@ class Policy:
     def on_decode(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         """Called after each decode step's token was appended and attended (evict, refresh)."""
 
+    def on_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
+        """Called after several new tokens (a later turn of a conversation) were attended and appended.
+
+        Args:
+            query: ``[B, Hq, q, D]`` the new tokens' queries (left padding, if any, is at the start).
+        """
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Reorder or repeat per-row policy state (beam search, batch expansion)."""
 
