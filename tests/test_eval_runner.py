@@ -207,3 +207,18 @@ def test_dataset_tasks_run_all_rows_when_num_samples_is_zero(counted, tokenizer,
     assert len(calls) == 2 and [c["n"] for c in result.cells] == [2]
     run_eval(model, tokenizer, config, tmp_path, make_cache=factory, progress=False, plots=False)
     assert len(calls) == 2
+
+
+def test_a_budget_the_method_cannot_meet_is_skipped_with_its_reason(model, tokenizer, tmp_path):
+    from heterocache.hetero import HeteroCache
+    from heterocache.profile.testing import toy_profile
+
+    def with_hetero(method, budget, model):
+        # toy profile: 5 of 12 heads full, so budget 0.2 is infeasible (it never reaches the model)
+        return HeteroCache(toy_profile(), budget=budget) if method == "hetero" else factory(method, budget, model)
+
+    config = EvalConfig(**{**GRID, "methods": ("full", "hetero"), "budgets": (0.2,)})
+    result = run_eval(model, tokenizer, config, tmp_path, make_cache=with_hetero, progress=False, plots=False)
+    assert {r["method"] for r in result.records} == {"full"}
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta["skipped"][0]["method"] == "hetero" and "smallest feasible budget" in meta["skipped"][0]["reason"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -188,7 +189,8 @@ def run_eval(
         model, tokenizer, config, make_cache or default_cache_factory(), RecordLog(out_dir / "records.jsonl")
     )
     grid.run(progress)
-    return write_outputs(grid.log, out_dir, config, model, model_name, plots=plots, ran=grid.ran)
+    return write_outputs(grid.log, out_dir, config, model, model_name, plots=plots, ran=grid.ran,
+                         skipped=grid.skipped)
 
 
 def _check_context(model, config: EvalConfig) -> None:
@@ -205,6 +207,24 @@ def _check_context(model, config: EvalConfig) -> None:
         )
 
 
+def _feasible_pairs(pairs, factory: CacheFactory, model, prompt_tokens: int) -> tuple[list, list]:
+    """Drop (method, budget) pairs whose cache says the budget cannot be met (HeteroCache keeps
+    whole heads full: a budget below their share is infeasible), with a warning, instead of
+    failing in the middle of the grid."""
+    kept, skipped = [], []
+    for method, budget in pairs:
+        policy = getattr(factory(method, budget, model), "policy", None)
+        try:
+            if hasattr(policy, "plan_for"):
+                policy.plan_for(prompt_tokens)
+        except ValueError as err:
+            skipped.append({"method": method, "budget": budget, "reason": str(err)})
+            print(f"skipping {method} at budget {budget}: {err}", file=sys.stderr)
+            continue
+        kept.append((method, budget))
+    return kept, skipped
+
+
 class _Grid:
     """One pass over the grid: skips what the log holds, runs and logs the rest."""
 
@@ -217,7 +237,7 @@ class _Grid:
             log,
         )
         self.formatter = PromptFormatter(tokenizer, config.chat_template)
-        self.pairs = config.method_budgets()
+        self.pairs, self.skipped = _feasible_pairs(config.method_budgets(), factory, model, min(config.lengths))
         self.tasks = [get_task(name, config.data_dir) for name in config.tasks]
         self.limit = getattr(model.config, "max_position_embeddings", None)
         self.ran = 0
@@ -349,6 +369,7 @@ def write_outputs(
     model_name: str,
     plots: bool = True,
     ran: int = 0,
+    skipped: list | None = None,
 ) -> EvalResult:
     """Aggregate every record in ``log`` and (re)write ``results.json``, ``results.csv`` and plots."""
     records = list(log.records.values())
@@ -363,6 +384,7 @@ def write_outputs(
         "python": platform.python_version(),
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         "records": len(records),
+        "skipped": skipped or [],
     }
     files = [out_dir / "results.json", out_dir / "results.csv"]
     write_json(files[0], cells, config.to_dict(), meta)
