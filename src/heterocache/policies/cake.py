@@ -12,6 +12,7 @@ from ..store import RaggedKVStore
 from .base import PrefillContext
 from .budgeted import BudgetedPolicy, LayerState, evict_to_limit, num_layers_of, per_segment
 from .scoring import pool_scores, reduce_gqa, stored_attention, topk_keep, window_attention_stats
+from .snapkv import check_window_scoring
 
 SCORE_BUFFER = "cake.indicator"
 
@@ -74,14 +75,7 @@ class CAKEPolicy(BudgetedPolicy):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be a positive odd number, got {self.kernel}")
-        if self.pooling not in ("avg", "max"):
-            raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
-        if self.gqa_reduce not in ("mean", "max"):
-            raise ValueError(f"gqa_reduce must be 'mean' or 'max', got {self.gqa_reduce!r}")
+        check_window_scoring(self)
         for name in ("tau1", "tau2"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")

@@ -41,14 +41,7 @@ class SnapKVPolicy(BudgetedPolicy):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be a positive odd number, got {self.kernel}")
-        if self.pooling not in ("avg", "max"):
-            raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
-        if self.gqa_reduce not in ("mean", "max"):
-            raise ValueError(f"gqa_reduce must be 'mean' or 'max', got {self.gqa_reduce!r}")
+        check_window_scoring(self)
 
     def plan(self, ctx: PrefillContext) -> torch.Tensor:
         B, H = ctx.key.shape[:2]
@@ -61,3 +54,19 @@ class SnapKVPolicy(BudgetedPolicy):
         """SnapKV's importance of every prompt token per KV head: float32 ``[B, H, L]``."""
         scores = window_attention_scores(ctx.query, ctx.key, ctx.valid, self.window, ctx.scaling)
         return reduce_gqa(pool_scores(scores, self.kernel, self.pooling), ctx.key.shape[1], self.gqa_reduce)
+
+
+def check_window_scoring(policy) -> None:
+    """Validate the window-scoring fields that SnapKV, PyramidKV and CAKE share.
+
+    Raises:
+        ValueError: window < 1, an even or non-positive kernel, unknown pooling or GQA reduction.
+    """
+    if policy.window < 1:
+        raise ValueError(f"window must be >= 1, got {policy.window}")
+    if policy.kernel < 1 or policy.kernel % 2 == 0:
+        raise ValueError(f"kernel must be a positive odd number, got {policy.kernel}")
+    if policy.pooling not in ("avg", "max"):
+        raise ValueError(f"pooling must be 'avg' or 'max', got {policy.pooling!r}")
+    if policy.gqa_reduce not in ("mean", "max"):
+        raise ValueError(f"gqa_reduce must be 'mean' or 'max', got {policy.gqa_reduce!r}")
