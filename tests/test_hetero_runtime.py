@@ -236,6 +236,44 @@ def test_unknown_profile_name_is_a_clear_error(monkeypatch):
         HeteroCache("nobody/no-such-model-profile", budget=0.5)
 
 
+def _assert_satellites_match_host_copies(cache: HeteroCache) -> int:
+    """Every satellite's stored prompt tokens equal the host copy at their positions (no torn or
+    stale copy); returns how many satellite segments were checked."""
+    policy, checked = cache.policy, 0
+    policy.synchronize()
+    for layer_idx, state in policy._layers.items():
+        store = cache.layers[layer_idx].store
+        for (layer, head) in cache.profile.heads("satellite"):
+            if layer != layer_idx:
+                continue
+            for row in range(store.num_rows):
+                seg, n = row * store.num_heads + head, int(state.plan[row, head])
+                slots = int(store.start[seg]) + torch.arange(n, device=store.device)
+                k_host, v_host = state.host.gather(row, head, store.pos[slots].cpu())  # no padding: pos = index
+                torch.testing.assert_close(store.k[slots].cpu(), k_host, rtol=0, atol=0)
+                torch.testing.assert_close(store.v[slots].cpu(), v_host, rtol=0, atol=0)
+                checked += 1
+    return checked
+
+
+def test_refresh_on_every_step_leaves_every_satellite_equal_to_its_host_copy():
+    model = toy_model()
+    cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0)
+    model.generate(_ids(B=2, L=120), past_key_values=cache, max_new_tokens=24, do_sample=False)
+    assert cache.stats()["refreshes"] > 0
+    assert _assert_satellites_match_host_copies(cache) == 2 * len(toy_profile().heads("satellite"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_async_refresh_every_step_stress_leaves_no_corruption():
+    model = toy_model().cuda()
+    cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0, asynchronous=True)
+    model.generate(_ids(B=2, L=2000).cuda(), past_key_values=cache, max_new_tokens=200, do_sample=False)
+    assert cache.stats()["refreshes"] > 100
+    assert _assert_satellites_match_host_copies(cache) > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_async_refresh_gives_the_tokens_of_the_synchronous_path():
