@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU measurements and tests that CPU sessions cannot take, in stages that each fit one
+# device-tool call (<= 10 minutes). Run from the repository root on the GPU machine:
+#
+#   bash benchmarks/gpu_checks.sh tests      # CUDA tests: kernels at real shapes, async refresh, stress
+#   bash benchmarks/gpu_checks.sh kernel     # Triton vs PyTorch decode attention (+ launch tuning)
+#   bash benchmarks/gpu_checks.sh bench-a    # Llama-3.1-8B shapes, 8K and 32K, batch 1
+#   bash benchmarks/gpu_checks.sh bench-b    # 64K and 128K, batch 1
+#   bash benchmarks/gpu_checks.sh maxbatch   # largest batch that fits at 128K, tokens/s per method
+#
+# Results go under ${OUT:-runs/gpu}/; commit the JSON under benchmarks/results/ (it names the GPU).
+set -euo pipefail
+export PYTHONPATH=src
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+BENCH=(python -m heterocache.cli bench --model random:meta-llama/Llama-3.1-8B-Instruct --device cuda
+       --methods dynamic,fullkv,heterocache,snapkv --budgets 0.1,0.25,0.5 --new-tokens 32 --warmup 3)
+case "${1:?stage: tests|kernel|bench-a|bench-b|maxbatch}" in
+  tests)    python -m pytest -q -rs tests/test_kernels_gpu.py tests/test_kernels_triton_interp.py \
+              tests/test_kernels_ragged_torch.py tests/test_hetero_runtime.py tests/test_bench_cli.py \
+              2>&1 | tee "$OUT/gpu_tests.txt" ;;
+  kernel)   python benchmarks/kernel_bench.py --tune --out "$OUT/kernel.json" ;;
+  bench-a)  "${BENCH[@]}" --lengths 8192,32768 --out "$OUT/bench_8k_32k" ;;
+  bench-b)  "${BENCH[@]}" --lengths 65536,131072 --out "$OUT/bench_64k_128k" ;;
+  maxbatch) "${BENCH[@]}" --budgets 0.25 --lengths 131072 --max-batch 131072 --new-tokens 8 \
+              --out "$OUT/maxbatch_128k" ;;
+  *) echo "unknown stage $1" >&2; exit 2 ;;
+esac
