@@ -201,6 +201,29 @@ class RaggedCache(Cache):
         self.policy.on_extend(layer.layer_idx, layer.store, query, scaling)
         return out, None
 
+    def ingest_prefill(self, layer_idx: int, query, key, value, valid, scaling: float, config=None) -> None:
+        """Fill an empty layer from a prefill attended elsewhere (what ``attend`` does at prefill,
+        without computing the attention output): lets one forward pass fill several caches.
+
+        Args:
+            layer_idx: the layer; it must hold no tokens yet.
+            query: ``[B, Hq, L, D]``; key, value: ``[B, H, L, D]`` the whole prompt (after RoPE).
+            valid: bool ``[B, L]`` real tokens, or None (no padding).
+            scaling: the layer's softmax scale.
+            config: the model's config (policies read the layer count from it).
+
+        Raises:
+            ValueError: the layer already holds tokens.
+        """
+        while len(self.layers) <= layer_idx:
+            self.layers.append(RaggedLayer(len(self.layers), self.block_size, self.reserve))
+        layer = self.layers[layer_idx]
+        if layer.seen:
+            raise ValueError(f"layer {layer_idx} already holds {layer.seen} tokens; ingest_prefill fills an empty one")
+        layer.update(key, value)
+        positions = torch.arange(key.shape[-2], device=key.device)
+        self._fill(layer, query, key, value, valid, positions, scaling, config)
+
     def _fill(self, layer: RaggedLayer, query, key, value, valid, positions, scaling, config=None) -> None:
         B, H, L, D = key.shape
         if valid is None:

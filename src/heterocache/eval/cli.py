@@ -78,6 +78,11 @@ def register(subparsers) -> None:
         "--fidelity-text", type=Path, default=None, help="text file for fidelity (default: generated essay)"
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/eval/<model>)")
+    p.add_argument(
+        "--no-shared-prefill",
+        action="store_true",
+        help="one generate() per cell instead of one prefill forward per sample shared by every cell",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--list-tasks", action="store_true", help="print the task names and exit")
@@ -147,6 +152,7 @@ def run_command(args: argparse.Namespace) -> int:
         chat_template={"auto": None, "on": True, "off": False}[args.chat_template],
         data_dir=args.data_dir,
         fidelity=fidelity,
+        shared_prefill=not args.no_shared_prefill,
     )
     if args.threads:
         import torch

@@ -29,7 +29,7 @@ import torch
 from . import plot
 from .caches import CacheFactory, default_cache_factory, is_full, new_cache
 from .fidelity import FidelityConfig, compare, fidelity_ids, teacher_forced_logprobs
-from .generation import canonical_mode, generate_answer
+from .generation import Generation, canonical_mode, generate_answer
 from .prompting import PromptFormatter
 from .results import (
     FIDELITY_MODE,
@@ -41,6 +41,7 @@ from .results import (
     write_csv,
     write_json,
 )
+from .shared_prefill import PrefillTarget, eos_ids, greedy_continue, prefill_many, supports_shared_prefill
 from .tasks import expand_task_names, get_task
 
 
@@ -61,6 +62,11 @@ class EvalConfig:
         chat_template: ``None`` = use the tokenizer's when it has one; True/False force it.
         data_dir: root of ``longbench/``, ``longbenchv2/``, ``infinitebench/``.
         fidelity: also run the teacher-forced fidelity measurement when set.
+        shared_prefill: run every (method, budget, mode) of a sample from one prefill forward
+            (default True; the same greedy tokens as one ``generate()`` per cache, tested); caches
+            it cannot fill (other than ragged or DynamicCache, or a model without the
+            ``heterocache`` attention) fall back to ``generate()``. ``seconds`` in a shared
+            record is its own decoding plus the whole shared prefill.
     """
 
     methods: tuple[str, ...] = ("full",)
@@ -74,6 +80,7 @@ class EvalConfig:
     chat_template: bool | None = None
     data_dir: str = "data"
     fidelity: FidelityConfig | None = None
+    shared_prefill: bool = True
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -299,33 +306,78 @@ class _Grid:
             max_new = cfg.max_new_tokens or sample.max_new_tokens
             if self.limit and prompt.length + max_new > self.limit:
                 max_new = max(self.limit - prompt.length, 1)
+            if cfg.shared_prefill:
+                todo = self.run_shared(task, length, sample, prompt, todo, max_new)
             for _, mode, method, budget in todo:
                 self.bar.set_postfix_str(f"{task.name} {length} {mode} {method}@{budget:g}", refresh=False)
                 torch.manual_seed(cfg.seed)
                 cache = new_cache(self.factory, method, budget, self.model)
                 gen = generate_answer(self.model, self.tokenizer, prompt, cache, mode, max_new)
                 del cache  # free it before the next one is built
-                self.log.append(
-                    {
-                        "method": method,
-                        "budget": budget,
-                        "task": task.name,
-                        "length": length,
-                        "mode": mode,
-                        "sample_idx": sample.index,
-                        "metrics": {"score": task.score(gen.text, sample)},
-                        "prediction": gen.text,
-                        "answers": list(sample.answers),
-                        "prompt_tokens": prompt.length,
-                        "context_tokens": prompt.context_len,
-                        "new_tokens": gen.new_tokens,
-                        "seconds": gen.seconds,
-                        "prefill_seconds": gen.prefill_seconds,
-                        "meta": _meta_for_record(sample.meta),
-                    }
-                )
-                self.ran += 1
-                self.bar.update(1)
+                self.log_generation(task, length, sample, prompt, mode, method, budget, gen)
+
+    def run_shared(self, task, length: int, sample, prompt, todo: list, max_new: int) -> list:
+        """Run the ``todo`` generations of one sample from a single prefill forward
+        (:mod:`.shared_prefill`); returns those whose cache cannot be filled that way."""
+        caches, rest = [], []
+        for item in todo:
+            _, mode, method, budget = item
+            torch.manual_seed(self.config.seed)
+            cache = new_cache(self.factory, method, budget, self.model)
+            (caches if supports_shared_prefill(self.model, cache) else rest).append((item, cache))
+        if not caches:
+            return [item for item, _ in rest]
+        rest = [item for item, _ in rest]  # their caches are rebuilt fresh later
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)
+        targets = [
+            PrefillTarget(cache, prompt.length if item[1] == "query_aware" else prompt.context_len)
+            for item, cache in caches
+        ]
+        self.bar.set_postfix_str(f"{task.name} {length} prefill x{len(targets)}", refresh=False)
+        start = time.perf_counter()
+        last_logits = prefill_many(self.model, ids, targets)
+        prefill_seconds = time.perf_counter() - start
+        stop = eos_ids(self.model, self.tokenizer)
+        for i, (item, cache) in enumerate(caches):
+            _, mode, method, budget = item
+            self.bar.set_postfix_str(f"{task.name} {length} {mode} {method}@{budget:g}", refresh=False)
+            start = time.perf_counter()
+            if mode == "query_aware":
+                new = greedy_continue(self.model, cache, max_new, stop, logits=last_logits)
+            else:
+                new = greedy_continue(self.model, cache, max_new, stop, new_ids=ids[:, prompt.context_len :])
+            caches[i] = None  # free this cache before the next one decodes
+            del cache
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            gen = Generation(text, len(new), prefill_seconds, time.perf_counter() - start + prefill_seconds)
+            self.log_generation(task, length, sample, prompt, mode, method, budget, gen, shared=len(targets))
+        return rest
+
+    def log_generation(self, task, length, sample, prompt, mode, method, budget, gen, shared: int = 0) -> None:
+        """Append one generation's record (``shared``: caches filled by its prefill forward, 0 = own)."""
+        self.log.append(
+            {
+                "method": method,
+                "budget": budget,
+                "task": task.name,
+                "length": length,
+                "mode": mode,
+                "sample_idx": sample.index,
+                "metrics": {"score": task.score(gen.text, sample)},
+                "prediction": gen.text,
+                "answers": list(sample.answers),
+                "prompt_tokens": prompt.length,
+                "context_tokens": prompt.context_len,
+                "new_tokens": gen.new_tokens,
+                "seconds": gen.seconds,
+                "prefill_seconds": gen.prefill_seconds,
+                "shared_prefill": shared,
+                "meta": _meta_for_record(sample.meta),
+            }
+        )
+        self.ran += 1
+        self.bar.update(1)
 
     def run_fidelity(self, fid: FidelityConfig) -> None:
         from transformers import DynamicCache
