@@ -168,3 +168,28 @@ def test_prefill_only_variant_appends_decoded_tokens():
 def test_invalid_options_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         H2OPolicy(**kwargs)
+
+
+def test_accumulated_attention_without_padding_and_shared_within_a_block(monkeypatch):
+    from heterocache.policies import scoring
+
+    valid = torch.ones(1, 40, dtype=torch.bool)
+    ctx = random_ctx(0, valid, H=2, G=2, D=8, seed=5)
+    want = _eager_column_sums(ctx.query, ctx.key, valid, ctx.scaling)
+    assert torch.allclose(accumulated_attention(ctx.query, ctx.key, valid, ctx.scaling, 16), want, atol=1e-5)
+    calls = []
+    inner = scoring._accumulated_attention
+    monkeypatch.setattr(scoring, "_accumulated_attention", lambda *a: calls.append(1) or inner(*a))
+    with scoring.shared_scores():
+        first = accumulated_attention(ctx.query, ctx.key, valid, ctx.scaling)
+        first.zero_()  # a caller's in-place change must not reach the next caller
+        again = accumulated_attention(ctx.query, ctx.key, valid, ctx.scaling)
+        prefix = accumulated_attention(ctx.query[:, :, :30], ctx.key[:, :, :30], valid[:, :30], ctx.scaling)
+        with pytest.raises(RuntimeError, match="nest"):
+            with scoring.shared_scores():
+                pass
+    assert len(calls) == 2 and torch.allclose(again, want, atol=1e-5)
+    assert torch.allclose(prefix, _eager_column_sums(ctx.query[:, :, :30], ctx.key[:, :, :30], valid[:, :30],
+                                                     ctx.scaling), atol=1e-5)
+    accumulated_attention(ctx.query, ctx.key, valid, ctx.scaling)
+    assert len(calls) == 3  # outside the block nothing is kept

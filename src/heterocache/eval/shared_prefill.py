@@ -22,6 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..attention import ATTENTION_NAME
 from ..cache import RaggedCache, _key_validity
+from ..policies.scoring import shared_scores
 
 
 @dataclass
@@ -55,16 +56,17 @@ class _FanOutCache(RaggedCache):
         )
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         valid = _key_validity(attention_mask, key)
+        if valid is None:  # one tensor for every target, so that shared scores can be recognised
+            valid = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
         config = getattr(module, "config", None)
-        for target in self.targets:
-            n = target.tokens
-            q, k, v = query[:, :, :n], key[:, :, :n], value[:, :, :n]
-            if isinstance(target.cache, RaggedCache):
-                target.cache.ingest_prefill(
-                    module.layer_idx, q, k, v, None if valid is None else valid[:, :n], scaling, config
-                )
-            else:
-                target.cache.update(k, v, module.layer_idx)
+        with shared_scores():  # e.g. H2O at several budgets: its prompt scores computed once
+            for target in self.targets:
+                n = target.tokens
+                q, k, v = query[:, :, :n], key[:, :, :n], value[:, :, :n]
+                if isinstance(target.cache, RaggedCache):
+                    target.cache.ingest_prefill(module.layer_idx, q, k, v, valid[:, :n], scaling, config)
+                else:
+                    target.cache.update(k, v, module.layer_idx)
         return out, None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -114,6 +116,29 @@ def window_attention_stats(
     return total.reshape(B, Hq, L), squares.reshape(B, Hq, L), entropy.reshape(B, Hq, L)
 
 
+_shared: dict | None = None
+
+
+@contextmanager
+def shared_scores():
+    """Within this block, :func:`accumulated_attention` computes each result once per distinct
+    input (the same tensors, the same view): several caches filled from one prefill forward (the
+    evaluation's fan-out, e.g. H2O at three budgets) score the same prompt. Blocks do not nest;
+    results are dropped when the block ends, while its inputs are still alive."""
+    global _shared
+    if _shared is not None:
+        raise RuntimeError("shared_scores() blocks do not nest")
+    _shared = {}
+    try:
+        yield
+    finally:
+        _shared = None
+
+
+def _view_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
 def accumulated_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -125,8 +150,8 @@ def accumulated_attention(
     """Column sums of the causal attention of every real prompt query (H2O's accumulated score).
 
     Computed in chunks of queries: at most ``min(query_chunk, max_chunk_elements / (B*Hq*L))``
-    query rows (at least 1) are scored at once, each against all L keys, so the ``L x L`` matrix is
-    never materialised (no eager attention).
+    query rows (at least 1) are scored at once, each against the keys up to the chunk's last
+    position, so the ``L x L`` matrix is never materialised (no eager attention).
 
     Args:
         query: ``[B, Hq, L, D]``; key: ``[B, H, L, D]`` (``Hq = H * G``).
@@ -137,24 +162,39 @@ def accumulated_attention(
         float32 ``[B, Hq, L]``: for each query head, the attention each key received, summed over
         all queries.
     """
+    if _shared is None:
+        return _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements)
+    memo_key = (_view_key(query), _view_key(key), _view_key(valid), float(scaling))
+    if memo_key not in _shared:
+        _shared[memo_key] = _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements)
+    return _shared[memo_key].clone()
+
+
+def _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements) -> torch.Tensor:
     B, Hq, L, D = query.shape
     H = key.shape[1]
     G = Hq // H
     k = key.float()
     c = max(1, min(query_chunk, max_chunk_elements // max(1, B * Hq * L)))
-    k_pos = torch.arange(L, device=query.device)
+    all_valid = bool(valid.all())
     out = torch.zeros(B, H, G, L, device=query.device)
     for lo in range(0, L, c):
         hi = min(L, lo + c)
         n = hi - lo
         q = query[:, :, lo:hi, :].float().reshape(B, H, G * n, D)
-        s = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, G*n, L]
-        q_pos = torch.arange(lo, hi, device=query.device).repeat(G)
-        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & valid[:, None, None, :]
-        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
-        q_valid = valid[:, lo:hi].repeat(1, G)[:, None, :, None]  # [B, 1, G*n, 1]
-        p = torch.where(q_valid, p, torch.zeros((), device=p.device))  # padding queries: NaN rows -> 0
-        out += p.view(B, H, G, n, L).sum(3)
+        # Causal: queries before ``hi`` see no key at or after it; score only keys [0, hi), and
+        # mask only the diagonal block (keys [lo, hi)) where a query's future begins.
+        s = torch.matmul(q, k[:, :, :hi].transpose(-1, -2)).mul_(scaling)  # [B, H, G*n, hi]
+        pos = torch.arange(lo, hi, device=query.device)
+        future = (pos[None, :] > pos[:, None]).repeat(G, 1)  # [G*n, n]; rows: G groups of n queries
+        s[..., lo:hi].masked_fill_(future, float("-inf"))
+        if not all_valid:
+            s.masked_fill_(~valid[:, None, None, :hi], float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        if not all_valid:
+            q_valid = valid[:, lo:hi].repeat(1, G)[:, None, :, None]  # [B, 1, G*n, 1]
+            p = torch.where(q_valid, p, torch.zeros((), device=p.device))  # padding queries: NaN rows -> 0
+        out[..., :hi] += p.view(B, H, G, n, hi).sum(3)
     return out.reshape(B, Hq, L)
 
 
