@@ -379,6 +379,28 @@ class _Grid:
         self.ran += 1
         self.bar.update(1)
 
+    def shared_fidelity_prefill(self, ids: list[int], fid: FidelityConfig, todo: list) -> tuple[dict, float]:
+        """Fill the reference cache and every fan-out-capable cache of ``todo`` from one prefill
+        forward; returns ``({(method, budget) or "reference": cache}, seconds)`` (empty: not shared)."""
+        from transformers import DynamicCache
+
+        if not self.config.shared_prefill or not supports_shared_prefill(self.model, DynamicCache()):
+            return {}, 0.0
+        caches: dict = {"reference": DynamicCache()}
+        for _, _, method, budget in todo:
+            torch.manual_seed(self.config.seed)
+            cache = new_cache(self.factory, method, budget, self.model)
+            if supports_shared_prefill(self.model, cache):
+                caches[(method, budget)] = cache
+        device = next(self.model.parameters()).device
+        start = time.perf_counter()
+        prefill_many(
+            self.model,
+            torch.tensor([ids[: fid.prefill_tokens]], dtype=torch.long, device=device),
+            [PrefillTarget(cache, fid.prefill_tokens) for cache in caches.values()],
+        )
+        return caches, time.perf_counter() - start
+
     def run_fidelity(self, fid: FidelityConfig) -> None:
         from transformers import DynamicCache
 
@@ -387,13 +409,22 @@ class _Grid:
             if not todo:
                 continue
             ids = fidelity_ids(self.tokenizer, fid, i, self.config.seed)
-            reference = teacher_forced_logprobs(self.model, ids, DynamicCache(), fid.prefill_tokens)
+            shared, prefill_seconds = self.shared_fidelity_prefill(ids, fid, todo)
+            ref_cache = shared.pop("reference", None)
+            reference = teacher_forced_logprobs(
+                self.model, ids, DynamicCache() if ref_cache is None else ref_cache, fid.prefill_tokens,
+                prefilled=ref_cache is not None,
+            )
+            del ref_cache
             for _, _, method, budget in todo:
                 self.bar.set_postfix_str(f"fidelity {method}@{budget:g}", refresh=False)
                 torch.manual_seed(self.config.seed)
-                start = time.perf_counter()
-                cache = new_cache(self.factory, method, budget, self.model)
-                logprobs = teacher_forced_logprobs(self.model, ids, cache, fid.prefill_tokens)
+                start = time.perf_counter() - prefill_seconds
+                cache = shared.pop((method, budget), None)
+                prefilled = cache is not None
+                if cache is None:
+                    cache = new_cache(self.factory, method, budget, self.model)
+                logprobs = teacher_forced_logprobs(self.model, ids, cache, fid.prefill_tokens, prefilled)
                 del cache
                 self.log.append(
                     {
