@@ -14,12 +14,7 @@ from heterocache.eval.results import write_json
 from heterocache.eval.toy import byte_tokenizer, tiny_llama
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _parser():
