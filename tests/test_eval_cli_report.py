@@ -110,9 +110,27 @@ def test_results_page_has_tables_and_plots_from_the_json(tmp_path):
     assert "| 1024 | query_agnostic | snapkv | 40.0 | 80.0 |  | 5 |" in text
     assert "| 512 | snapkv | 0.1234 | 2 |" in text
     assert "### RULER average (niah_single)" in text
+    assert "Seed 0, 5 samples per cell (one sample = 20.0 points)" in text
+    assert "HeteroCache against" not in text  # no comparison without HeteroCache cells
     for image in ("results/smol/score_niah_single.png", "results/smol/fidelity_512.png"):
         assert f"]({image})" in text
         assert (tmp_path / "docs" / image).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_results_page_compares_heterocache_with_full_and_the_best_baseline(tmp_path):
+    cells = CELLS + [
+        {"method": "heterocache", "budget": b, "task": "niah_single", "length": 1024, "mode": "query_agnostic",
+         "n": 4, "score": s}
+        for b, s in [(0.1, 55.0), (0.5, 75.0)]
+    ]
+    results = tmp_path / "results.json"
+    meta = {"model": "tiny/model", "skipped": [{"method": "heterocache", "budget": 0.05, "reason": "too small"}]}
+    write_json(results, cells, {"seed": 0, "num_samples": 1}, meta)
+    text = build_report([results], tmp_path / "results.md")
+    assert "| 1024 | query_agnostic | 0.1 | 55.0 | 100.0 | -45.0 | snapkv (40.0) | +15.0 |" in text
+    assert "| 1024 | query_agnostic | 0.5 | 75.0 | 100.0 | -25.0 | snapkv (80.0) | -5.0 |" in text
+    assert "Seed 0, 4-5 samples per cell" in text  # counted from the cells, not the last run's config
+    assert "- heterocache at 0.05: too small" in text
 
 
 def test_results_page_without_results_explains_how_to_make_them(tmp_path):

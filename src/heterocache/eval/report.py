@@ -93,6 +93,42 @@ def ruler_average(cells: list[dict]) -> list[dict]:
     ]
 
 
+def comparison_table(avg: list[dict], method: str = "heterocache") -> str:
+    """``method`` against the full cache and the best other method at the same budget, per
+    (length, mode, budget) of the RULER means; empty string when ``method`` has no cells."""
+    mine = sorted((c for c in avg if c["method"] == method), key=lambda c: (c["length"], c["mode"], c["budget"]))
+    if not mine:
+        return ""
+    lines = [
+        f"| length | mode | budget | {method} | full | {method} − full | best other method | {method} − best |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in mine:
+        same = [o for o in avg if (o["length"], o["mode"]) == (c["length"], c["mode"])]
+        full = [o["score"] for o in same if is_full(o["method"])]
+        others = [o for o in same if o["budget"] == c["budget"] and o["method"] != method and not is_full(o["method"])]
+        best = max(others, key=lambda o: o["score"], default=None)
+        cols = [str(c["length"]), c["mode"], f"{c['budget']:g}", f"{c['score']:.1f}"]
+        cols += [f"{full[0]:.1f}", f"{c['score'] - full[0]:+.1f}"] if full else ["", ""]
+        cols += [f"{best['method']} ({best['score']:.1f})", f"{c['score'] - best['score']:+.1f}"] if best else ["", ""]
+        lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def _samples_line(cells: list[dict], config: dict) -> str:
+    """Seed, samples per cell as actually aggregated (a grid grown over several runs may be uneven),
+    and the chat-template setting."""
+    counts = sorted({c.get("n", 0) for c in cells if c["task"] != plot.FIDELITY_TASK})
+    if not counts:
+        per_cell = "no task samples"
+    elif len(counts) == 1:
+        per_cell = f"{counts[0]} samples per cell (one sample = {100 / max(counts[0], 1):.1f} points)"
+    else:
+        per_cell = f"{counts[0]}-{counts[-1]} samples per cell"
+    template = "auto" if config.get("chat_template") is None else config.get("chat_template")
+    return f"Seed {config.get('seed')}, {per_cell}, chat template: {template}."
+
+
 def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> str:
     """Markdown for one ``results.json``; its plots are drawn into ``img_dir``."""
     cells, config, meta = load_cells(results_path)
@@ -106,15 +142,19 @@ def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> str:
     ]
     out += [f"*{'; '.join(facts)}; source: `{results_path}`*", ""]
     if config:
-        out += [
-            f"Seed {config.get('seed')}, {config.get('num_samples')} samples per task and length, "
-            f"chat template: {'auto' if config.get('chat_template') is None else config.get('chat_template')}.",
-            "",
-        ]
+        out += [_samples_line(cells, config), ""]
+    skipped = meta.get("skipped") or []
+    if skipped:
+        out += ["Not run (the method cannot meet the budget):", ""]
+        out += [f"- {s['method']} at {s['budget']:g}: {s['reason']}" for s in skipped] + [""]
     avg = ruler_average(cells)
     if avg:
         tasks_present = sorted({c["task"] for c in cells if c["task"] in GROUPS["ruler"]})
         out += [f"### RULER average ({', '.join(tasks_present)})", "", markdown_table(avg, "score"), ""]
+        comparison = comparison_table(avg)
+        if comparison:
+            out += ["### HeteroCache against the full cache and the best other method (RULER average)", "",
+                    comparison, ""]
     for task in sorted({c["task"] for c in cells if c["task"] != plot.FIDELITY_TASK}):
         out += [f"### {task}", "", markdown_table([c for c in cells if c["task"] == task], "score"), ""]
         image = img_dir / f"score_{plot._safe(task)}.png"
