@@ -161,6 +161,16 @@ def test_a_folder_with_another_seed_is_refused(model, tokenizer, tmp_path):
         _run(model, tokenizer, tmp_path, num_samples=1, modes=("aware",), methods=("full",), seed=1)
 
 
+def test_a_folder_with_fidelity_takes_task_runs_without_it_but_not_other_fidelity_settings(model, tokenizer, tmp_path):
+    fidelity = FidelityConfig(prefill_tokens=64, decode_tokens=4, num_samples=1)
+    _run(model, tokenizer, tmp_path, tasks=(), methods=("full",), fidelity=fidelity)
+    more = _run(model, tokenizer, tmp_path, num_samples=1, modes=("aware",), methods=("full",))
+    assert more.ran == 1 and {r["task"] for r in more.records} == {"fidelity", "niah_single"}
+    with pytest.raises(ValueError, match="different setup"):
+        _run(model, tokenizer, tmp_path, tasks=(), methods=("full",),
+             fidelity=FidelityConfig(prefill_tokens=64, decode_tokens=8, num_samples=1))
+
+
 def test_lengths_beyond_the_model_context_are_refused(model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="context"):
         _run(model, tokenizer, tmp_path, lengths=(model.config.max_position_embeddings,))

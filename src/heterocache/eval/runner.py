@@ -140,11 +140,12 @@ def _fingerprint(config: EvalConfig, model_name: str) -> dict:
 def _check_fingerprint(path: Path, fingerprint: dict) -> None:
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
-        # Fidelity settings may be added to a folder that had none.
+        # Fidelity settings may be added to a folder that had none, and a run without fidelity
+        # may extend the tasks of a folder that has it.
         diff = {
             k: (old.get(k), v)
             for k, v in fingerprint.items()
-            if old.get(k) != v and not (k.startswith("fidelity") and old.get(k) is None)
+            if old.get(k) != v and not (k.startswith("fidelity") and (old.get(k) is None or v is None))
         }
         if diff:
             raise ValueError(
