@@ -52,6 +52,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The evaluation harness's offline byte-level tokenizer (``heterocache.eval.toy``)."""
+    from heterocache.eval.toy import byte_tokenizer
+
+    return byte_tokenizer()
+
+
 @pytest.fixture(params=sorted(ARCHS))
 def arch(request):
     return request.param

@@ -15,7 +15,7 @@ from heterocache.eval.caches import dynamic_only_factory
 from heterocache.eval.generation import generate_answer
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.tasks import get_task
-from heterocache.eval.toy import byte_tokenizer, tiny_llama
+from heterocache.eval.toy import tiny_llama
 
 LENGTH = 700  # byte tokens: a short niah prompt
 GRID = dict(tasks=("niah_single",), lengths=(LENGTH,), num_samples=2, max_new_tokens=3)
@@ -52,11 +52,6 @@ class RecordingCache(DynamicCache):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return byte_tokenizer()
 
 
 @pytest.fixture(scope="module")

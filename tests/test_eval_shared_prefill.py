@@ -20,7 +20,7 @@ from heterocache.eval.shared_prefill import (
     supports_shared_prefill,
 )
 from heterocache.eval.tasks import get_task
-from heterocache.eval.toy import byte_tokenizer, tiny_llama
+from heterocache.eval.toy import tiny_llama
 from heterocache.methods import make_cache
 from heterocache.profile.clustering import budget_ratios
 from heterocache.profile.testing import toy_profile
@@ -29,11 +29,6 @@ LENGTH = 600
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return byte_tokenizer()
 
 
 @pytest.fixture(scope="module")

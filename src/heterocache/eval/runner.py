@@ -41,7 +41,14 @@ from .results import (
     write_csv,
     write_json,
 )
-from .shared_prefill import PrefillTarget, eos_ids, greedy_continue, prefill_many, supports_shared_prefill
+from .shared_prefill import (
+    PrefillTarget,
+    eos_ids,
+    greedy_continue,
+    model_shares_prefill,
+    prefill_many,
+    supports_shared_prefill,
+)
 from .tasks import expand_task_names, get_task
 
 
@@ -320,15 +327,9 @@ class _Grid:
     def run_shared(self, task, length: int, sample, prompt, todo: list, max_new: int) -> list:
         """Run the ``todo`` generations of one sample from a single prefill forward
         (:mod:`.shared_prefill`); returns those whose cache cannot be filled that way."""
-        caches, rest = [], []
-        for item in todo:
-            _, mode, method, budget = item
-            torch.manual_seed(self.config.seed)
-            cache = new_cache(self.factory, method, budget, self.model)
-            (caches if supports_shared_prefill(self.model, cache) else rest).append((item, cache))
+        caches, rest = self.shareable_caches(todo)
         if not caches:
-            return [item for item, _ in rest]
-        rest = [item for item, _ in rest]  # their caches are rebuilt fresh later
+            return rest
         device = next(self.model.parameters()).device
         ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)
         targets = [
@@ -336,9 +337,7 @@ class _Grid:
             for item, cache in caches
         ]
         self.bar.set_postfix_str(f"{task.name} {length} prefill x{len(targets)}", refresh=False)
-        start = time.perf_counter()
-        last_logits = prefill_many(self.model, ids, targets)
-        prefill_seconds = time.perf_counter() - start
+        last_logits, prefill_seconds = self.timed_prefill(ids, targets)
         stop = eos_ids(self.model, self.tokenizer)
         for i, (item, cache) in enumerate(caches):
             _, mode, method, budget = item
@@ -354,6 +353,26 @@ class _Grid:
             gen = Generation(text, len(new), prefill_seconds, time.perf_counter() - start + prefill_seconds)
             self.log_generation(task, length, sample, prompt, mode, method, budget, gen, shared=len(targets))
         return rest
+
+    def shareable_caches(self, todo: list) -> tuple[list, list]:
+        """A fresh cache for every ``(idx, mode, method, budget)`` of ``todo``: returns
+        ``([(item, cache)] a shared prefill can fill, [item] it cannot)``; the latter's caches are
+        dropped (the per-cell path builds its own)."""
+        caches, rest = [], []
+        for item in todo:
+            torch.manual_seed(self.config.seed)
+            cache = new_cache(self.factory, item[2], item[3], self.model)
+            if supports_shared_prefill(self.model, cache):
+                caches.append((item, cache))
+            else:
+                rest.append(item)
+        return caches, rest
+
+    def timed_prefill(self, ids: torch.Tensor, targets: list) -> tuple[torch.Tensor, float]:
+        """:func:`prefill_many` and its wall time."""
+        start = time.perf_counter()
+        logits = prefill_many(self.model, ids, targets)
+        return logits, time.perf_counter() - start
 
     def log_generation(self, task, length, sample, prompt, mode, method, budget, gen, shared: int = 0) -> None:
         """Append one generation's record (``shared``: caches filled by its prefill forward, 0 = own)."""
@@ -385,22 +404,14 @@ class _Grid:
         forward; returns ``({(method, budget) or "reference": cache}, seconds)`` (empty: not shared)."""
         from transformers import DynamicCache
 
-        if not self.config.shared_prefill or not supports_shared_prefill(self.model, DynamicCache()):
+        if not self.config.shared_prefill or not model_shares_prefill(self.model):
             return {}, 0.0
         caches: dict = {"reference": DynamicCache()}
-        for _, _, method, budget in todo:
-            torch.manual_seed(self.config.seed)
-            cache = new_cache(self.factory, method, budget, self.model)
-            if supports_shared_prefill(self.model, cache):
-                caches[(method, budget)] = cache
+        caches.update({item[2:]: cache for item, cache in self.shareable_caches(todo)[0]})
         device = next(self.model.parameters()).device
-        start = time.perf_counter()
-        prefill_many(
-            self.model,
-            torch.tensor([ids[: fid.prefill_tokens]], dtype=torch.long, device=device),
-            [PrefillTarget(cache, fid.prefill_tokens) for cache in caches.values()],
-        )
-        return caches, time.perf_counter() - start
+        ids_t = torch.tensor([ids[: fid.prefill_tokens]], dtype=torch.long, device=device)
+        _, seconds = self.timed_prefill(ids_t, [PrefillTarget(c, fid.prefill_tokens) for c in caches.values()])
+        return caches, seconds
 
     def run_fidelity(self, fid: FidelityConfig) -> None:
         from transformers import DynamicCache

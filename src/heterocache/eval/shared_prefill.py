@@ -33,11 +33,15 @@ class PrefillTarget:
     tokens: int
 
 
+def model_shares_prefill(model) -> bool:
+    """Whether ``model`` runs the ``heterocache`` attention (through which the fan-out works)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTENTION_NAME
+
+
 def supports_shared_prefill(model, cache) -> bool:
     """Whether :func:`prefill_many` can fill ``cache`` for ``model``: a ragged cache or a
     ``DynamicCache`` (or subclass), on a model that runs the ``heterocache`` attention."""
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return attn == ATTENTION_NAME and isinstance(cache, (RaggedCache, DynamicCache))
+    return model_shares_prefill(model) and isinstance(cache, (RaggedCache, DynamicCache))
 
 
 class _FanOutCache(RaggedCache):
