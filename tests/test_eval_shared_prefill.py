@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 import heterocache
 from heterocache.eval import EvalConfig, run_eval
+from heterocache.eval.batched_decode import DecodeStart, greedy_continue_many
 from heterocache.eval.generation import generate_answer
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.shared_prefill import (
@@ -81,6 +82,54 @@ def test_every_method_gives_the_tokens_of_its_own_generate_call(model, tokenizer
             assert cache.get_seq_length() == prompt.length + len(new) - 1
 
 
+@pytest.mark.parametrize("max_batch", [64, 5])
+def test_batched_decoding_gives_the_tokens_of_one_greedy_continue_per_cache(model, tokenizer, max_batch):
+    formatter = PromptFormatter(tokenizer)
+    (sample,) = get_task("niah_multikey").samples(formatter, LENGTH, 1, seed=2)
+    prompt = formatter.encode(sample)
+    ids = torch.tensor([prompt.input_ids])
+    question = ids[:, prompt.context_len :]
+    # Rows at two logical lengths (aware / agnostic), different limits, and a stop id that ends some early.
+    plan = [(m, b, kw, mode, 4 + i % 5) for i, (m, b, kw) in enumerate(METHODS) for mode in ("aware", "agnostic")]
+
+    def filled():
+        caches = [make_cache(m, b, model, **kw) for m, b, kw, _, _ in plan]
+        tokens = [prompt.length if mode == "aware" else prompt.context_len for *_, mode, _ in plan]
+        logits = prefill_many(model, ids, [PrefillTarget(c, n) for c, n in zip(caches, tokens)])
+        return caches, logits
+
+    caches, logits = filled()
+    stop = {int(logits.argmax(-1)[0]) + 1}  # some row will likely emit it; either way the lists must match
+    one_by_one = [
+        greedy_continue(model, c, n, stop, logits=logits) if mode == "aware" else greedy_continue(model, c, n, stop, new_ids=question)
+        for c, (*_, mode, n) in zip(caches, plan)
+    ]
+    lengths_after = [c.get_seq_length() for c in caches]
+    caches, logits = filled()
+    starts = [
+        DecodeStart(c, logits=logits, max_new_tokens=n) if mode == "aware" else DecodeStart(c, new_ids=question, max_new_tokens=n)
+        for c, (*_, mode, n) in zip(caches, plan)
+    ]
+    together = greedy_continue_many(model, starts, stop, max_batch=max_batch)
+    assert together == one_by_one
+    assert [c.get_seq_length() for c in caches] == lengths_after
+    assert len({len(t) for t in together}) > 1  # the rows really finished at different steps
+
+
+def test_batched_decoding_refuses_bad_starts(model):
+    ids = torch.randint(0, 250, (1, 30))
+    cache = make_cache("snapkv", 0.5, model)
+    logits = prefill_many(model, ids, [PrefillTarget(cache, 30)])
+    with pytest.raises(ValueError, match="exactly one"):
+        greedy_continue_many(model, [DecodeStart(cache)], set())
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        greedy_continue_many(model, [DecodeStart(cache, logits=logits, max_new_tokens=0)], set())
+    with pytest.raises(ValueError, match="max_batch"):
+        greedy_continue_many(model, [DecodeStart(cache, logits=logits)], set(), max_batch=0)
+    with pytest.raises(ValueError, match="decode_batch"):
+        EvalConfig(decode_batch=0)
+
+
 def test_a_compressed_cache_filled_by_the_fan_out_stores_its_plan(model):
     ids = torch.randint(0, 250, (1, 200), generator=torch.Generator().manual_seed(0))
     snap, full = make_cache("snapkv", 0.25, model), make_cache("fullkv", None, model)
@@ -120,14 +169,18 @@ def test_the_runner_shares_the_prefill_and_matches_one_generate_per_cell(model, 
     assert sum(n >= 300 for n in forwards) == 4
     records = {(r["task"], r["sample_idx"], r["mode"], r["method"]): r for r in shared.records}
     assert len(records) == 2 * 2 * 2 * 3 and all(r["shared_prefill"] == 6 for r in records.values())
+    assert all(r["batched_decode"] == 6 for r in records.values())
     separate = run_eval(
         model, tokenizer, EvalConfig(**grid, shared_prefill=False), tmp_path / "separate", progress=False,
         plots=False,
     )
-    for r in separate.records:
+    unbatched = run_eval(
+        model, tokenizer, EvalConfig(**grid, decode_batch=1), tmp_path / "unbatched", progress=False, plots=False
+    )
+    for r in separate.records + unbatched.records:
         twin = records[(r["task"], r["sample_idx"], r["mode"], r["method"])]
         assert (twin["prediction"], twin["new_tokens"]) == (r["prediction"], r["new_tokens"])
-        assert r["shared_prefill"] == 0
+        assert r["batched_decode"] == 0 and r["shared_prefill"] == (6 if r in unbatched.records else 0)
     line = json.loads((tmp_path / "shared" / "records.jsonl").read_text().splitlines()[0])
     assert line["prefill_seconds"] > 0 and line["seconds"] >= line["prefill_seconds"]
 

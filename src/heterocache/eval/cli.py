@@ -83,6 +83,13 @@ def register(subparsers) -> None:
         action="store_true",
         help="one generate() per cell instead of one prefill forward per sample shared by every cell",
     )
+    p.add_argument(
+        "--decode-batch",
+        type=int,
+        default=64,
+        help="after a shared prefill, decode up to this many caches in one batched forward per token "
+        "(each row attended by its own cache); 1 = one cache after another (default 64)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--list-tasks", action="store_true", help="print the task names and exit")
@@ -153,6 +160,7 @@ def run_command(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         fidelity=fidelity,
         shared_prefill=not args.no_shared_prefill,
+        decode_batch=args.decode_batch,
     )
     if args.threads:
         import torch

@@ -41,6 +41,7 @@ from .results import (
     write_csv,
     write_json,
 )
+from .batched_decode import DecodeStart, greedy_continue_many
 from .shared_prefill import (
     PrefillTarget,
     eos_ids,
@@ -74,6 +75,10 @@ class EvalConfig:
             it cannot fill (other than ragged or DynamicCache, or a model without the
             ``heterocache`` attention) fall back to ``generate()``. ``seconds`` in a shared
             record is its own decoding plus the whole shared prefill.
+        decode_batch: after a shared prefill, decode up to this many of its caches together, one
+            batched forward per token with each row attended by its own cache
+            (:mod:`.batched_decode`; default 64; 1 = one cache after another). ``seconds`` of a
+            batched record is the whole batch's decoding plus the shared prefill.
     """
 
     methods: tuple[str, ...] = ("full",)
@@ -88,6 +93,7 @@ class EvalConfig:
     data_dir: str = "data"
     fidelity: FidelityConfig | None = None
     shared_prefill: bool = True
+    decode_batch: int = 64
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -99,6 +105,8 @@ class EvalConfig:
             raise ValueError(f"budgets are kept fractions in (0, 1], got {self.budgets}")
         if not all(n > 0 for n in self.lengths):
             raise ValueError(f"lengths must be positive, got {self.lengths}")
+        if self.decode_batch < 1:
+            raise ValueError("decode_batch must be >= 1")
         if self.num_samples < 0:
             raise ValueError("num_samples must be >= 0")
         if isinstance(self.fidelity, dict):
@@ -326,32 +334,49 @@ class _Grid:
 
     def run_shared(self, task, length: int, sample, prompt, todo: list, max_new: int) -> list:
         """Run the ``todo`` generations of one sample from a single prefill forward
-        (:mod:`.shared_prefill`); returns those whose cache cannot be filled that way."""
+        (:mod:`.shared_prefill`), then decode its caches together (:mod:`.batched_decode`, up to
+        ``decode_batch`` rows); returns the items whose cache cannot be filled that way."""
         caches, rest = self.shareable_caches(todo)
         if not caches:
             return rest
         device = next(self.model.parameters()).device
         ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)
-        targets = [
-            PrefillTarget(cache, prompt.length if item[1] == "query_aware" else prompt.context_len)
-            for item, cache in caches
+        items = [item for item, _ in caches]
+        aware = [item[1] == "query_aware" for item in items]
+        self.bar.set_postfix_str(f"{task.name} {length} prefill x{len(items)}", refresh=False)
+        last_logits, prefill_seconds = self.timed_prefill(
+            ids, [PrefillTarget(c, prompt.length if a else prompt.context_len) for (_, c), a in zip(caches, aware)]
+        )
+        question = ids[:, prompt.context_len :]
+        starts = [
+            DecodeStart(c, logits=last_logits, max_new_tokens=max_new)
+            if a
+            else DecodeStart(c, new_ids=question, max_new_tokens=max_new)
+            for (_, c), a in zip(caches, aware)
         ]
-        self.bar.set_postfix_str(f"{task.name} {length} prefill x{len(targets)}", refresh=False)
-        last_logits, prefill_seconds = self.timed_prefill(ids, targets)
+        del caches
         stop = eos_ids(self.model, self.tokenizer)
-        for i, (item, cache) in enumerate(caches):
-            _, mode, method, budget = item
-            self.bar.set_postfix_str(f"{task.name} {length} {mode} {method}@{budget:g}", refresh=False)
-            start = time.perf_counter()
-            if mode == "query_aware":
-                new = greedy_continue(self.model, cache, max_new, stop, logits=last_logits)
-            else:
-                new = greedy_continue(self.model, cache, max_new, stop, new_ids=ids[:, prompt.context_len :])
-            caches[i] = None  # free this cache before the next one decodes
-            del cache
+        self.bar.set_postfix_str(f"{task.name} {length} decode x{len(starts)}", refresh=False)
+        batch = self.config.decode_batch
+        t0 = time.perf_counter()
+        if batch > 1:
+            outputs = greedy_continue_many(self.model, starts, stop, max_batch=batch)
+            decode_seconds = [time.perf_counter() - t0] * len(starts)  # one wall time for the batch
+        else:
+            outputs, decode_seconds = [], []
+            for s in starts:
+                t0 = time.perf_counter()
+                outputs.append(greedy_continue(self.model, s.cache, s.max_new_tokens, stop, s.logits, s.new_ids))
+                s.cache = None  # free it before the next one decodes
+                decode_seconds.append(time.perf_counter() - t0)
+        shared, rows = len(starts), (len(starts) if batch > 1 else 0)
+        del starts
+        for (_, mode, method, budget), new, seconds in zip(items, outputs, decode_seconds):
             text = self.tokenizer.decode(new, skip_special_tokens=True)
-            gen = Generation(text, len(new), prefill_seconds, time.perf_counter() - start + prefill_seconds)
-            self.log_generation(task, length, sample, prompt, mode, method, budget, gen, shared=len(targets))
+            gen = Generation(text, len(new), prefill_seconds, seconds + prefill_seconds)
+            self.log_generation(
+                task, length, sample, prompt, mode, method, budget, gen, shared=shared, batched=rows
+            )
         return rest
 
     def shareable_caches(self, todo: list) -> tuple[list, list]:
@@ -374,8 +399,11 @@ class _Grid:
         logits = prefill_many(self.model, ids, targets)
         return logits, time.perf_counter() - start
 
-    def log_generation(self, task, length, sample, prompt, mode, method, budget, gen, shared: int = 0) -> None:
-        """Append one generation's record (``shared``: caches filled by its prefill forward, 0 = own)."""
+    def log_generation(
+        self, task, length, sample, prompt, mode, method, budget, gen, shared: int = 0, batched: int = 0
+    ) -> None:
+        """Append one generation's record (``shared``: caches filled by its prefill forward, 0 = own;
+        ``batched``: rows of the batched greedy decode it was part of, 0 = decoded alone)."""
         self.log.append(
             {
                 "method": method,
@@ -393,6 +421,7 @@ class _Grid:
                 "seconds": gen.seconds,
                 "prefill_seconds": gen.prefill_seconds,
                 "shared_prefill": shared,
+                "batched_decode": batched,
                 "meta": _meta_for_record(sample.meta),
             }
         )
