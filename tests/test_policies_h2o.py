@@ -193,3 +193,28 @@ def test_accumulated_attention_without_padding_and_shared_within_a_block(monkeyp
                                                      ctx.scaling), atol=1e-5)
     accumulated_attention(ctx.query, ctx.key, valid, ctx.scaling)
     assert len(calls) == 3  # outside the block nothing is kept
+
+
+@pytest.mark.parametrize("pad", [0, 5])
+def test_a_declared_prefix_is_recorded_by_the_longer_call_and_equals_its_own_computation(monkeypatch, pad):
+    from heterocache.policies import scoring
+
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    valid[1, :pad] = False
+    ctx = random_ctx(0, valid, H=2, G=2, D=8, seed=7)
+    # Outside a block: each length on its own (chunks of 16: the prefix 37 is not a chunk boundary).
+    alone = {n: accumulated_attention(ctx.query[:, :, :n], ctx.key[:, :, :n], valid[:, :n], ctx.scaling, 16)
+             for n in (50, 37, 20)}
+    calls = []
+    inner = scoring._accumulated_attention
+    monkeypatch.setattr(scoring, "_accumulated_attention", lambda *a: calls.append(1) or inner(*a))
+    with scoring.shared_scores(prefixes=[50, 37, 20]):
+        shared = {n: accumulated_attention(ctx.query[:, :, :n], ctx.key[:, :, :n], valid[:, :n], ctx.scaling, 16)
+                  for n in (50, 37, 20)}
+        other_scale = accumulated_attention(ctx.query[:, :, :37], ctx.key[:, :, :37], valid[:, :37], 0.5, 16)
+    assert len(calls) == 2  # the 37- and 20-token results came with the 50-token one; another scale did not
+    for n in (50, 37, 20):
+        assert torch.allclose(shared[n], alone[n], rtol=1e-5, atol=1e-6), n  # chunked at other rows only
+        want = _eager_column_sums(ctx.query[:, :, :n], ctx.key[:, :, :n], valid[:, :n], ctx.scaling)
+        assert torch.allclose(shared[n], want, atol=1e-5)
+    assert not torch.allclose(other_scale, shared[37])

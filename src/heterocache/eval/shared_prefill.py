@@ -63,8 +63,10 @@ class _FanOutCache(RaggedCache):
         if valid is None:  # one tensor for every target, so that shared scores can be recognised
             valid = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
         config = getattr(module, "config", None)
-        with shared_scores():  # e.g. H2O at several budgets: its prompt scores computed once
-            for target in self.targets:
+        # e.g. H2O at several budgets and both modes: its prompt scores computed once, the context's
+        # recorded on the way (longest targets first)
+        with shared_scores(prefixes={t.tokens for t in self.targets}):
+            for target in sorted(self.targets, key=lambda t: -t.tokens):
                 n = target.tokens
                 q, k, v = query[:, :, :n], key[:, :, :n], value[:, :, :n]
                 if isinstance(target.cache, RaggedCache):

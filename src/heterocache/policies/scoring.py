@@ -117,26 +117,37 @@ def window_attention_stats(
 
 
 _shared: dict | None = None
+_prefixes: tuple[int, ...] = ()
 
 
 @contextmanager
-def shared_scores():
+def shared_scores(prefixes=()):
     """Within this block, :func:`accumulated_attention` computes each result once per distinct
     input (the same tensors, the same view): several caches filled from one prefill forward (the
-    evaluation's fan-out, e.g. H2O at three budgets) score the same prompt. Blocks do not nest;
-    results are dropped when the block ends, while its inputs are still alive."""
-    global _shared
+    evaluation's fan-out, e.g. H2O at three budgets) score the same prompt.
+
+    Args:
+        prefixes: prompt lengths that will also be asked for as leading slices of the same tensors
+            (``query[:, :, :n]``...: a query-agnostic cache filled from the same forward). Causal
+            attention makes their scores partial sums of the longer one's, so a longer call records
+            them on the way; ask for the longest first.
+
+    Blocks do not nest; results are dropped when the block ends, while its inputs are still alive.
+    """
+    global _shared, _prefixes
     if _shared is not None:
         raise RuntimeError("shared_scores() blocks do not nest")
-    _shared = {}
+    _shared, _prefixes = {}, tuple(sorted({int(n) for n in prefixes}))
     try:
         yield
     finally:
-        _shared = None
+        _shared, _prefixes = None, ()
 
 
-def _view_key(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+def _base_key(t: torch.Tensor, length_dim: int) -> tuple:
+    """Identifies ``t`` up to its length along ``length_dim``: a leading slice there has the same key."""
+    shape = tuple(n for d, n in enumerate(t.shape) if d != length_dim % t.dim())
+    return (t.data_ptr(), shape, t.stride(), t.dtype, t.device)
 
 
 def accumulated_attention(
@@ -163,23 +174,33 @@ def accumulated_attention(
         all queries.
     """
     if _shared is None:
-        return _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements)
-    memo_key = (_view_key(query), _view_key(key), _view_key(valid), float(scaling))
-    if memo_key not in _shared:
-        _shared[memo_key] = _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements)
-    return _shared[memo_key].clone()
+        return _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements)[query.shape[2]]
+    L = query.shape[2]
+    base = (_base_key(query, 2), _base_key(key, 2), _base_key(valid, 1), float(scaling), query_chunk, max_chunk_elements)
+    if (base, L) not in _shared:
+        marks = [n for n in _prefixes if n < L]
+        for n, scores in _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements, marks).items():
+            _shared.setdefault((base, n), scores)
+    return _shared[(base, L)].clone()
 
 
-def _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements) -> torch.Tensor:
+def _accumulated_attention(
+    query, key, valid, scaling, query_chunk, max_chunk_elements, prefixes=()
+) -> dict[int, torch.Tensor]:
+    """``{L: scores}`` plus ``{n: scores of the first n tokens}`` for each ``n`` in ``prefixes``
+    (``0 < n < L``). Chunk boundaries fall on every multiple of the chunk size and on each ``n``;
+    a prefix's result equals a call on ``query[:, :, :n]`` up to float rounding (the rows are
+    grouped into chunks differently)."""
     B, Hq, L, D = query.shape
     H = key.shape[1]
     G = Hq // H
     k = key.float()
     c = max(1, min(query_chunk, max_chunk_elements // max(1, B * Hq * L)))
-    all_valid = bool(valid.all())
+    marks = sorted({int(n) for n in prefixes if 0 < n < L})
+    cuts = sorted(set(range(0, L, c)) | set(marks) | {L})
     out = torch.zeros(B, H, G, L, device=query.device)
-    for lo in range(0, L, c):
-        hi = min(L, lo + c)
+    result: dict[int, torch.Tensor] = {}
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
         n = hi - lo
         q = query[:, :, lo:hi, :].float().reshape(B, H, G * n, D)
         # Causal: queries before ``hi`` see no key at or after it; score only keys [0, hi), and
@@ -188,15 +209,19 @@ def _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_el
         pos = torch.arange(lo, hi, device=query.device)
         future = (pos[None, :] > pos[:, None]).repeat(G, 1)  # [G*n, n]; rows: G groups of n queries
         s[..., lo:hi].masked_fill_(future, float("-inf"))
-        if not all_valid:
-            s.masked_fill_(~valid[:, None, None, :hi], float("-inf"))
+        head_valid = valid[:, :hi]
+        if not bool(head_valid.all()):
+            s.masked_fill_(~head_valid[:, None, None, :], float("-inf"))
         p = torch.softmax(s, dim=-1)
-        if not all_valid:
+        if not bool(valid[:, lo:hi].all()):
             q_valid = valid[:, lo:hi].repeat(1, G)[:, None, :, None]  # [B, 1, G*n, 1]
             p = torch.where(q_valid, p, torch.zeros((), device=p.device))  # padding queries: NaN rows -> 0
         out[..., :hi] += p.view(B, H, G, n, hi).sum(3)
-    return out.reshape(B, Hq, L)
-
+        if hi in marks:
+            # Rows below ``hi`` saw no key at or after it: this is the prefix's own result.
+            result[hi] = out[..., :hi].reshape(B, Hq, hi).clone()
+    result[L] = out.reshape(B, Hq, L)
+    return result
 
 def stored_attention(store, query: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention probabilities of one new query per query head over its KV head's stored tokens.
