@@ -218,3 +218,27 @@ def test_a_declared_prefix_is_recorded_by_the_longer_call_and_equals_its_own_com
         want = _eager_column_sums(ctx.query[:, :, :n], ctx.key[:, :, :n], valid[:, :n], ctx.scaling)
         assert torch.allclose(shared[n], want, atol=1e-5)
     assert not torch.allclose(other_scale, shared[37])
+
+
+def test_window_scores_and_stats_are_computed_once_per_input_within_a_block(monkeypatch):
+    from heterocache.policies import scoring
+
+    valid = torch.ones(1, 40, dtype=torch.bool)
+    ctx = random_ctx(0, valid, H=2, G=2, D=8, seed=9)
+    args = (ctx.query, ctx.key, valid)
+    want = scoring.window_attention_scores(*args, 8, ctx.scaling)
+    want_stats = scoring.window_attention_stats(*args, 8, ctx.scaling)
+    calls = []
+    inner = scoring._window_probabilities
+    monkeypatch.setattr(scoring, "_window_probabilities", lambda *a: calls.append(a[3]) or inner(*a))
+    with scoring.shared_scores():
+        first = scoring.window_attention_scores(*args, 8, ctx.scaling)
+        first.zero_()  # stays with its caller
+        again = scoring.window_attention_scores(*args, 8, ctx.scaling)
+        other = scoring.window_attention_scores(*args, 4, ctx.scaling)
+        stats = [scoring.window_attention_stats(*args, 8, ctx.scaling) for _ in range(2)]
+    assert calls == [8, 4, 8]  # one per distinct (kind, window)
+    assert torch.equal(again, want) and not torch.allclose(other, want)
+    assert all(torch.equal(a, b) for s in stats for a, b in zip(s, want_stats))
+    scoring.window_attention_scores(*args, 8, ctx.scaling)
+    assert calls == [8, 4, 8, 8]  # nothing kept outside the block

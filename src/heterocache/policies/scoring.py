@@ -79,6 +79,10 @@ def window_attention_scores(
         float32 ``[B, Hq, L]``: for each query head, summed attention probability of each key
         (0 for padding keys and for keys in the future of a window query).
     """
+    return _memoised("window", (query, key, valid), (window, float(scaling), chunk), _window_scores)
+
+
+def _window_scores(query, key, valid, window, scaling, chunk) -> torch.Tensor:
     B, Hq, L, D = query.shape
     H = key.shape[1]
     out = torch.empty(B, H, Hq // H, L, device=query.device)
@@ -103,6 +107,10 @@ def window_attention_stats(
         float32 ``[B, Hq, L]`` each, summed over the window queries ``i`` for every key ``j``:
         ``sum_i p_ij``, ``sum_i p_ij**2`` and ``-sum_i p_ij log p_ij`` (0 where p is 0).
     """
+    return _memoised("window_stats", (query, key, valid), (window, float(scaling), chunk), _window_stats)
+
+
+def _window_stats(query, key, valid, window, scaling, chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Hq, L, D = query.shape
     H = key.shape[1]
     G = Hq // H
@@ -122,9 +130,10 @@ _prefixes: tuple[int, ...] = ()
 
 @contextmanager
 def shared_scores(prefixes=()):
-    """Within this block, :func:`accumulated_attention` computes each result once per distinct
-    input (the same tensors, the same view): several caches filled from one prefill forward (the
-    evaluation's fan-out, e.g. H2O at three budgets) score the same prompt.
+    """Within this block, :func:`accumulated_attention`, :func:`window_attention_scores` and
+    :func:`window_attention_stats` compute each result once per distinct input (the same tensors,
+    the same view, the same parameters): several caches filled from one prefill forward (the
+    evaluation's fan-out: H2O, SnapKV, CAKE... at three budgets) score the same prompt.
 
     Args:
         prefixes: prompt lengths that will also be asked for as leading slices of the same tensors
@@ -142,6 +151,22 @@ def shared_scores(prefixes=()):
         yield
     finally:
         _shared, _prefixes = None, ()
+
+
+def _view_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+def _memoised(kind: str, tensors: tuple, params: tuple, compute):
+    """``compute(*tensors, *params)``, once per distinct input inside a :func:`shared_scores` block
+    (each caller gets its own copy, so in-place changes stay with it)."""
+    if _shared is None:
+        return compute(*tensors, *params)
+    key = (kind, *(_view_key(t) for t in tensors), *params)
+    if key not in _shared:
+        _shared[key] = compute(*tensors, *params)
+    value = _shared[key]
+    return tuple(v.clone() for v in value) if isinstance(value, tuple) else value.clone()
 
 
 def _base_key(t: torch.Tensor, length_dim: int) -> tuple:
