@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from heterocache._compat import cache_kwarg
 from heterocache.models import load_smollm2
 from heterocache.profile.calibration import default_calibration_texts
 from heterocache.profile.profiler import ProfilerSettings, profile_model
@@ -67,11 +68,11 @@ def baseline_seconds(model, tokenizer, texts, settings) -> float:
     with torch.inference_mode():
         for text in texts:
             ids = torch.tensor(tokenizer(text)["input_ids"][: settings.prefill_tokens])[None]
-            out = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True,
-                        logits_to_keep=1)
+            cache = DynamicCache(config=model.config)
+            out = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1)
             for _ in range(settings.decode_tokens):
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
-                out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+                out = model(input_ids=token, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1)
     return time.perf_counter() - start
 
 

@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch
 from transformers import Cache, DynamicCache
 
+from ._compat import cache_kwarg
+
 
 def kv_bytes(cache: Cache) -> int:
     """Accelerator bytes a cache holds: its memory report for ours, the key/value tensors otherwise."""
@@ -70,7 +72,7 @@ def measure_decode(
     _sync(device)
     t0 = time.perf_counter()
     # logits of the last position only: a 128K-token prompt's full logits would not fit
-    logits = model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model(input_ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
     _sync(device)
     prefill_s = time.perf_counter() - t0
     token = logits.argmax(-1, keepdim=True)
@@ -83,7 +85,7 @@ def measure_decode(
     for step in range(warmup + new_tokens):
         _sync(device)
         t = time.perf_counter()
-        logits = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = model(token, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
         token = logits.argmax(-1, keepdim=True)
         _sync(device)
         if step >= warmup:

@@ -21,6 +21,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .. import attention as _attention
+from .._compat import cache_kwarg
 from ..cache import RaggedCache
 from .shared_prefill import _step
 
@@ -112,7 +113,7 @@ def greedy_continue_many(model, starts: list[DecodeStart], stop: set[int], max_b
             # Rows may sit at different logical lengths (aware vs agnostic prompts): explicit positions.
             positions = torch.tensor([[c.get_seq_length()] for c in caches], device=device)
             out = model(
-                input_ids=ids, position_ids=positions, past_key_values=_RowRouter(caches), use_cache=True,
+                input_ids=ids, position_ids=positions, **cache_kwarg(model, _RowRouter(caches)), use_cache=True,
                 logits_to_keep=1,
             )
             picks = out.logits[:, -1].float().argmax(-1).tolist()

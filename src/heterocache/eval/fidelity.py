@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .._compat import cache_kwarg
 from .generation import prefill
 from .haystack import EssayStream
 
@@ -88,7 +89,7 @@ def teacher_forced_logprobs(
         prefill(model, ids[:, :prefill_tokens], cache)
     rows = []
     for t in range(prefill_tokens, ids.shape[1]):
-        out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, t : t + 1], **cache_kwarg(model, cache), use_cache=True)
         rows.append(torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu())
     return torch.stack(rows)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._compat import cache_kwarg
 from .prompting import EncodedPrompt
 
 MODES = ("query_aware", "query_agnostic")
@@ -61,7 +62,7 @@ def _sync(device: torch.device) -> None:
 def prefill(model, input_ids: torch.Tensor, cache) -> None:
     """Run ``input_ids`` ``[1, C]`` through ``model`` into ``cache`` (only the last logits are kept)."""
     kwargs = dict(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache, use_cache=True
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True, **cache_kwarg(model, cache)
     )
     try:
         # A [1, C, vocab] logits tensor would dwarf the KV cache at long C: keep the last row only.

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..attention import ATTENTION_NAME
+from .._compat import cache_kwarg
 from ..cache import RaggedCache, _key_validity
 from ..policies.scoring import shared_scores
 
@@ -105,7 +106,7 @@ def prefill_many(model, input_ids: torch.Tensor, targets: list[PrefillTarget]) -
     out = model(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
-        past_key_values=fan_out,
+        **cache_kwarg(model, fan_out),
         use_cache=True,
         logits_to_keep=1,
     )
@@ -158,5 +159,5 @@ def greedy_continue(
 def _step(model, cache, ids: torch.Tensor) -> torch.Tensor:
     past = cache.get_seq_length()
     mask = torch.ones(1, past + ids.shape[1], dtype=torch.long, device=ids.device)
-    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=mask, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1)
     return out.logits[:, -1]

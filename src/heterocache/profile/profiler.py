@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .._compat import cache_kwarg
 from .clustering import assign_roles, budget_ratios
 from .head_profile import HeadProfile
 from .recorder import TopKRecorder, active, profiler_attention_enabled
@@ -169,12 +170,12 @@ def _prefill_and_decode(model, ids: torch.Tensor, recorder: TopKRecorder, steps:
 
     cache = DynamicCache(config=model.config)
     # logits_to_keep=1: the prompt's full logits ([P, vocab]) would dwarf everything else.
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1)
     bar.update(1)
     for _ in range(steps):
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         recorder.next_step()
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=token, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1)
         bar.update(1)
 
 
