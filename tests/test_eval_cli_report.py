@@ -136,3 +136,47 @@ def test_results_page_compares_heterocache_with_full_and_the_best_baseline(tmp_p
 def test_results_page_without_results_explains_how_to_make_them(tmp_path):
     text = build_report([], tmp_path / "results.md")
     assert "No results yet" in text and "heterocache eval" in text
+
+
+def _record(method, budget, task, idx, score, mode="query_aware"):
+    return {"method": method, "budget": budget, "task": task, "length": 1024, "mode": mode, "sample_idx": idx,
+            "metrics": {"score": score}}
+
+
+def test_paired_difference_by_hand():
+    from heterocache.eval.paired import paired_difference
+
+    records = [_record("heterocache", 0.25, "niah_single", i, s) for i, s in enumerate([100, 0, 100])]
+    records += [_record("full", 1.0, "niah_single", i, s) for i, s in enumerate([100, 100, 0])]
+    records += [_record("heterocache", 0.25, "vt", i, s) for i, s in enumerate([100, 100, 100])]
+    records += [_record("full", 1.0, "vt", i, s) for i, s in enumerate([0, 100, 100])]
+    records += [_record("full", 1.0, "vt", 7, 0.0), _record("full", 1.0, "vt", 0, 0.0, mode="query_agnostic")]
+    d = paired_difference(records, ("heterocache", 0.25), ("full", 1.0), 1024, "query_aware", {"niah_single", "vt"})
+    # niah_single: d = 0, -100, 100 (mean 0, variance of the mean 10000/3); vt: d = 100, 0, 0 (mean 33.3,
+    # variance of the mean 1111.1). Mean over tasks 16.67, variance (3333.3 + 1111.1) / 4 = 1111.1.
+    assert d.pairs == 6 and d.tasks == 2  # the unpaired vt sample 7 and the other mode are left out
+    assert d.mean == pytest.approx(50 / 3)
+    assert d.half_width == pytest.approx(1.959964 * (1111.111 ** 0.5), rel=1e-4)
+    assert d.format() == "+16.7 ± 65.3"
+    one = paired_difference(records[:1] + records[3:4], ("heterocache", 0.25), ("full", 1.0), 1024, "query_aware",
+                            {"niah_single"})
+    assert one.half_width is None and one.format() == "+0.0 (± n/a)"
+    assert paired_difference(records, ("snapkv", 0.25), ("full", 1.0), 1024, "query_aware", {"vt"}) is None
+
+
+def test_results_page_gives_paired_intervals_when_records_are_next_to_the_json(tmp_path):
+    cells = [
+        {"method": m, "budget": b, "task": "niah_single", "length": 1024, "mode": "query_aware", "n": 2, "score": s}
+        for m, b, s in [("full", 1.0, 50.0), ("heterocache", 0.25, 100.0), ("snapkv", 0.25, 0.0)]
+    ]
+    results = tmp_path / "run" / "results.json"
+    write_json(results, cells, {"seed": 0}, {"model": "tiny/model"})
+    rows = [("full", 1.0, [100, 0]), ("heterocache", 0.25, [100, 100]), ("snapkv", 0.25, [0, 0])]
+    (tmp_path / "run" / "records.jsonl").write_text(
+        "\n".join(json.dumps(_record(m, b, "niah_single", i, s)) for m, b, ss in rows for i, s in enumerate(ss))
+        + "\n{cut short"
+    )
+    text = build_report([results], tmp_path / "results.md")
+    # vs full: d = 0, 100 -> mean 50, sd 70.7, half-width 1.96 * 70.7 / sqrt(2) = 98.0; vs snapkv: d = 100, 100.
+    assert "| 1024 | query_aware | 0.25 | 100.0 | 50.0 | +50.0 ± 98.0 | snapkv (0.0) | +100.0 ± 0.0 |" in text
+    assert "paired over the samples" in text

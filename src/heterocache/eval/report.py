@@ -12,12 +12,14 @@ the page never depends on files outside ``docs/``. Do not edit the generated pag
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections import defaultdict
 from pathlib import Path
 
 from . import plot
 from .caches import is_full
+from .paired import paired_difference
 from .results import format_metric, load_cells
 from .tasks import GROUPS
 
@@ -93,9 +95,12 @@ def ruler_average(cells: list[dict]) -> list[dict]:
     ]
 
 
-def comparison_table(avg: list[dict], method: str = "heterocache") -> str:
+def comparison_table(avg: list[dict], method: str = "heterocache", records: list[dict] | None = None) -> str:
     """``method`` against the full cache and the best other method at the same budget, per
-    (length, mode, budget) of the RULER means; empty string when ``method`` has no cells."""
+    (length, mode, budget) of the RULER means; empty string when ``method`` has no cells.
+
+    With ``records`` (the per-sample records), each difference also gets its 95% interval, paired
+    over the samples both methods scored (:mod:`.paired`)."""
     mine = sorted((c for c in avg if c["method"] == method), key=lambda c: (c["length"], c["mode"], c["budget"]))
     if not mine:
         return ""
@@ -103,14 +108,25 @@ def comparison_table(avg: list[dict], method: str = "heterocache") -> str:
         f"| length | mode | budget | {method} | full | {method} − full | best other method | {method} − best |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    ruler = GROUPS["ruler"]
     for c in mine:
         same = [o for o in avg if (o["length"], o["mode"]) == (c["length"], c["mode"])]
-        full = [o["score"] for o in same if is_full(o["method"])]
+        full = [o for o in same if is_full(o["method"])]
         others = [o for o in same if o["budget"] == c["budget"] and o["method"] != method and not is_full(o["method"])]
         best = max(others, key=lambda o: o["score"], default=None)
+
+        def diff(other: dict) -> str:
+            text = f"{c['score'] - other['score']:+.1f}"
+            if records is None:
+                return text
+            paired = paired_difference(
+                records, (method, c["budget"]), (other["method"], other["budget"]), c["length"], c["mode"], ruler
+            )
+            return paired.format() if paired else text
+
         cols = [str(c["length"]), c["mode"], f"{c['budget']:g}", f"{c['score']:.1f}"]
-        cols += [f"{full[0]:.1f}", f"{c['score'] - full[0]:+.1f}"] if full else ["", ""]
-        cols += [f"{best['method']} ({best['score']:.1f})", f"{c['score'] - best['score']:+.1f}"] if best else ["", ""]
+        cols += [f"{full[0]['score']:.1f}", diff(full[0])] if full else ["", ""]
+        cols += [f"{best['method']} ({best['score']:.1f})", diff(best)] if best else ["", ""]
         lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
@@ -151,10 +167,17 @@ def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> str:
     if avg:
         tasks_present = sorted({c["task"] for c in cells if c["task"] in GROUPS["ruler"]})
         out += [f"### RULER average ({', '.join(tasks_present)})", "", markdown_table(avg, "score"), ""]
-        comparison = comparison_table(avg)
+        records = _records_next_to(results_path)
+        comparison = comparison_table(avg, records=records)
         if comparison:
-            out += ["### HeteroCache against the full cache and the best other method (RULER average)", "",
-                    comparison, ""]
+            out += ["### HeteroCache against the full cache and the best other method (RULER average)", ""]
+            if records is not None:
+                out += [
+                    "Differences in points with their 95% interval, paired over the samples both methods "
+                    "scored (normal approximation; n/a with fewer than two samples per task).",
+                    "",
+                ]
+            out += [comparison, ""]
     for task in sorted({c["task"] for c in cells if c["task"] != plot.FIDELITY_TASK}):
         out += [f"### {task}", "", markdown_table([c for c in cells if c["task"] == task], "score"), ""]
         image = img_dir / f"score_{plot._safe(task)}.png"
@@ -178,6 +201,20 @@ def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> str:
             if image.name.startswith("fidelity_"):
                 out += [f"![fidelity]({image.relative_to(page_dir).as_posix()})", ""]
     return "\n".join(out)
+
+
+def _records_next_to(results_path: Path) -> list[dict] | None:
+    """The per-sample records of a results folder (``records.jsonl``), or None when absent."""
+    path = Path(results_path).parent / "records.jsonl"
+    if not path.exists():
+        return None
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    return records
 
 
 def build_report(results_paths, out_md: Path) -> str:
