@@ -35,6 +35,10 @@ def segment_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return starts[seg] + torch.arange(total, device=starts.device) - first[seg]
 
 
+#: ``compact`` shifts segments one by one (Python loop) only up to this many segments per layer.
+_SHIFT_MAX_SEGMENTS = 64
+
+
 def _round_up(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return (x + multiple - 1) // multiple * multiple
 
@@ -240,6 +244,8 @@ class RaggedKVStore:
         inside = ar[None, :] < self.length[:, None]
         keep = keep.bool() & inside
         new_length = keep.sum(-1)
+        if S <= _SHIFT_MAX_SEGMENTS and bool((self.length - new_length <= 1).all()):
+            return self._drop_one_each(keep, new_length)
         new_index = torch.cumsum(keep.long(), -1) - 1
         src = (self.start[:, None] + ar[None, :])[keep]
         dest = (self.start[:, None] + new_index)[keep]
@@ -257,6 +263,26 @@ class RaggedKVStore:
             self.pos[freed] = -1
             self._reset_slot_buffers(freed)
         evicted = self.length - new_length
+        self.length = new_length
+        return evicted
+
+    def _drop_one_each(self, keep: torch.Tensor, new_length: torch.Tensor) -> torch.Tensor:
+        """``compact`` when no segment loses more than one token (an evicting policy's decode step):
+        shift each affected segment's tail left by one slot with contiguous copies instead of
+        gathering every kept token through an index, the same result with far less data moved."""
+        evicted = self.length - new_length
+        segments = evicted.nonzero().flatten()
+        if segments.numel():
+            dropped = (~keep[segments]).long().argmax(-1)  # first unkept column = the evicted token
+            lows = (self.start[segments] + dropped).tolist()
+            highs = (self.start[segments] + self.length[segments]).tolist()
+            buffers = [(self.k, 0), (self.v, 0), (self.pos, -1)]
+            buffers += [(buf, self._slot_fill[name]) for name, buf in self.slot_buffers.items()]
+            for lo, hi in zip(lows, highs):
+                for buf, fill in buffers:
+                    if hi - lo > 1:
+                        buf[lo : hi - 1] = buf[lo + 1 : hi].clone()  # overlapping ranges: copy the source first
+                    buf[hi - 1] = fill
         self.length = new_length
         return evicted
 
