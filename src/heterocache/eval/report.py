@@ -12,7 +12,6 @@ the page never depends on files outside ``docs/``. Do not edit the generated pag
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from . import plot
 from .caches import is_full
 from .paired import paired_difference
-from .results import format_metric, load_cells
+from .results import RecordLog, format_metric, load_cells
 from .tasks import GROUPS
 
 HEADER = """# Results
@@ -206,15 +205,7 @@ def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> str:
 def _records_next_to(results_path: Path) -> list[dict] | None:
     """The per-sample records of a results folder (``records.jsonl``), or None when absent."""
     path = Path(results_path).parent / "records.jsonl"
-    if not path.exists():
-        return None
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return records
+    return list(RecordLog(path).records.values()) if path.exists() else None
 
 
 def build_report(results_paths, out_md: Path) -> str:

@@ -153,8 +153,11 @@ def shared_scores(prefixes=()):
         _shared, _prefixes = None, ()
 
 
-def _view_key(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+def _view_key(t: torch.Tensor, length_dim: int | None = None) -> tuple:
+    """Identifies a view of a tensor; with ``length_dim``, up to its length there (a leading slice
+    along that dimension has the same key)."""
+    shape = tuple(n for d, n in enumerate(t.shape) if length_dim is None or d != length_dim % t.dim())
+    return (t.data_ptr(), shape, t.stride(), t.dtype, t.device)
 
 
 def _memoised(kind: str, tensors: tuple, params: tuple, compute):
@@ -167,12 +170,6 @@ def _memoised(kind: str, tensors: tuple, params: tuple, compute):
         _shared[key] = compute(*tensors, *params)
     value = _shared[key]
     return tuple(v.clone() for v in value) if isinstance(value, tuple) else value.clone()
-
-
-def _base_key(t: torch.Tensor, length_dim: int) -> tuple:
-    """Identifies ``t`` up to its length along ``length_dim``: a leading slice there has the same key."""
-    shape = tuple(n for d, n in enumerate(t.shape) if d != length_dim % t.dim())
-    return (t.data_ptr(), shape, t.stride(), t.dtype, t.device)
 
 
 def accumulated_attention(
@@ -201,7 +198,7 @@ def accumulated_attention(
     if _shared is None:
         return _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements)[query.shape[2]]
     L = query.shape[2]
-    base = (_base_key(query, 2), _base_key(key, 2), _base_key(valid, 1), float(scaling), query_chunk, max_chunk_elements)
+    base = (_view_key(query, 2), _view_key(key, 2), _view_key(valid, 1), float(scaling), query_chunk, max_chunk_elements)
     if (base, L) not in _shared:
         marks = [n for n in _prefixes if n < L]
         for n, scores in _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements, marks).items():
@@ -247,6 +244,7 @@ def _accumulated_attention(
             result[hi] = out[..., :hi].reshape(B, Hq, hi).clone()
     result[L] = out.reshape(B, Hq, L)
     return result
+
 
 def stored_attention(store, query: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention probabilities of one new query per query head over its KV head's stored tokens.
