@@ -163,6 +163,51 @@ def test_a_new_turn_is_checked_for_drift_before_its_answer_is_decoded():
     assert checks[False]["drift_checks"] == 0 and checks[False]["refreshes"] == 0
 
 
+def _turn_events(turn_refresh, monkeypatch):
+    """(event, layer store) in order while a question turn follows a prefill: the turn's extend
+    attentions and the satellite refills."""
+    import heterocache.cache as cache_module
+
+    events = []
+    attend = cache_module.extend_attention
+    monkeypatch.setattr(cache_module, "extend_attention",
+                        lambda store, *a, **k: events.append(("attend", id(store))) or attend(store, *a, **k))
+    cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=1.0, turn_refresh=turn_refresh)
+    refill = cache.policy._refill
+    cache.policy._refill = lambda layer_idx, store, *a: events.append(("refill", id(store))) or refill(
+        layer_idx, store, *a)
+    model = toy_model()
+    with torch.no_grad():
+        model(_ids(L=80), past_key_values=cache)
+        model(_ids(L=12, seed=3), past_key_values=cache)
+    return events, cache
+
+
+@pytest.mark.parametrize("turn_refresh", ["after", "before"])
+def test_a_new_turn_refreshes_satellites_before_or_after_attending_it(turn_refresh, monkeypatch):
+    events, cache = _turn_events(turn_refresh, monkeypatch)
+    refilled = {store for kind, store in events if kind == "refill"}
+    assert len([e for e in events if e[0] == "attend"]) == 3 and refilled
+    for store in refilled:
+        order = [kind for kind, s in events if s == store]
+        first_refill, attend = order.index("refill"), order.index("attend")
+        assert (first_refill < attend) == (turn_refresh == "before"), order
+
+
+def test_refreshing_before_the_turn_picks_what_refreshing_after_it_picks_in_the_first_layer(monkeypatch):
+    # Layer 0's queries do not depend on attention, so both orders make the same choice there.
+    _, after = _turn_events("after", monkeypatch)
+    _, before = _turn_events("before", monkeypatch)
+    sa, sb = after.layers[0].store, before.layers[0].store
+    assert after.stats()["refreshes"] > 0
+    assert torch.equal(sa.pos[: sa.lengths().sum()], sb.pos[: sb.lengths().sum()])
+
+
+def test_turn_refresh_rejects_unknown_orders():
+    with pytest.raises(ValueError, match="turn_refresh"):
+        HeteroCachePolicy(profile=toy_profile(), turn_refresh="during")
+
+
 def test_rows_with_different_padding_are_planned_independently():
     model = toy_model()
     ids = _ids(B=2, L=60)

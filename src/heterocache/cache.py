@@ -189,6 +189,8 @@ class RaggedCache(Cache):
             valid = _key_validity(attention_mask, key)
             self._fill(layer, query, key, value, valid, positions, scaling, getattr(module, "config", None))
             return out, None
+        if q_len > 1:
+            self.policy.before_extend(layer.layer_idx, layer.store, query, scaling)
         self.policy.before_attention(layer.layer_idx)
         if q_len == 1:
             layer.store.append(key, value, positions)

@@ -75,6 +75,11 @@ class HeteroCachePolicy(Policy):
         inverse_stability: budget shares by the profile's inverse-stability ratios (default True);
             False = every compressed head gets the same share.
         asynchronous: on CUDA, copy refreshes on a side stream (default True).
+        turn_refresh: when a new turn (several tokens, e.g. the question after a compressed
+            document) arrives, its last ``refresh_interval`` queries check the pivots for drift
+            "after" the turn was attended (default; its tokens and the answer's first token still
+            see the satellites chosen at prefill) or "before" (the whole turn attends to the
+            refreshed satellites).
     """
 
     profile: HeadProfile = None
@@ -89,6 +94,7 @@ class HeteroCachePolicy(Policy):
     offload: bool = True
     inverse_stability: bool = True
     asynchronous: bool = True
+    turn_refresh: str = "after"
     name = "heterocache"
 
     def __post_init__(self):
@@ -106,6 +112,8 @@ class HeteroCachePolicy(Policy):
             raise ValueError(f"kernel must be odd, got {self.kernel}")
         if not 0.0 <= self.drift_threshold <= 1.0:
             raise ValueError(f"drift_threshold must be in [0, 1], got {self.drift_threshold}")
+        if self.turn_refresh not in ("after", "before"):
+            raise ValueError(f"turn_refresh must be 'after' or 'before', got {self.turn_refresh!r}")
         if self.drift_topk is not None and self.drift_topk < 1:
             raise ValueError(f"drift_topk must be >= 1, got {self.drift_topk}")
         roles = self.profile.roles
@@ -204,10 +212,20 @@ class HeteroCachePolicy(Policy):
         if len(state.queries) >= self.refresh_interval:
             self.check_drift(layer_idx, store, scaling)
 
+    def before_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
+        if self.turn_refresh == "before":
+            self._check_turn(layer_idx, store, query, scaling)
+
     def on_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
+        if self.turn_refresh == "after":
+            self._check_turn(layer_idx, store, query, scaling)
+
+    def _check_turn(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         """A new turn (e.g. the question after a compressed document): its last ``refresh_interval``
         queries are checked for drift at once, so satellites are refreshed before the answer is
-        decoded rather than ``refresh_interval`` tokens into it. (The paper only decodes one turn.)"""
+        decoded rather than ``refresh_interval`` tokens into it. (The paper only decodes one turn.)
+        The drift scores read only the prompt's slots, so the check may run before or after the
+        turn's own tokens are appended."""
         state = self._layers.get(layer_idx)
         if state is None or state.host is None or not self.refresh:
             return

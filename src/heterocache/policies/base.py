@@ -80,6 +80,10 @@ class Policy:
     def on_decode(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         """Called after each decode step's token was appended and attended (evict, refresh)."""
 
+    def before_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
+        """Called before several new tokens (a later turn) are attended: the store holds the earlier
+        tokens only; ``query`` as in :meth:`on_extend`. Runs before :meth:`before_attention`."""
+
     def on_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         """Called after several new tokens (a later turn of a conversation) were attended and appended.
 

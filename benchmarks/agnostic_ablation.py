@@ -1,0 +1,116 @@
+"""HeteroCache variants in the query-agnostic RULER mode, paired against the main evaluation grid.
+
+    python benchmarks/agnostic_ablation.py --tasks niah_single,niah_multikey --num-samples 8 \\
+        --out benchmarks/results/agnostic_ablation_smollm2_cpu
+
+The prompts are those of the main grid (same seed, length and chat template), so every variant's
+score is compared per sample with the grid's ``heterocache`` and ``full`` runs of
+``--grid`` (records.jsonl): the difference and its 95% interval are paired over samples
+(:mod:`heterocache.eval.paired`). Only the variants run here; the grid's records are read.
+
+Variants (``HeteroCachePolicy`` options):
+- ``hc_turn_before``: the question turn checks the pivots for drift before it is attended, so
+  the question and the answer's first token see refreshed satellites (``turn_refresh="before"``).
+- ``hc_window32``: anchors and satellites selected by the last 32 context queries, not the last one.
+- ``hc_turn_before_window32``: both.
+
+Writes ``records.jsonl``/``results.json`` of the variants and ``comparison.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from heterocache.eval.paired import paired_difference
+from heterocache.eval.results import RecordLog
+from heterocache.eval.runner import EvalConfig, run_eval
+from heterocache.methods import make_cache
+from heterocache.models import SMOLLM2_NAME, load_smollm2
+
+VARIANTS = {
+    "hc_turn_before": {"turn_refresh": "before"},
+    "hc_window32": {"window": 32},
+    "hc_turn_before_window32": {"turn_refresh": "before", "window": 32},
+}
+MODE = "query_agnostic"
+
+
+def _factory(method, budget, model):
+    return make_cache("heterocache", budget, model, **VARIANTS[method])
+
+
+def compare(records: list[dict], variants, budgets, tasks, length: int) -> list[dict]:
+    """Per variant and budget: mean score and paired differences to the grid's heterocache and full."""
+    rows = []
+    for budget in budgets:
+        for method in ("heterocache", *variants):
+            scores = [r["metrics"]["score"] for r in records if r["method"] == method and r["mode"] == MODE
+                      and round(r["budget"], 6) == budget and r["task"] in tasks and r["length"] == length]
+            row = {"method": method, "budget": budget, "samples": len(scores),
+                   "mean_score": sum(scores) / len(scores) if scores else None}
+            for name, other in (("vs_heterocache", ("heterocache", budget)), ("vs_full", ("full", 1.0))):
+                if method == "heterocache" and name == "vs_heterocache":
+                    continue
+                diff = paired_difference(records, (method, budget), other, length, MODE, tasks)
+                row[name] = None if diff is None else {
+                    "mean": diff.mean, "half_width_95": diff.half_width, "pairs": diff.pairs, "text": diff.format()}
+            rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", default="niah_single,niah_multikey")
+    parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--budgets", default="0.25,0.5")
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--grid", default="benchmarks/results/eval_smollm2_cpu")
+    parser.add_argument("--out", default="benchmarks/results/agnostic_ablation_smollm2_cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = tuple(args.tasks.split(","))
+    budgets = tuple(round(float(b), 6) for b in args.budgets.split(","))
+    variants = tuple(args.variants.split(","))
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
+    grid_config = json.loads((Path(args.grid) / "config.json").read_text())
+    model, tokenizer = load_smollm2()
+    config = EvalConfig(methods=variants, budgets=budgets, tasks=tasks, lengths=(args.length,), modes=(MODE,),
+                        num_samples=args.num_samples, seed=grid_config["seed"],
+                        chat_template=grid_config["chat_template"])
+    run_eval(model, tokenizer, config, args.out, make_cache=_factory, model_name=SMOLLM2_NAME,
+             progress=not args.no_progress, plots=False)
+    ours = list(RecordLog(Path(args.out) / "records.jsonl").records.values())
+    ours = [r for r in ours if r["sample_idx"] < args.num_samples]
+    samples = {(r["task"], r["sample_idx"]) for r in ours}
+    grid = [r for r in RecordLog(Path(args.grid) / "records.jsonl").records.values()
+            if (r["task"], r["sample_idx"]) in samples and r["method"] in ("heterocache", "full")]
+    rows = compare(grid + ours, variants, budgets, tasks, args.length)
+    result = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+        "model": SMOLLM2_NAME, "mode": MODE, "length": args.length, "tasks": list(tasks),
+        "num_samples": args.num_samples, "variants": {v: VARIANTS[v] for v in variants}, "rows": rows,
+    }
+    Path(args.out, "comparison.json").write_text(json.dumps(result, indent=1))
+    for row in rows:
+        diffs = "  ".join(f"{k} {row[k]['text']}" for k in ("vs_heterocache", "vs_full") if row.get(k))
+        score = "n/a" if row["mean_score"] is None else f"{row['mean_score']:.1f}"
+        print(f"{row['method']:<26} {row['budget']:<5} n={row['samples']:<3} score {score:>5}  {diffs}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
