@@ -13,6 +13,16 @@ Variants (``HeteroCachePolicy`` options):
   the question and the answer's first token see refreshed satellites (``turn_refresh="before"``).
 - ``hc_window32``: anchors and satellites selected by the last 32 context queries, not the last one.
 - ``hc_turn_before_window32``: both.
+- ``hc_always_refresh``: every drift check refreshes the satellites (``drift_threshold=1.0``): the
+  most retrieval the refresh mechanism can do, at the most host-to-device traffic.
+- ``hc_always_refresh_turn_before``: that, and the question turn refreshed before it is attended.
+- ``hc_drift_top64``: drift judged on the top-64 sets instead of the top-``base`` ones (``base``
+  is a third of a 4K prompt at budget 0.5, so large sets overlap whatever the query).
+
+- ``hc_turn_always``: the question turn always refreshes every pivot's satellites before it is
+  attended (``turn_refresh="always"``); decoding keeps the drift-triggered refresh.
+
+Default: the last four (the first three were run on niah_single samples 0-5).
 
 Writes ``records.jsonl``/``results.json`` of the variants and ``comparison.json`` under ``--out``.
 """
@@ -37,7 +47,12 @@ VARIANTS = {
     "hc_turn_before": {"turn_refresh": "before"},
     "hc_window32": {"window": 32},
     "hc_turn_before_window32": {"turn_refresh": "before", "window": 32},
+    "hc_always_refresh": {"drift_threshold": 1.0},
+    "hc_always_refresh_turn_before": {"drift_threshold": 1.0, "turn_refresh": "before"},
+    "hc_drift_top64": {"drift_topk": 64},
+    "hc_turn_always": {"turn_refresh": "always"},
 }
+DEFAULT_VARIANTS = ("hc_always_refresh", "hc_always_refresh_turn_before", "hc_drift_top64", "hc_turn_always")
 MODE = "query_agnostic"
 
 
@@ -70,7 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--budgets", default="0.25,0.5")
     parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     parser.add_argument("--grid", default="benchmarks/results/eval_smollm2_cpu")
     parser.add_argument("--out", default="benchmarks/results/agnostic_ablation_smollm2_cpu")
     parser.add_argument("--threads", type=int, default=None)

@@ -203,6 +203,19 @@ def test_refreshing_before_the_turn_picks_what_refreshing_after_it_picks_in_the_
     assert torch.equal(sa.pos[: sa.lengths().sum()], sb.pos[: sb.lengths().sum()])
 
 
+def test_always_refreshes_every_pivot_at_a_new_turn_even_without_drift():
+    model = toy_model()
+    pivots = sum(len(toy_profile().clusters(layer)) for layer in range(3))
+    refreshes = {}
+    for turn_refresh in ("before", "always"):
+        cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=0.0, turn_refresh=turn_refresh)
+        with torch.no_grad():
+            model(_ids(L=80), past_key_values=cache)
+            model(_ids(L=12, seed=3), past_key_values=cache)
+        refreshes[turn_refresh] = cache.stats()["refreshes"]
+    assert refreshes == {"before": 0, "always": pivots}
+
+
 def test_turn_refresh_rejects_unknown_orders():
     with pytest.raises(ValueError, match="turn_refresh"):
         HeteroCachePolicy(profile=toy_profile(), turn_refresh="during")

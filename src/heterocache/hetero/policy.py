@@ -79,7 +79,8 @@ class HeteroCachePolicy(Policy):
             document) arrives, its last ``refresh_interval`` queries check the pivots for drift
             "after" the turn was attended (default; its tokens and the answer's first token still
             see the satellites chosen at prefill) or "before" (the whole turn attends to the
-            refreshed satellites).
+            refreshed satellites); "always" refreshes every pivot's satellites before the turn,
+            drifted or not (a new turn is a new retrieval; one refresh per turn).
     """
 
     profile: HeadProfile = None
@@ -112,8 +113,8 @@ class HeteroCachePolicy(Policy):
             raise ValueError(f"kernel must be odd, got {self.kernel}")
         if not 0.0 <= self.drift_threshold <= 1.0:
             raise ValueError(f"drift_threshold must be in [0, 1], got {self.drift_threshold}")
-        if self.turn_refresh not in ("after", "before"):
-            raise ValueError(f"turn_refresh must be 'after' or 'before', got {self.turn_refresh!r}")
+        if self.turn_refresh not in ("after", "before", "always"):
+            raise ValueError(f"turn_refresh must be 'after', 'before' or 'always', got {self.turn_refresh!r}")
         if self.drift_topk is not None and self.drift_topk < 1:
             raise ValueError(f"drift_topk must be >= 1, got {self.drift_topk}")
         roles = self.profile.roles
@@ -213,14 +214,15 @@ class HeteroCachePolicy(Policy):
             self.check_drift(layer_idx, store, scaling)
 
     def before_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
-        if self.turn_refresh == "before":
-            self._check_turn(layer_idx, store, query, scaling)
+        if self.turn_refresh in ("before", "always"):
+            self._check_turn(layer_idx, store, query, scaling, force=self.turn_refresh == "always")
 
     def on_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         if self.turn_refresh == "after":
             self._check_turn(layer_idx, store, query, scaling)
 
-    def _check_turn(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
+    def _check_turn(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float,
+                    force: bool = False) -> None:
         """A new turn (e.g. the question after a compressed document): its last ``refresh_interval``
         queries are checked for drift at once, so satellites are refreshed before the answer is
         decoded rather than ``refresh_interval`` tokens into it. (The paper only decodes one turn.)
@@ -231,7 +233,7 @@ class HeteroCachePolicy(Policy):
             return
         state.queries.clear()
         state.queries.extend(query[:, :, -i, :] for i in range(min(self.refresh_interval, query.shape[2]), 0, -1))
-        self.check_drift(layer_idx, store, scaling)
+        self.check_drift(layer_idx, store, scaling, force=force)
 
     def check_drift(self, layer_idx: int, store: RaggedKVStore, scaling: float, force: bool = False) -> list:
         """Score the buffered queries of every pivot; refresh the satellites of those that drifted.
