@@ -221,3 +221,30 @@ def test_a_budget_the_method_cannot_meet_is_skipped_with_its_reason(model, token
     assert {r["method"] for r in result.records} == {"full"}
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     assert meta["skipped"][0]["method"] == "hetero" and "smallest feasible budget" in meta["skipped"][0]["reason"]
+
+
+def test_records_made_with_other_cache_settings_are_not_resumed_over(model, tokenizer, tmp_path):
+    from heterocache.hetero import HeteroCache
+    from heterocache.profile.testing import toy_profile
+
+    def hetero(turn_refresh):
+        def make(method, budget, model):
+            return HeteroCache(toy_profile(), budget=budget, turn_refresh=turn_refresh) if method == "hetero" \
+                else factory(method, budget, model)
+        return make
+
+    from conftest import tiny_model
+
+    small = tiny_model(vocab_size=260, num_hidden_layers=3, hidden_size=128, num_attention_heads=8,
+                       num_key_value_heads=4, head_dim=16, max_position_embeddings=4096)  # the toy profile's shape
+    config = EvalConfig(**{**GRID, "methods": ("full", "hetero"), "budgets": (0.5,), "num_samples": 1})
+    first = run_eval(small, tokenizer, config, tmp_path, make_cache=hetero("after"), progress=False, plots=False)
+    settings = {r["method"]: r["settings"] for r in first.records}
+    assert settings["full"] == {"cache": "DynamicCache"}
+    assert settings["hetero"]["policy"] == "HeteroCachePolicy"
+    assert settings["hetero"]["options"]["turn_refresh"] == "after" and settings["hetero"]["options"]["budget"] == 0.5
+    assert settings["hetero"]["options"]["profile"]["roles"] == {"anchor": 3, "pivot": 3, "satellite": 4, "volatile": 2}
+    with pytest.raises(ValueError, match="other cache settings.*hetero@0.5"):
+        run_eval(small, tokenizer, config, tmp_path, make_cache=hetero("always"), progress=False, plots=False)
+    again = run_eval(small, tokenizer, config, tmp_path, make_cache=hetero("after"), progress=False, plots=False)
+    assert again.ran == 0

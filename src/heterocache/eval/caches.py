@@ -58,3 +58,31 @@ def new_cache(factory: CacheFactory, method: str, budget: float, model):
 
         cache = DynamicCache()
     return cache
+
+
+def cache_settings(cache) -> dict:
+    """What decides a cache's behaviour, as plain JSON values: its class and, for a ragged cache, its
+    policy's class and options (a profile by its model name and role counts). Recorded with each
+    generation so that a resumed run notices records made under other settings (e.g. a changed
+    default) instead of mixing them in."""
+    import dataclasses
+    from collections import Counter
+
+    settings = {"cache": type(cache).__name__}
+    policy = getattr(cache, "policy", None)
+    if policy is None or not dataclasses.is_dataclass(policy):
+        return settings
+    options = {}
+    for f in dataclasses.fields(policy):
+        value = getattr(policy, f.name)
+        if f.name == "profile" and value is not None:
+            from heterocache.profile import Role
+
+            roles = Counter(Role(int(r)).label for r in value.roles.flatten())
+            value = {"model": getattr(value, "model_name", None), "roles": dict(sorted(roles.items()))}
+        elif not isinstance(value, (bool, int, float, str, type(None))):
+            continue  # runtime state, not an option
+        options[f.name] = value
+    settings["policy"] = type(policy).__name__
+    settings["options"] = options
+    return settings

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import plot
-from .caches import CacheFactory, default_cache_factory, is_full, new_cache
+from .caches import CacheFactory, cache_settings, default_cache_factory, is_full, new_cache
 from .fidelity import FidelityConfig, compare, fidelity_ids, teacher_forced_logprobs
 from .generation import Generation, canonical_mode, generate_answer
 from .prompting import PromptFormatter
@@ -248,6 +248,22 @@ def _feasible_pairs(pairs, factory: CacheFactory, model, prompt_tokens: int) -> 
     return kept, skipped
 
 
+def _check_settings(log: RecordLog, settings: dict) -> None:
+    """Refuse to resume over records of a (method, budget) made with other cache settings than the
+    current ones (a changed default or option): they would be counted as if made with these.
+    Records without settings (written before they were recorded) are not checked."""
+    current = {(m, round(float(b), 6)): v for (m, b), v in settings.items()}
+    stale = [r for r in log.records.values()
+             if "settings" in r and r["settings"] != current.get((r["method"], round(float(r["budget"]), 6)), r["settings"])]
+    if stale:
+        r = stale[0]
+        raise ValueError(
+            f"{log.path} holds {len(stale)} records made with other cache settings than now, e.g. "
+            f"{r['method']}@{r['budget']:g} with {r['settings']}, now {current[(r['method'], round(float(r['budget']), 6))]}. "
+            "Delete those records (they are then run again) or write to another folder."
+        )
+
+
 class _Grid:
     """One pass over the grid: skips what the log holds, runs and logs the rest."""
 
@@ -261,6 +277,8 @@ class _Grid:
         )
         self.formatter = PromptFormatter(tokenizer, config.chat_template)
         self.pairs, self.skipped = _feasible_pairs(config.method_budgets(), factory, model, min(config.lengths))
+        self.settings = {(m, b): cache_settings(new_cache(factory, m, b, model)) for m, b in self.pairs}
+        _check_settings(log, self.settings)
         self.tasks = [get_task(name, config.data_dir) for name in config.tasks]
         self.limit = getattr(model.config, "max_position_embeddings", None)
         self.ran = 0
@@ -423,6 +441,7 @@ class _Grid:
                 "shared_prefill": shared,
                 "batched_decode": batched,
                 "meta": _meta_for_record(sample.meta),
+                "settings": self.settings[(method, budget)],
             }
         )
         self.ran += 1
@@ -479,6 +498,7 @@ class _Grid:
                         "decode_tokens": fid.decode_tokens,
                         "prompt_tokens": len(ids),
                         "seconds": time.perf_counter() - start,
+                        "settings": self.settings[(method, budget)],
                     }
                 )
                 self.ran += 1
