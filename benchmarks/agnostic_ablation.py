@@ -1,28 +1,27 @@
 """HeteroCache variants in the query-agnostic RULER mode, paired against the main evaluation grid.
 
-    python benchmarks/agnostic_ablation.py --tasks niah_single,niah_multikey --num-samples 8 \\
+    python benchmarks/agnostic_ablation.py --tasks niah_single,niah_multikey --num-samples 8 \
         --out benchmarks/results/agnostic_ablation_smollm2_cpu
 
 The prompts are those of the main grid (same seed, length and chat template), so every variant's
-score is compared per sample with the grid's ``heterocache`` and ``full`` runs of
-``--grid`` (records.jsonl): the difference and its 95% interval are paired over samples
+score is compared per sample with the grid's ``heterocache`` and ``full`` runs of ``--grid``
+(records.jsonl): the difference and its 95% interval are paired over samples
 (:mod:`heterocache.eval.paired`). Only the variants run here; the grid's records are read.
+``--compare-only`` runs nothing and compares what the folder holds.
 
-Variants (``HeteroCachePolicy`` options):
-- ``hc_turn_before``: the question turn checks the pivots for drift before it is attended, so
-  the question and the answer's first token see refreshed satellites (``turn_refresh="before"``).
+Variants (``HeteroCachePolicy`` options; each names its ``turn_refresh`` because the default
+changed from "after" to "always" on 2026-11-29, after this ablation):
+- ``hc_turn_after``: the former default: the question turn is drift-checked after it is attended.
+  Its records are the grid's ``heterocache`` query-agnostic runs made before the change, moved here.
+- ``hc_turn_before``: drift-checked before the turn is attended.
 - ``hc_window32``: anchors and satellites selected by the last 32 context queries, not the last one.
 - ``hc_turn_before_window32``: both.
-- ``hc_always_refresh``: every drift check refreshes the satellites (``drift_threshold=1.0``): the
-  most retrieval the refresh mechanism can do, at the most host-to-device traffic.
-- ``hc_always_refresh_turn_before``: that, and the question turn refreshed before it is attended.
-- ``hc_drift_top64``: drift judged on the top-64 sets instead of the top-``base`` ones (``base``
-  is a third of a 4K prompt at budget 0.5, so large sets overlap whatever the query).
-
-- ``hc_turn_always``: the question turn always refreshes every pivot's satellites before it is
-  attended (``turn_refresh="always"``); decoding keeps the drift-triggered refresh.
-
-Default: the last four (the first three were run on niah_single samples 0-5).
+- ``hc_always_refresh``: every drift check refreshes the satellites (``drift_threshold=1.0``).
+- ``hc_always_refresh_turn_before``: that, with the question turn refreshed before it is attended.
+- ``hc_drift_top64``: drift judged on top-64 sets instead of top-``base`` ones (``base`` is a third
+  of a 4K prompt at budget 0.5, so large sets overlap whatever the query).
+- ``hc_turn_always``: the turn refreshes every pivot's satellites before it is attended, drifted
+  or not (now the default, so the grid's ``heterocache`` runs are this variant).
 
 Writes ``records.jsonl``/``results.json`` of the variants and ``comparison.json`` under ``--out``.
 """
@@ -44,15 +43,15 @@ from heterocache.methods import make_cache
 from heterocache.models import SMOLLM2_NAME, load_smollm2
 
 VARIANTS = {
+    "hc_turn_after": {"turn_refresh": "after"},
     "hc_turn_before": {"turn_refresh": "before"},
-    "hc_window32": {"window": 32},
+    "hc_window32": {"window": 32, "turn_refresh": "after"},
     "hc_turn_before_window32": {"turn_refresh": "before", "window": 32},
-    "hc_always_refresh": {"drift_threshold": 1.0},
+    "hc_always_refresh": {"drift_threshold": 1.0, "turn_refresh": "after"},
     "hc_always_refresh_turn_before": {"drift_threshold": 1.0, "turn_refresh": "before"},
-    "hc_drift_top64": {"drift_topk": 64},
+    "hc_drift_top64": {"drift_topk": 64, "turn_refresh": "after"},
     "hc_turn_always": {"turn_refresh": "always"},
 }
-DEFAULT_VARIANTS = ("hc_always_refresh", "hc_always_refresh_turn_before", "hc_drift_top64", "hc_turn_always")
 MODE = "query_agnostic"
 
 
@@ -85,7 +84,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--budgets", default="0.25,0.5")
     parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--compare-only", action="store_true")
     parser.add_argument("--grid", default="benchmarks/results/eval_smollm2_cpu")
     parser.add_argument("--out", default="benchmarks/results/agnostic_ablation_smollm2_cpu")
     parser.add_argument("--threads", type=int, default=None)
@@ -99,13 +99,14 @@ def main(argv=None) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
-    grid_config = json.loads((Path(args.grid) / "config.json").read_text())
-    model, tokenizer = load_smollm2()
-    config = EvalConfig(methods=variants, budgets=budgets, tasks=tasks, lengths=(args.length,), modes=(MODE,),
-                        num_samples=args.num_samples, seed=grid_config["seed"],
-                        chat_template=grid_config["chat_template"])
-    run_eval(model, tokenizer, config, args.out, make_cache=_factory, model_name=SMOLLM2_NAME,
-             progress=not args.no_progress, plots=False)
+    if not args.compare_only:
+        grid_config = json.loads((Path(args.grid) / "config.json").read_text())
+        model, tokenizer = load_smollm2()
+        config = EvalConfig(methods=variants, budgets=budgets, tasks=tasks, lengths=(args.length,), modes=(MODE,),
+                            num_samples=args.num_samples, seed=grid_config["seed"],
+                            chat_template=grid_config["chat_template"])
+        run_eval(model, tokenizer, config, args.out, make_cache=_factory, model_name=SMOLLM2_NAME,
+                 progress=not args.no_progress, plots=False)
     ours = list(RecordLog(Path(args.out) / "records.jsonl").records.values())
     ours = [r for r in ours if r["sample_idx"] < args.num_samples]
     samples = {(r["task"], r["sample_idx"]) for r in ours}

@@ -75,12 +75,15 @@ class HeteroCachePolicy(Policy):
         inverse_stability: budget shares by the profile's inverse-stability ratios (default True);
             False = every compressed head gets the same share.
         asynchronous: on CUDA, copy refreshes on a side stream (default True).
-        turn_refresh: when a new turn (several tokens, e.g. the question after a compressed
-            document) arrives, its last ``refresh_interval`` queries check the pivots for drift
-            "after" the turn was attended (default; its tokens and the answer's first token still
-            see the satellites chosen at prefill) or "before" (the whole turn attends to the
-            refreshed satellites); "always" refreshes every pivot's satellites before the turn,
-            drifted or not (a new turn is a new retrieval; one refresh per turn).
+        turn_refresh: what a new turn (several tokens at once, e.g. the question after a compressed
+            document) does to the satellites. "always" (default): before the turn is attended,
+            every pivot's satellites are refilled with the positions the turn's last query of that
+            pivot attends to most, drifted or not: a new turn is a new retrieval, and the drift
+            test (median overlap of top-``base`` sets) rarely fires when ``base`` is a large part of
+            the prompt. "before": the same only for pivots that drifted. "after": drift-checked
+            after the turn was attended (its tokens and the answer's first token then still see
+            the satellites chosen at prefill). One refresh per turn; decoding keeps the
+            drift-triggered refresh. (The paper decodes a single turn.)
     """
 
     profile: HeadProfile = None
@@ -95,7 +98,7 @@ class HeteroCachePolicy(Policy):
     offload: bool = True
     inverse_stability: bool = True
     asynchronous: bool = True
-    turn_refresh: str = "after"
+    turn_refresh: str = "always"
     name = "heterocache"
 
     def __post_init__(self):
