@@ -60,7 +60,8 @@ def _factory(method, budget, model):
 
 
 def compare(records: list[dict], variants, budgets, tasks, length: int) -> list[dict]:
-    """Per variant and budget: mean score and paired differences to the grid's heterocache and full."""
+    """Per variant and budget: mean score and paired differences to the grid's heterocache (the current
+    default), the former default (``hc_turn_after``) and the full cache."""
     rows = []
     for budget in budgets:
         for method in ("heterocache", *variants):
@@ -68,8 +69,10 @@ def compare(records: list[dict], variants, budgets, tasks, length: int) -> list[
                       and round(r["budget"], 6) == budget and r["task"] in tasks and r["length"] == length]
             row = {"method": method, "budget": budget, "samples": len(scores),
                    "mean_score": sum(scores) / len(scores) if scores else None}
-            for name, other in (("vs_heterocache", ("heterocache", budget)), ("vs_full", ("full", 1.0))):
-                if method == "heterocache" and name == "vs_heterocache":
+            others = (("vs_heterocache", ("heterocache", budget)), ("vs_former_default", ("hc_turn_after", budget)),
+                      ("vs_full", ("full", 1.0)))
+            for name, other in others:
+                if other[0] == method:
                     continue
                 diff = paired_difference(records, (method, budget), other, length, MODE, tasks)
                 row[name] = None if diff is None else {
@@ -122,9 +125,9 @@ def main(argv=None) -> int:
     }
     Path(args.out, "comparison.json").write_text(json.dumps(result, indent=1))
     for row in rows:
-        diffs = "  ".join(f"{k} {row[k]['text']}" for k in ("vs_heterocache", "vs_full") if row.get(k))
+        diffs = "  ".join(f"{k} {row[k]['text']}" for k in ("vs_heterocache", "vs_former_default", "vs_full") if row.get(k))
         score = "n/a" if row["mean_score"] is None else f"{row['mean_score']:.1f}"
-        print(f"{row['method']:<26} {row['budget']:<5} n={row['samples']:<3} score {score:>5}  {diffs}")
+        print(f"{row['method']:<30} {row['budget']:<5} n={row['samples']:<3} score {score:>5}  {diffs}")
     return 0
 
 
