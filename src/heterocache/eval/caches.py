@@ -12,7 +12,9 @@ only the uncompressed methods in :data:`FULL_METHODS` are available.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+from collections import Counter
 from collections.abc import Callable
 
 #: Method names that keep the whole cache: run once per cell at budget 1.0, drawn as a reference line.
@@ -65,9 +67,6 @@ def cache_settings(cache) -> dict:
     policy's class and options (a profile by its model name and role counts). Recorded with each
     generation so that a resumed run notices records made under other settings (e.g. a changed
     default) instead of mixing them in."""
-    import dataclasses
-    from collections import Counter
-
     settings = {"cache": type(cache).__name__}
     policy = getattr(cache, "policy", None)
     if policy is None or not dataclasses.is_dataclass(policy):

@@ -230,13 +230,14 @@ def _check_context(model, config: EvalConfig) -> None:
         )
 
 
-def _feasible_pairs(pairs, factory: CacheFactory, model, prompt_tokens: int) -> tuple[list, list]:
+def _feasible_pairs(pairs, factory: CacheFactory, model, prompt_tokens: int) -> tuple[dict, list]:
     """Drop (method, budget) pairs whose cache says the budget cannot be met (HeteroCache keeps
     whole heads full: a budget below their share is infeasible), with a warning, instead of
-    failing in the middle of the grid."""
-    kept, skipped = [], []
+    failing in the middle of the grid. Returns ``({kept pair: its cache_settings}, skipped)``."""
+    kept, skipped = {}, []
     for method, budget in pairs:
-        policy = getattr(factory(method, budget, model), "policy", None)
+        cache = new_cache(factory, method, budget, model)
+        policy = getattr(cache, "policy", None)
         try:
             if hasattr(policy, "plan_for"):
                 policy.plan_for(prompt_tokens)
@@ -244,7 +245,7 @@ def _feasible_pairs(pairs, factory: CacheFactory, model, prompt_tokens: int) -> 
             skipped.append({"method": method, "budget": budget, "reason": str(err)})
             print(f"skipping {method} at budget {budget}: {err}", file=sys.stderr)
             continue
-        kept.append((method, budget))
+        kept[(method, budget)] = cache_settings(cache)
     return kept, skipped
 
 
@@ -276,8 +277,8 @@ class _Grid:
             log,
         )
         self.formatter = PromptFormatter(tokenizer, config.chat_template)
-        self.pairs, self.skipped = _feasible_pairs(config.method_budgets(), factory, model, min(config.lengths))
-        self.settings = {(m, b): cache_settings(new_cache(factory, m, b, model)) for m, b in self.pairs}
+        self.settings, self.skipped = _feasible_pairs(config.method_budgets(), factory, model, min(config.lengths))
+        self.pairs = list(self.settings)
         _check_settings(log, self.settings)
         self.tasks = [get_task(name, config.data_dir) for name in config.tasks]
         self.limit = getattr(model.config, "max_position_embeddings", None)
