@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu_checks.sh bench-a    # Llama-3.1-8B shapes, 8K and 32K, batch 1
 #   bash benchmarks/gpu_checks.sh bench-b    # 64K and 128K, batch 1
 #   bash benchmarks/gpu_checks.sh maxbatch   # largest batch that fits at 128K, tokens/s per method
+#   bash benchmarks/gpu_checks.sh decode     # issue 15 in one call (<= 10 min): CUDA decode-step tests
+#                                            # (device path == CPU path, no host reads, async == sync
+#                                            # refresh), then Llama-3.1-8B shapes at 32K and 128K, batch 1
 #
 # Results go under ${OUT:-runs/gpu}/; commit the JSON under benchmarks/results/ (it names the GPU).
 set -euo pipefail
@@ -15,7 +18,7 @@ OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 BENCH=(python -m heterocache.cli bench --model random:meta-llama/Llama-3.1-8B-Instruct --device cuda
        --methods dynamic,fullkv,heterocache,snapkv --budgets 0.1,0.25,0.5 --new-tokens 32 --warmup 3)
-case "${1:?stage: tests|kernel|bench-a|bench-b|maxbatch}" in
+case "${1:?stage: tests|kernel|bench-a|bench-b|maxbatch|decode}" in
   tests)    python -m pytest -q -rs tests/test_kernels_gpu.py tests/test_kernels_triton_interp.py \
               tests/test_kernels_ragged_torch.py tests/test_hetero_runtime.py tests/test_bench_cli.py \
               2>&1 | tee "$OUT/gpu_tests.txt" ;;
@@ -24,5 +27,13 @@ case "${1:?stage: tests|kernel|bench-a|bench-b|maxbatch}" in
   bench-b)  "${BENCH[@]}" --lengths 65536,131072 --out "$OUT/bench_64k_128k" ;;
   maxbatch) "${BENCH[@]}" --budgets 0.25 --lengths 131072 --max-batch 131072 --new-tokens 8 \
               --out "$OUT/maxbatch_128k" ;;
+  decode)   # Most important first, each result written as soon as it exists.
+            python -m pytest -q -rs tests/test_decode_step.py tests/test_kernels_gpu.py \
+              "tests/test_hetero_runtime.py::test_gpu_async_refresh_gives_the_tokens_of_the_synchronous_path" \
+              2>&1 | tee "$OUT/decode_tests.txt"
+            timeout 240 "${BENCH[@]}" --methods dynamic,fullkv,snapkv,heterocache --budgets 0.25 \
+              --lengths 32768 --out "$OUT/decode_32k" || true
+            timeout 240 "${BENCH[@]}" --methods dynamic,fullkv,snapkv,heterocache --budgets 0.25 \
+              --lengths 131072 --out "$OUT/decode_128k" || true ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

@@ -125,12 +125,15 @@ def _one_layer_setup(query_vec, steps_query, threshold=0.5):
 def test_no_refresh_when_attention_does_not_drift():
     q = torch.randn(8, generator=torch.Generator().manual_seed(1))
     policy = _one_layer_setup(q, q)
+    policy.flush()
     assert policy.stats.checks == 1 and sum(policy.stats.refreshes.values()) == 0
 
 
 def test_refresh_when_attention_drifts():
     q = torch.randn(8, generator=torch.Generator().manual_seed(1))
     policy = _one_layer_setup(q, -q)  # the opposite query attends to the opposite tokens
+    assert policy.stats.checks == 1 and sum(policy.stats.refreshes.values()) == 0  # decided, not yet acted on
+    policy.flush()
     assert sum(policy.stats.refreshes.values()) == 1 and policy.stats.satellite_refills == 1
 
 

@@ -38,7 +38,7 @@ def _dense_reference(query, key, value, keep, scaling):
     return (p @ v).transpose(1, 2)
 
 
-@pytest.mark.parametrize("strategy", ["blocks", "segments", "kernel"])
+@pytest.mark.parametrize("strategy", ["blocks", "segments", "kernel", "device"])
 @pytest.mark.parametrize("group", [1, 3, 7])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_decode_attention_equals_dense_masked_attention(group, dtype, tol, strategy):
@@ -104,19 +104,51 @@ def test_extend_attention_equals_dense_causal_attention(group):
 @pytest.mark.parametrize("lengths", [[20, 20, 20, 20, 20, 20], [17, 26, 20, 18, 25, 22]])
 @pytest.mark.parametrize("group", [1, 3])
 def test_equal_capacity_layers_take_the_one_call_path_and_equal_dense_attention(lengths, group):
-    from heterocache.ragged_attention import _decode_uniform
+    from heterocache.ragged_attention import plan_decode
 
     B, H, D = 2, 3, 16
     store, key, value, keep = _random_store(B, H, D, lengths, torch.float32, seed=5)
     assert len(set(store.cap.tolist())) == 1  # same capacity: one strided [B, H, cap, D] view
+    plan = plan_decode(store, "segments")
+    assert plan.strategy == "uniform" and plan.length == max(lengths) and plan.masked == (len(set(lengths)) > 1)
     query = torch.randn(B, H * group, 1, D)
     ref = _dense_reference(query, key, value, keep, 0.25)
-    torch.testing.assert_close(_decode_uniform(store, query, 0.25), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(decode_attention(store, query, 0.25, "segments"), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_attention(store, query, 0.25, plan=plan), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_unequal_capacities_fall_back_to_the_segment_loop():
-    from heterocache.ragged_attention import _decode_uniform
+    from heterocache.ragged_attention import plan_decode
 
     store, *_ = _random_store(1, 2, 8, [3, 40], torch.float32)
-    assert _decode_uniform(store, torch.randn(1, 2, 1, 8), 1.0) is None
+    plan = plan_decode(store, "segments")
+    assert plan.strategy == "segments" and [n for _, n in plan.spans] == [3, 40]
+
+
+def test_device_plan_depends_on_capacities_only_and_is_reused_across_layers_and_steps():
+    from heterocache.ragged_attention import DecodePlanner
+
+    planner = DecodePlanner()
+    a, *_ = _random_store(1, 2, 8, [3, 40], torch.float32)
+    b, *_ = _random_store(1, 2, 8, [5, 41], torch.float32)  # other lengths, same capacities
+    assert a.cap_h.tolist() == b.cap_h.tolist()
+    first = planner.plan(a, step=0, strategy="device")
+    assert planner.plan(b, step=0, strategy="device") is first
+    assert planner.plan(a, step=1, strategy="device") is first  # lengths grew, capacities did not
+    assert (planner.built, planner.reused) == (1, 2)
+    assert first.max_len == int(a.cap_h.max())
+    # CPU plans read lengths: one per layout and step.
+    planner.plan(a, step=1, strategy="segments")
+    planner.plan(b, step=1, strategy="segments")
+    planner.plan(a, step=1, strategy="segments")
+    assert (planner.built, planner.reused) == (3, 3)
+
+
+def test_strategy_comes_from_the_environment(monkeypatch):
+    from heterocache.ragged_attention import resolve_strategy
+
+    assert resolve_strategy(torch.device("cpu")) == "segments"
+    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", "device")
+    assert resolve_strategy(torch.device("cpu")) == "device"
+    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", "bogus")
+    with pytest.raises(ValueError, match="HETEROCACHE_DECODE_STRATEGY"):
+        resolve_strategy(torch.device("cpu"))

@@ -140,9 +140,7 @@ def test_slot_buffers_count_in_allocated_bytes_and_can_be_removed():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_dropping_at_most_one_token_per_segment_equals_the_general_compaction(monkeypatch, seed):
-    import heterocache.store as store_module
-
+def test_dropping_at_most_one_token_per_segment_equals_the_general_compaction(seed):
     def build():
         store, _, _ = _store(B=3, H=2, L=12, seed=seed)
         store.add_slot_buffer("score", fill=-2.0)
@@ -154,23 +152,19 @@ def test_dropping_at_most_one_token_per_segment_equals_the_general_compaction(mo
     g = torch.Generator().manual_seed(100 + seed)
     idx, valid = fast.padded_index()
     keep = valid.clone()
+    column = torch.zeros(fast.num_segments, dtype=torch.long)
     for s in range(fast.num_segments):  # drop one token at a random place (first, middle, last) or none
         n = int(fast.length[s])
-        choice = int(torch.randint(0, n + 1, (1,), generator=g))
-        if choice < n:
-            keep[s, choice] = False
-    keep[0] = valid[0]
-    keep[0, int(fast.length[0]) - 1] = False  # one segment loses its last token
-    keep[1] = valid[1]  # and one loses nothing
-    shifts = []
-    shift = fast._drop_one_each
-    monkeypatch.setattr(fast, "_drop_one_each", lambda *a: shifts.append(1) or shift(*a))
-    evicted_fast = fast.compact(keep)
-    assert shifts == [1]  # the shifting path ran
-    monkeypatch.setattr(store_module, "_SHIFT_MAX_SEGMENTS", 0)  # force the gather path
-    evicted_general = general.compact(keep)
-    assert torch.equal(evicted_fast, evicted_general) and int(evicted_fast.sum()) >= 1
+        column[s] = int(torch.randint(0, n + 1, (1,), generator=g))
+    column[0] = int(fast.length[0]) - 1  # one segment loses its last token
+    column[1] = int(fast.length[1])  # and one loses nothing
+    evicting = (column < fast.length).numpy()
+    keep[torch.arange(fast.num_segments)[torch.from_numpy(evicting)], column[torch.from_numpy(evicting)]] = False
+    fast.drop_one(torch.where(torch.from_numpy(evicting), column, 0), evicting)
+    evicted = general.compact(keep)
+    assert torch.equal(torch.from_numpy(evicting).long(), evicted) and evicting.sum() >= 1
     assert torch.equal(fast.length, general.length)
+    assert (fast.length_h == general.length_h).all() and (fast.length_h == fast.length.numpy()).all()
     for a, b in [(fast.k, general.k), (fast.v, general.v), (fast.pos, general.pos),
                  (fast.slot_buffer("score"), general.slot_buffer("score"))]:
         assert torch.equal(a, b)

@@ -18,7 +18,7 @@ from . import attention as _attention
 from .budget import check_budget
 from .memory import MemoryReport, build_memory_report
 from .policies import FullKVPolicy, Policy, PrefillContext, SnapKVPolicy
-from .ragged_attention import decode_attention, extend_attention
+from .ragged_attention import DecodePlanner, decode_step, extend_attention
 from .store import RaggedKVStore
 
 
@@ -118,6 +118,9 @@ class RaggedCache(Cache):
         self.block_size, self.reserve = block_size, reserve
         self._pending: _attention.PendingUpdate | None = None
         self.is_croppable_policy = self.policy.croppable
+        self.planner = DecodePlanner()
+        # The device half of a layer's decode step; replaceable by a compiled version of itself.
+        self.decode_step = decode_step
 
     # ------------------------------------------------------------------ transformers Cache API
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -193,8 +196,10 @@ class RaggedCache(Cache):
             self.policy.before_extend(layer.layer_idx, layer.store, query, scaling)
         self.policy.before_attention(layer.layer_idx)
         if q_len == 1:
-            layer.store.append(key, value, positions)
-            out = decode_attention(layer.store, query, scaling)
+            # Host half (growth, mirror, plan: once per step and layout), then the device half.
+            layer.store.begin_decode_append()
+            plan = self.planner.plan(layer.store, layer.seen)
+            out = self.decode_step(layer.store, key, value, positions, query, scaling, plan)
             self.policy.on_decode(layer.layer_idx, layer.store, query, scaling)
             return out, None
         new_valid = None if attention_mask is None else _key_validity(attention_mask[..., -q_len:], key)

@@ -1,31 +1,161 @@
-"""Attention of new queries over a ragged per-head KV store, in plain PyTorch.
+"""Attention of new queries over a ragged per-head KV store.
 
-Two paths:
-- ``decode_attention``: one query token per row (the decode step), with two strategies that read
-  the packed buffers in place (no copy of the cache, no padding to the longest head):
-  ``"blocks"`` views the flat buffers as ``[num_blocks, block_size, D]`` blocks with one owner
-  segment each, so a whole layer is two batched matmuls and a segment-wise softmax (max and sum
-  reduced per segment); loop-free, good on GPUs. ``"segments"`` runs SDPA on each segment's
-  contiguous slice; a Python loop over (row, head), but CPU matmul kernels are far faster on one
-  long slice than on many tiny blocks; when every segment has the same capacity it is one SDPA
-  call over a strided ``[B, H, cap, D]`` view instead. On CUDA with triton installed the split-K Triton kernel of
-  ``heterocache.kernels`` is used instead (strategy ``"kernel"``); all are tested against the
-  general oracle ``heterocache.kernels.ragged_decode_attention_torch``.
+- ``decode_attention``: one query token per row (the decode step). Its host-side decisions live
+  in a ``DecodePlan`` built from the store's host mirrors (never from device values), once per
+  step and layout by a ``DecodePlanner``. Strategies (``resolve_strategy``):
+  ``"segments"`` (CPU default) runs SDPA on each segment's contiguous slice, or one SDPA over a
+  strided ``[B, H, cap, D]`` view when every segment has the same capacity (plan "uniform");
+  ``"device"`` (GPU default) runs the split-K Triton kernel of ``heterocache.kernels`` with a
+  launch shape taken from the capacities, or, where Triton cannot run, the loop-free
+  ``"blocks"`` computation: the flat buffers viewed as ``[num_blocks, block_size, D]`` blocks with
+  one owner segment each, two batched matmuls and a segment-wise softmax. Neither reads a device
+  value on the host. All are tested against ``heterocache.kernels.ragged_decode_attention_torch``.
 - ``extend_attention``: several query tokens on a non-empty store (a second turn appended to a
   cached conversation). Rare, so it pads the stored part to a dense tensor and calls SDPA.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .kernels.triton_decode import _num_sms, choose_num_splits
 from .store import RaggedKVStore
+
+#: Environment variable choosing the decode strategy ("auto", "device", "segments", "blocks", "kernel").
+STRATEGY_ENV = "HETEROCACHE_DECODE_STRATEGY"
+STRATEGIES = ("auto", "device", "segments", "blocks", "kernel")
+
+
+def resolve_strategy(device: torch.device, strategy: str | None = None) -> str:
+    """The decode strategy a store on ``device`` uses: "segments" (CPU: SDPA on contiguous slices,
+    fastest there) or "device" (what a GPU runs: the Triton kernel, or where Triton cannot run the
+    loop-free block-wise PyTorch stand-in, with launch shapes from capacities).
+
+    Args:
+        strategy: one of :data:`STRATEGIES`; None reads ``$HETEROCACHE_DECODE_STRATEGY`` (default
+            "auto": "segments" on CPU, "device" elsewhere). ``device`` on CPU tensors takes exactly
+            the CUDA path, with PyTorch standing in for the kernel (how CI covers it).
+
+    Raises:
+        ValueError: unknown strategy.
+    """
+    name = (strategy if strategy is not None else os.environ.get(STRATEGY_ENV, "auto")).strip().lower() or "auto"
+    if name not in STRATEGIES:
+        source = "strategy" if strategy is not None else f"${STRATEGY_ENV}"
+        raise ValueError(f"{source} must be one of {STRATEGIES}, got {name!r}")
+    if name == "auto":
+        return "segments" if torch.device(device).type == "cpu" else "device"
+    if name in ("blocks", "kernel"):  # the two halves of the device path, kept as explicit names
+        return name
+    return name
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Everything the host decides about one layer's decode attention, from host values only.
+
+    Built once per decode step for each distinct layout (``DecodePlanner``) and reused by every
+    layer that has it (FlashInfer's plan/run split).
+
+    Attributes:
+        strategy: "uniform" (one SDPA over a strided ``[B, H, cap, D]`` view), "segments" (SDPA per
+            bucket of segments), "device" (kernel or block-wise stand-in), "blocks", "kernel".
+        cap, length, masked: "uniform" only: the shared capacity, the longest segment, whether
+            shorter segments must be masked.
+        spans: "segments" only: ``(first_slot, tokens)`` per segment.
+        max_len, num_splits: "device"/"kernel": launch shape from the capacities (fixed until the
+            store reallocates, so a captured graph can replay it).
+    """
+
+    strategy: str
+    cap: int = 0
+    length: int = 0
+    masked: bool = False
+    spans: tuple = ()
+    max_len: int = 0
+    num_splits: int = 1
+    use_kernel: bool = False
+
+
+def plan_decode(store: RaggedKVStore, strategy: str) -> DecodePlan:
+    """The decode plan of a store for a strategy (see ``resolve_strategy``), from host mirrors."""
+    if strategy in ("device", "kernel"):
+        caps = store.cap_h
+        max_cap = int(caps.max()) if caps.size else 0
+        splits = choose_num_splits(max_cap, int(caps.sum()), _num_sms(store.device))
+        use_kernel = kernels.resolve_backend(store.device) != "torch"
+        return DecodePlan(strategy, max_len=max_cap, num_splits=splits, use_kernel=use_kernel)
+    if strategy == "blocks":
+        return DecodePlan("blocks")
+    if strategy != "segments":
+        raise ValueError(f"unknown strategy {strategy!r}")
+    caps, lengths = store.cap_h, store.length_h
+    if caps.size and (caps == caps[0]).all():
+        n = int(lengths.max())
+        return DecodePlan("uniform", cap=int(caps[0]), length=n, masked=bool((lengths != n).any()))
+    return DecodePlan("segments", spans=tuple(zip(store.start_h.tolist(), lengths.tolist())))
+
+
+def plan_key(store: RaggedKVStore, strategy: str) -> tuple:
+    """What a plan depends on: the capacity layout (device strategies read lengths on the device)
+    and, for the CPU strategies, the lengths too."""
+    key = (strategy, store.num_rows, store.num_heads, store.cap_h.tobytes())
+    return key if strategy in ("device", "kernel", "blocks") else key + (store.length_h.tobytes(),)
+
+
+class DecodePlanner:
+    """Per-cache memo of decode plans: one build per decode step and layout, reused by every
+    layer with that layout. ``built`` / ``reused`` count what happened (tests, benchmarks)."""
+
+    def __init__(self):
+        self._plans: dict[tuple, DecodePlan] = {}
+        self._step = None
+        self.built = 0
+        self.reused = 0
+
+    def plan(self, store: RaggedKVStore, step, strategy: str | None = None) -> DecodePlan:
+        """The plan of ``store`` at decode step ``step`` (any hashable that changes per step)."""
+        strategy = resolve_strategy(store.device, strategy)
+        if step != self._step:
+            # Length-keyed (CPU) plans are only valid for one step; capacity-keyed ones stay.
+            self._plans = {k: p for k, p in self._plans.items() if k[0] in ("device", "kernel", "blocks")}
+            if len(self._plans) > 256:
+                self._plans.clear()
+            self._step = step
+        key = plan_key(store, strategy)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = plan_decode(store, strategy)
+            self.built += 1
+        else:
+            self.reused += 1
+        return plan
+
+
+def decode_step(store: RaggedKVStore, key, value, positions, query, scaling: float, plan: DecodePlan) -> torch.Tensor:
+    """The device half of one layer's decode step: append the new token (``append_decode``) and
+    attend over the store. Device ops only; every host decision (growth, the mirror update, the
+    plan) was taken before (``RaggedKVStore.begin_decode_append``, ``DecodePlanner``), so this
+    can be captured whole by ``torch.compile(fullgraph=True)`` and replayed while the plan holds.
+
+    Returns:
+        ``[B, 1, Hq, D]``.
+    """
+    store.append_decode(key, value, positions)
+    return decode_attention(store, query, scaling, plan=plan)
 
 
 def decode_attention(
-    store: RaggedKVStore, query: torch.Tensor, scaling: float, strategy: str | None = None
+    store: RaggedKVStore,
+    query: torch.Tensor,
+    scaling: float,
+    strategy: str | None = None,
+    plan: DecodePlan | None = None,
 ) -> torch.Tensor:
     """Single-token attention of every query head over its KV head's stored tokens.
 
@@ -33,64 +163,60 @@ def decode_attention(
         store: the layer's store; every segment must hold at least one token.
         query: ``[B, Hq, 1, D]`` with ``Hq = H * G`` (query head ``h * G + g`` reads KV head ``h``).
         scaling: softmax scale.
-        strategy: "segments", "blocks" or "kernel" (``heterocache.kernels`` dispatcher: Triton on
-            CUDA). Default: "segments" on CPU, "kernel" on CUDA when triton is installed, else
-            "blocks".
+        strategy: see ``resolve_strategy`` (ignored when ``plan`` is given).
+        plan: the layer's ``DecodePlan`` (default: planned here).
 
     Returns:
         ``[B, 1, Hq, D]`` (the layout attention functions return), in the query's dtype.
     """
-    if strategy is None:
-        strategy = _default_strategy(store.device)
-    if strategy == "kernel":
-        B, Hq, _, D = query.shape
-        q = query.reshape(store.num_segments, Hq // store.num_heads, D).to(store.dtype)
-        out = kernels.ragged_decode_attention(q, store.k, store.v, store.start, store.length, scaling)
-        return out.to(query.dtype).view(B, 1, Hq, D)
-    if strategy == "segments":
-        dense = _decode_uniform(store, query, scaling)
-        return dense if dense is not None else _decode_segments(store, query, scaling)
-    if strategy == "blocks":
+    if plan is None:
+        plan = plan_decode(store, resolve_strategy(store.device, strategy))
+    if plan.strategy == "uniform":
+        return _decode_uniform(store, query, scaling, plan)
+    if plan.strategy == "segments":
+        return _decode_segments(store, query, scaling, plan)
+    if plan.strategy == "blocks":
         return _decode_blocks(store, query, scaling)
-    raise ValueError(f"strategy must be 'segments', 'blocks' or 'kernel', got {strategy!r}")
+    if plan.strategy in ("device", "kernel"):
+        return _decode_device(store, query, scaling, plan)
+    raise ValueError(f"unknown plan strategy {plan.strategy!r}")
 
 
-def _default_strategy(device: torch.device) -> str:
-    if device.type == "cpu":
-        return "segments"
-    if device.type == "cuda" and kernels.triton_available():
-        return "kernel"
-    return "blocks"
+def _decode_device(store: RaggedKVStore, query: torch.Tensor, scaling: float, plan: DecodePlan) -> torch.Tensor:
+    """The GPU path: the Triton kernel with the plan's launch shape where Triton runs (CUDA), else
+    the block-wise PyTorch computation (same inputs, no host reads) standing in for it."""
+    if not plan.use_kernel:
+        return _decode_blocks(store, query, scaling)
+    B, Hq, _, D = query.shape
+    q = query.reshape(store.num_segments, Hq // store.num_heads, D).to(store.dtype)
+    out = kernels.ragged_decode_attention(
+        q, store.k, store.v, store.start, store.length, scaling, num_splits=plan.num_splits, max_len=plan.max_len
+    )
+    return out.to(query.dtype).view(B, 1, Hq, D)
 
 
-def _decode_uniform(store: RaggedKVStore, query: torch.Tensor, scaling: float) -> torch.Tensor | None:
+def _decode_uniform(store: RaggedKVStore, query: torch.Tensor, scaling: float, plan: DecodePlan) -> torch.Tensor:
     """One SDPA call for the whole layer when every segment has the same capacity (FullKV and the
     uniform-budget methods): the flat buffers are then a strided ``[B, H, cap, D]`` tensor, read in
-    place; shorter segments are masked. None when the capacities differ (HeteroCache, PyramidKV)."""
-    cap = store.cap
-    if cap.numel() == 0 or not bool((cap == cap[0]).all()):
-        return None
+    place; shorter segments are masked."""
     B, Hq, _, D = query.shape
-    H, c = store.num_heads, int(cap[0])
-    if int(store.start[-1]) != (store.num_segments - 1) * c:  # segments not laid out back to back
-        return None
-    n = int(store.length.max())
+    H, c, n = store.num_heads, plan.cap, plan.length
     k = store.k[: store.num_segments * c].view(B, H, c, D)[:, :, :n]
     v = store.v[: store.num_segments * c].view(B, H, c, D)[:, :, :n]
     mask = None
-    if bool((store.length != n).any()):
+    if plan.masked:
         valid = torch.arange(n, device=store.device)[None, :] < store.length[:, None]  # [S, n]
         mask = valid.view(B, H, 1, 1, n).expand(B, H, Hq // H, 1, n).reshape(B, Hq, 1, n)
     out = F.scaled_dot_product_attention(query.to(store.dtype), k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
     return out.to(query.dtype).transpose(1, 2)
 
 
-def _decode_segments(store: RaggedKVStore, query: torch.Tensor, scaling: float) -> torch.Tensor:
+def _decode_segments(store: RaggedKVStore, query: torch.Tensor, scaling: float, plan: DecodePlan) -> torch.Tensor:
     B, Hq, _, D = query.shape
     G = Hq // store.num_heads
     q = query.reshape(store.num_segments, 1, G, D).to(store.dtype)
     out = torch.empty(store.num_segments, G, D, dtype=store.dtype, device=store.device)
-    for s, (lo, n) in enumerate(zip(store.start.tolist(), store.length.tolist())):
+    for s, (lo, n) in enumerate(plan.spans):
         k, v = store.k[lo : lo + n].unsqueeze(0), store.v[lo : lo + n].unsqueeze(0)
         out[s] = F.scaled_dot_product_attention(q[s], k, v, scale=scaling)[0]
     return out.to(query.dtype).view(B, 1, Hq, D)

@@ -7,6 +7,7 @@ slot of a pivot's (full) segment.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -53,6 +54,21 @@ class SatelliteHostStore:
         v = torch.empty(n, D, dtype=self.v.dtype, pin_memory=pin)
         torch.index_select(self.k[row, s], 0, indices, out=k)
         torch.index_select(self.v[row, s], 0, indices, out=v)
+        return k, v
+
+    def gather_batch(self, rows: np.ndarray, heads: np.ndarray, indices: np.ndarray, counts: np.ndarray):
+        """One gather for many satellites: prompt tokens ``indices`` (concatenated, ``counts[i]`` of
+        them for satellite ``(rows[i], heads[i])``), as ``k, v [sum(counts), D]`` in fresh (pinned,
+        if the store is) memory that can be the source of an asynchronous copy."""
+        B, nsat, Lmax, D = self.k.shape
+        slots = np.array([self.slot[int(h)] for h in heads], np.int64)
+        base = np.repeat((np.asarray(rows, np.int64) * nsat + slots) * Lmax, counts)
+        flat = torch.from_numpy(base + np.asarray(indices, np.int64))
+        pin = self.k.is_pinned()
+        k = torch.empty(len(flat), D, dtype=self.k.dtype, pin_memory=pin)
+        v = torch.empty(len(flat), D, dtype=self.v.dtype, pin_memory=pin)
+        torch.index_select(self.k.view(-1, D), 0, flat, out=k)
+        torch.index_select(self.v.view(-1, D), 0, flat, out=v)
         return k, v
 
     def select_rows(self, rows: torch.Tensor) -> None:

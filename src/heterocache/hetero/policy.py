@@ -17,14 +17,15 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..budget import check_budget
 from ..policies.base import Policy, PrefillContext
 from ..policies.scoring import pool_scores, reduce_gqa, topk_keep, window_attention_scores
 from ..profile import HeadProfile, Role
-from ..store import RaggedKVStore
-from .drift import overlap, prompt_scores
+from ..store import RaggedKVStore, to_device
+from .drift import membership, pivot_scores, set_overlap, topk_sets
 from .host_store import SatelliteHostStore
 from .plan import plan_tokens
 from .transfer import RefreshTransfer
@@ -39,18 +40,66 @@ class RefreshStats:
     satellite_refills: int = 0
     tokens_moved: int = 0
     bytes_moved: int = 0
+    late_decisions: int = 0  # deferred decisions whose copy had not landed when due (host waited)
 
 
 class _LayerState:
-    """Per-layer runtime state: plans, pivot reference sets, query buffer, host copies."""
+    """Per-layer runtime state, host values as NumPy and device values as tensors.
 
-    def __init__(self, plan: torch.Tensor, prompt_tokens: torch.Tensor, base: torch.Tensor):
-        self.plan = plan  # int64 [B, H] prompt tokens kept
-        self.prompt_tokens = prompt_tokens  # int64 [B]
-        self.base = base  # int64 [B]: top-k size of the drift check
-        self.references: dict[tuple[int, int], torch.Tensor] = {}  # (row, pivot) -> slot indices [k]
-        self.queries: list[torch.Tensor] = []  # [B, Hq, D] per buffered decode step
+    Attributes:
+        plan: int64 ``[B, H]`` prompt tokens kept per head (host).
+        prompt_tokens, base, k: int64 ``[B]`` (host): real prompt tokens, per-head base budget,
+            size of the drift check's top-k sets; ``k_dev`` the latter on the device.
+        pivots: the layer's pivot heads; ``satellites`` all its satellites, ``sat_pivot`` the index
+            (into ``pivots``) of each one's pivot, ``sat_tokens`` int64 ``[B, Ns]`` their prompt slots.
+        prompt_pos: int64 ``[B, Lmax]`` logical position of each row's j-th real prompt token (host).
+        reference: bool ``[B, P, Lmax]`` device: each pivot's reference top-k set as a map.
+        queries: buffered decode queries ``[B, Hq, D]`` (device).
+        pending: decisions computed on the device, acted on a later step (``_Decision``).
+    """
+
+    def __init__(self, plan: np.ndarray, prompt_tokens: np.ndarray, base: np.ndarray, k: np.ndarray):
+        self.plan, self.prompt_tokens, self.base, self.k = plan, prompt_tokens, base, k
+        self.k_dev: torch.Tensor | None = None
+        self.pivots: list[int] = []
+        self.satellites: list[int] = []
+        self.sat_pivot: list[int] = []
+        self.sat_tokens = np.zeros((len(plan), 0), np.int64)
+        self.sat_tokens_dev: torch.Tensor | None = None
+        self.prompt_pos = np.zeros((len(plan), 0), np.int64)
+        self.reference: torch.Tensor | None = None
+        self.queries: list[torch.Tensor] = []
         self.host: SatelliteHostStore | None = None
+        self.pending: list[_Decision] = []
+        self._pivot_index = None  # (layout_version, idx [B, P, Lmax], valid [B, P, Lmax])
+
+    def pivot_index(self, store: RaggedKVStore) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot index and validity ``[B, P, Lmax]`` of every pivot's prompt tokens (host-built,
+        cached until the store's layout changes)."""
+        if self._pivot_index is None or self._pivot_index[0] != store.layout_version:
+            B, H = store.num_rows, store.num_heads
+            Lmax = int(self.prompt_tokens.max()) if B else 0
+            j = np.arange(Lmax)
+            n = self.prompt_tokens[:, None, None]
+            starts = store.start_h.reshape(B, H)[:, self.pivots][:, :, None]
+            idx = starts + np.minimum(j[None, None, :], np.maximum(n - 1, 0))
+            valid = np.broadcast_to(j[None, None, :] < n, idx.shape)
+            self._pivot_index = (store.layout_version, to_device(idx, store.device),
+                                 to_device(valid, store.device, torch.bool))
+        return self._pivot_index[1], self._pivot_index[2]
+
+
+@dataclass
+class _Decision:
+    """A drift check's outcome, on its way to the host without blocking it."""
+
+    due: int  # policy step at which the host acts on it
+    host: torch.Tensor  # int64: drifted [B * P] then refill indices [B * Ns * nmax] (pinned on CUDA)
+    view: np.ndarray  # the same memory as NumPy
+    event: object  # CUDA event recorded after the copy (None off CUDA)
+    scores: torch.Tensor  # float32 [B, P, Lmax] each pivot's newest scores (device)
+    nmax: int
+    force: bool
 
 
 @dataclass
@@ -128,6 +177,9 @@ class HeteroCachePolicy(Policy):
         self._layers: dict[int, _LayerState] = {}
         self._transfer: RefreshTransfer | None = None
         self._checked_fit = False
+        self._stores: dict[int, RaggedKVStore] = {}
+        self._step = 0  # forward passes seen (counted at the first layer)
+        self._first_layer: int | None = None
         self.last_pivot_scores: dict[tuple[int, int], torch.Tensor] = {}  # (row, pivot) at last refresh
 
     # ------------------------------------------------------------------ roles and plan
@@ -171,10 +223,14 @@ class HeteroCachePolicy(Policy):
 
     def on_prefill_done(self, layer_idx: int, store: RaggedKVStore, ctx: PrefillContext) -> None:
         B = ctx.key.shape[0]
-        prompt = ctx.prompt_tokens.cpu()
-        plan = store.lengths().cpu().clone()
-        base = torch.tensor([self._base_tokens(int(n)) for n in prompt], dtype=torch.long)
-        state = _LayerState(plan, prompt, base)
+        prompt = ctx.prompt_tokens.cpu().numpy().astype(np.int64)  # prefill: host reads are fine here
+        plan = store.lengths_host()
+        base = np.array([self._base_tokens(int(n)) for n in prompt], np.int64)
+        k = np.maximum(1, np.minimum(base if self.drift_topk is None else self.drift_topk, prompt))
+        state = _LayerState(plan, prompt, base, k)
+        self._stores[layer_idx] = store
+        if not self._layers or layer_idx < min(self._layers):
+            self._first_layer = layer_idx
         self._layers[layer_idx] = state
         roles = self.profile.roles[layer_idx]
         satellites = [h for h in range(len(roles)) if roles[h] == Role.SATELLITE]
@@ -183,13 +239,32 @@ class HeteroCachePolicy(Policy):
         state.host = SatelliteHostStore(ctx.key, ctx.value, ctx.valid, satellites, pin=store.device.type == "cuda")
         if self._transfer is None:
             self._transfer = RefreshTransfer(store.device, self.asynchronous)
+        clusters = self.profile.clusters(layer_idx)
+        state.pivots = list(clusters)
+        for i, p in enumerate(state.pivots):
+            for sat in clusters[p]:
+                state.satellites.append(sat)
+                state.sat_pivot.append(i)
+        state.sat_tokens = plan[:, state.satellites].copy()
+        state.sat_tokens_dev = to_device(state.sat_tokens, store.device)
+        state.k_dev = to_device(k, store.device)
+        valid = ctx.valid.cpu().numpy()
+        Lmax = int(prompt.max()) if B else 0
+        state.prompt_pos = np.zeros((B, Lmax), np.int64)
+        for b in range(B):
+            real = np.nonzero(valid[b])[0]
+            state.prompt_pos[b, : len(real)] = real
+        # Reference sets: what each pivot's last prompt query attends to.
         G = ctx.num_groups
-        for p in self.profile.clusters(layer_idx):
-            for b in range(B):
-                keys = ctx.key[b, p][ctx.valid[b]]
-                q = ctx.query[b, p * G : (p + 1) * G, -1:, :].transpose(0, 1)  # [1, G, D]
-                scores = prompt_scores(q, keys, ctx.scaling, self.kernel)[0]
-                state.references[(b, p)] = scores.topk(self._topk(state, b)).indices
+        q = ctx.query[:, :, -1, :].reshape(B, store.num_heads, G, -1)[:, state.pivots]  # [B, P, G, D]
+        scores = self._pivot_scores(state, store, q.unsqueeze(2), ctx.scaling)[:, :, 0]
+        tops, in_set = topk_sets(scores, state.k_dev, int(k.max()))
+        state.reference = membership(tops, in_set, Lmax)
+
+    def _pivot_scores(self, state: _LayerState, store: RaggedKVStore, queries: torch.Tensor, scaling: float):
+        """``pivot_scores`` of queries ``[B, P, T, G, D]`` over the pivots' prompt keys in the store."""
+        idx, valid = state.pivot_index(store)
+        return pivot_scores(queries, store.k[idx], valid, scaling, self.kernel)
 
     def _base_tokens(self, prompt_tokens: int) -> int:
         """Per-head base budget (b*H - F) * L / (H - F) of the paper (at least 1)."""
@@ -199,12 +274,11 @@ class HeteroCachePolicy(Policy):
         b = self.row_budget(prompt_tokens)
         return max(1, min(prompt_tokens, round((b * H - F) * prompt_tokens / (H - F))))
 
-    def _topk(self, state: _LayerState, row: int) -> int:
-        k = self.drift_topk if self.drift_topk is not None else int(state.base[row])
-        return max(1, min(k, int(state.prompt_tokens[row])))
-
     # ------------------------------------------------------------------ decode
     def before_attention(self, layer_idx: int) -> None:
+        if layer_idx == self._first_layer:
+            self._step += 1
+            self._act_on_due_decisions()
         if self._transfer is not None:
             self._transfer.wait(layer_idx)
 
@@ -214,7 +288,7 @@ class HeteroCachePolicy(Policy):
             return
         state.queries.append(query[:, :, -1, :])
         if len(state.queries) >= self.refresh_interval:
-            self.check_drift(layer_idx, store, scaling)
+            self.check_drift(layer_idx, store, scaling, defer=True)
 
     def before_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         if self.turn_refresh in ("before", "always"):
@@ -230,66 +304,140 @@ class HeteroCachePolicy(Policy):
         queries are checked for drift at once, so satellites are refreshed before the answer is
         decoded rather than ``refresh_interval`` tokens into it. (The paper only decodes one turn.)
         The drift scores read only the prompt's slots, so the check may run before or after the
-        turn's own tokens are appended."""
+        turn's own tokens are appended. Not a decode step: acted on at once (host reads allowed);
+        decisions of earlier decode steps still in flight are superseded."""
         state = self._layers.get(layer_idx)
         if state is None or state.host is None or not self.refresh:
             return
+        state.pending.clear()
         state.queries.clear()
         state.queries.extend(query[:, :, -i, :] for i in range(min(self.refresh_interval, query.shape[2]), 0, -1))
         self.check_drift(layer_idx, store, scaling, force=force)
 
-    def check_drift(self, layer_idx: int, store: RaggedKVStore, scaling: float, force: bool = False) -> list:
-        """Score the buffered queries of every pivot; refresh the satellites of those that drifted.
+    def check_drift(self, layer_idx: int, store: RaggedKVStore, scaling: float, force: bool = False,
+                    defer: bool = False) -> list:
+        """Score the buffered queries of every pivot and row at once; refresh the satellites of the
+        pivots that drifted.
+
+        One batched computation for the layer (no loop over pivots or rows): the pivots' prompt
+        keys gathered with a host-planned index, their pooled attention, top-k sets, overlaps with
+        the reference sets and the median over the buffered steps, all on the device; the
+        reference sets of drifted pivots move on the device too. The decision and the satellites'
+        refill indices then go to the host in one copy.
 
         Args:
-            force: refresh as if every pivot had drifted (testing, stress runs).
+            force: refresh as if every pivot had drifted (testing, stress runs, a new turn).
+            defer: the decode step's mode: the copy is non-blocking (pinned memory and an event on
+                CUDA) and the host acts on it ``DECISION_LAG`` steps later, so nothing waits for
+                the device. False: act now (reads the device; returns what was refreshed).
 
         Returns:
-            ``[(row, pivot), ...]`` that were refreshed.
+            ``[(row, pivot), ...]`` refreshed (empty when deferred).
         """
         state = self._layers[layer_idx]
         if not state.queries:
             return []
-        Q = torch.stack(state.queries)  # [steps, B, Hq, D]
+        Q = torch.stack(state.queries)  # [T, B, Hq, D]
         state.queries.clear()
-        H = store.num_heads
-        G = Q.shape[2] // H
-        refreshed = []
-        for p, satellites in self.profile.clusters(layer_idx).items():
-            for b in range(store.num_rows):
-                seg = b * H + p
-                n = int(state.prompt_tokens[b])
-                lo = int(store.start[seg])
-                keys = store.k[lo : lo + n]
-                scores = prompt_scores(Q[:, b, p * G : (p + 1) * G, :], keys, scaling, self.kernel)  # [steps, n]
-                tops = scores.topk(self._topk(state, b), dim=-1).indices
-                self.stats.checks += 1
-                drifted = float(overlap(tops, state.references[(b, p)]).median()) < self.drift_threshold
-                if not (drifted or force):
-                    continue
-                state.references[(b, p)] = tops[-1]
-                self.last_pivot_scores[(b, p)] = scores[-1]
-                self.stats.refreshes[(layer_idx, p)] += 1
-                refreshed.append((b, p))
-                prompt_pos = store.pos[lo : lo + n]
-                for s in satellites:
-                    self._refill(layer_idx, store, state, b, s, scores[-1], prompt_pos)
-        return refreshed
+        T, B, Hq, D = Q.shape
+        P, G = len(state.pivots), Hq // store.num_heads
+        if P == 0:
+            return []
+        q = Q.view(T, B, store.num_heads, G, D)[:, :, state.pivots].permute(1, 2, 0, 3, 4)  # [B, P, T, G, D]
+        scores = self._pivot_scores(state, store, q, scaling)  # [B, P, T, Lmax]
+        tops, in_set = topk_sets(scores, state.k_dev, int(state.k.max()))
+        self.stats.checks += B * P
+        drifted = set_overlap(tops, in_set, state.reference, state.k_dev).median(-1).values < self.drift_threshold
+        if force:
+            drifted = torch.ones_like(drifted)
+        newest = membership(tops[:, :, -1], in_set[:, :, -1], state.reference.shape[-1])
+        state.reference = torch.where(drifted[..., None], newest, state.reference)
+        last = scores[:, :, -1]  # [B, P, Lmax]
+        refill, nmax = self._refill_indices(state, last)
+        packed = torch.cat([drifted.long().reshape(-1), refill.reshape(-1)])
+        decision = self._send_to_host(packed, last, nmax, force, store.device)
+        if defer:
+            state.pending.append(decision)
+            return []
+        return self._refill(layer_idx, store, state, decision)
 
-    def _refill(self, layer_idx, store, state, row, head, pivot_scores, prompt_pos) -> None:
-        """Refill a satellite's prompt slots with the pivot's current top positions, from host."""
-        n = int(state.plan[row, head])
-        if n >= int(state.prompt_tokens[row]):
-            return  # it holds the whole prompt already
-        idx = pivot_scores.topk(n).indices.sort().values
-        k_host, v_host = state.host.gather(row, head, idx.cpu())
-        seg = row * store.num_heads + head
-        slots = int(store.start[seg]) + torch.arange(n, device=store.device)
-        self._transfer.write(layer_idx, store, slots, k_host, v_host)
-        store.pos[slots] = prompt_pos[idx]
-        self.stats.satellite_refills += 1
-        self.stats.tokens_moved += n
+    def _refill_indices(self, state: _LayerState, last: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Prompt indices each satellite would be refilled with: the top ``sat_tokens`` of its
+        pivot's newest scores, ascending, padded with ``Lmax``: int64 ``[B, Ns, nmax]``."""
+        Lmax = last.shape[-1]
+        nmax = int(min(state.sat_tokens.max(), Lmax)) if state.sat_tokens.size else 0
+        if nmax == 0:
+            return last.new_zeros(last.shape[0], len(state.satellites), 0, dtype=torch.long), 0
+        sat_scores = last[:, state.sat_pivot]  # [B, Ns, Lmax]
+        top = sat_scores.topk(nmax, dim=-1).indices
+        keep = torch.arange(nmax, device=top.device) < state.sat_tokens_dev[:, :, None]
+        return torch.where(keep, top, Lmax).sort(-1).values, nmax
+
+    def _send_to_host(self, packed: torch.Tensor, last, nmax: int, force: bool, device) -> _Decision:
+        """Copy ``packed`` into host memory without blocking (pinned + event on CUDA)."""
+        due = self._step + DECISION_LAG
+        if device.type != "cuda":
+            view = np.empty(packed.shape, np.int64)
+            host = torch.from_numpy(view)
+            host.copy_(packed)
+            return _Decision(due, host, view, None, last, nmax, force)
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        return _Decision(due, host, host.numpy(), event, last, nmax, force)
+
+    def _act_on_due_decisions(self) -> None:
+        """Refill what the decisions that are due ask for (start of a step, so the copies overlap
+        the layers that run before each refreshed one)."""
+        for layer_idx, state in self._layers.items():
+            while state.pending and state.pending[0].due <= self._step:
+                self._refill(layer_idx, self._stores[layer_idx], state, state.pending.pop(0))
+
+    def flush(self) -> None:
+        """Act on every decision still in flight now (waits for the device): tests, inspection,
+        row changes."""
+        for layer_idx, state in self._layers.items():
+            while state.pending:
+                self._refill(layer_idx, self._stores[layer_idx], state, state.pending.pop(0))
+
+    def _refill(self, layer_idx: int, store: RaggedKVStore, state: _LayerState, decision: _Decision) -> list:
+        """Refill the satellites of the drifted pivots with their pivot's current top positions:
+        one host gather and one (asynchronous on CUDA) copy for the whole layer."""
+        if decision.event is not None and not decision.event.query():
+            self.stats.late_decisions += 1
+            decision.event.synchronize()
+        B, P, Ns = len(state.prompt_tokens), len(state.pivots), len(state.satellites)
+        drifted = decision.view[: B * P].reshape(B, P).astype(bool)
+        idx = decision.view[B * P :].reshape(B, Ns, decision.nmax)
+        refreshed = [(int(b), state.pivots[int(i)]) for b, i in zip(*np.nonzero(drifted))]
+        for b, p in refreshed:
+            self.stats.refreshes[(layer_idx, p)] += 1
+            self.last_pivot_scores[(b, p)] = decision.scores[b, state.pivots.index(p), : int(state.prompt_tokens[b])]
+        rows, heads, counts, picks = [], [], [], []
+        for b, p_i in np.argwhere(drifted):
+            for j, sat in enumerate(state.satellites):
+                n = int(state.sat_tokens[b, j])
+                if state.sat_pivot[j] != p_i or n >= int(state.prompt_tokens[b]):
+                    continue  # another pivot's, or it holds the whole prompt already
+                rows.append(b)
+                heads.append(sat)
+                counts.append(n)
+                picks.append(idx[b, j, :n])
+        if not rows:
+            return refreshed
+        rows_h, heads_h, counts_h = (np.array(x, np.int64) for x in (rows, heads, counts))
+        picks_h = np.concatenate(picks)
+        k_host, v_host = state.host.gather_batch(rows_h, heads_h, picks_h, counts_h)
+        seg = rows_h * store.num_heads + heads_h
+        slots = np.repeat(store.start_h[seg], counts_h) + (np.arange(len(picks_h)) - np.repeat(np.cumsum(counts_h) - counts_h, counts_h))
+        positions = state.prompt_pos[np.repeat(rows_h, counts_h), picks_h]
+        self._transfer.write(layer_idx, store, to_device(slots, store.device), k_host, v_host,
+                             to_device(positions, store.device, torch.int32))
+        self.stats.satellite_refills += len(rows)
+        self.stats.tokens_moved += int(counts_h.sum())
         self.stats.bytes_moved += k_host.numel() * k_host.element_size() * 2
+        return refreshed
 
     # ------------------------------------------------------------------ bookkeeping
     def host_bytes_per_layer(self) -> dict[int, int]:
@@ -300,22 +448,35 @@ class HeteroCachePolicy(Policy):
             self._transfer.synchronize()
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        rows = rows.cpu().long()
+        self.flush()
+        rows_h = np.asarray(torch.as_tensor(rows).cpu(), np.int64).reshape(-1)
         for state in self._layers.values():
-            state.plan = state.plan.index_select(0, rows)
-            state.prompt_tokens = state.prompt_tokens.index_select(0, rows)
-            state.base = state.base.index_select(0, rows)
-            old_refs, state.references = state.references, {}
-            for new, old in enumerate(rows.tolist()):
-                for (b, p), ref in old_refs.items():
-                    if b == old:
-                        state.references[(new, p)] = ref
-            state.queries = [q.index_select(0, rows.to(q.device)) for q in state.queries]
+            state.plan, state.prompt_tokens = state.plan[rows_h], state.prompt_tokens[rows_h]
+            state.base, state.k = state.base[rows_h], state.k[rows_h]
+            state.sat_tokens, state.prompt_pos = state.sat_tokens[rows_h], state.prompt_pos[rows_h]
+            if state.reference is not None:
+                dev = state.reference.device
+                state.reference = state.reference[to_device(rows_h, dev)]
+                state.k_dev, state.sat_tokens_dev = to_device(state.k, dev), to_device(state.sat_tokens, dev)
+            state.queries = [q.index_select(0, to_device(rows_h, q.device)) for q in state.queries]
+            state._pivot_index = None
             if state.host is not None:
-                state.host.select_rows(rows)
+                state.host.select_rows(torch.from_numpy(rows_h))
+        self.last_pivot_scores.clear()
 
     def reset(self) -> None:
         self._layers.clear()
+        self._stores.clear()
         self.last_pivot_scores.clear()
         self.stats = RefreshStats()
         self._transfer = None
+        self._step = 0
+        self._first_layer = None
+
+
+#: Steps between a decode-time drift check and the host acting on it. The check runs after the
+#: layer's attention at step t; its decision reaches the host without a wait and is acted on at
+#: the start of step t + 2, when the device has long finished step t (the host runs at most about a
+#: step ahead). A synchronous refresh would be visible from step t + 1: satellites see a drift
+#: refresh one step later than that.
+DECISION_LAG = 2

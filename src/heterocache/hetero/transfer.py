@@ -35,11 +35,14 @@ class RefreshTransfer:
         self._timed: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.wait_s = 0.0  # host time spent blocked on copies (synchronous mode / explicit syncs)
 
-    def write(self, layer_idx: int, store: RaggedKVStore, slots: torch.Tensor, k_host, v_host) -> None:
-        """Write ``k_host, v_host [n, D]`` into ``store`` slots ``slots`` (int64 ``[n]``, device)."""
+    def write(self, layer_idx: int, store: RaggedKVStore, slots: torch.Tensor, k_host, v_host, pos=None) -> None:
+        """Write ``k_host, v_host [n, D]`` into ``store`` slots ``slots`` (int64 ``[n]``, device),
+        and the slots' logical positions ``pos`` (int32 ``[n]`` device, optional) with them."""
         if not self.asynchronous:
             store.k[slots] = k_host.to(store.device, store.dtype)
             store.v[slots] = v_host.to(store.device, store.dtype)
+            if pos is not None:
+                store.pos[slots] = pos
             return
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)
@@ -50,8 +53,10 @@ class RefreshTransfer:
             v_dev = v_host.to(self.device, non_blocking=True)
             store.k[slots] = k_dev.to(store.dtype)
             store.v[slots] = v_dev.to(store.dtype)
+            if pos is not None:
+                store.pos[slots] = pos
             end.record(self.stream)
-        for t in (slots, store.k, store.v):
+        for t in (slots, store.k, store.v, store.pos) + (() if pos is None else (pos,)):
             t.record_stream(self.stream)  # allocations of the main stream used on the side stream
         self._pending[layer_idx] = end
         self._in_flight.append((end, (k_host, v_host, k_dev, v_dev, slots)))

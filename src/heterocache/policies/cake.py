@@ -192,7 +192,7 @@ class CAKEPolicy(BudgetedPolicy):
             for j, earlier in self._stores.items():
                 earlier.remove_slot_buffer(SCORE_BUFFER)
                 if self.evict_during_decode:
-                    self._decode.set(j, limit=per_segment(w + self._alloc[:, j], H), window=protect)
+                    self._decode.set(j, earlier.device, H, limit=per_segment(w + self._alloc[:, j], H), window=protect)
             self._final = self._alloc
             self._stores = {}
 
@@ -204,12 +204,12 @@ class CAKEPolicy(BudgetedPolicy):
     # ------------------------------------------------------------------ decode
     def on_decode(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         state = self._decode.get(layer_idx)
-        if state is None or not bool((store.lengths() > state["limit"]).any()):
+        if state is None or not (store.length_h > state["limit"].h).any():  # host mirrors: no read
             return
         probs = stored_attention(store, query, scaling)  # [capacity, G]
         idx, valid = store.padded_index()
         S, M = idx.shape
-        window = state["window"].reshape(S)
+        window = state["window"].d
         candidate = valid & (torch.arange(M, device=idx.device)[None, :] < (store.length - window)[:, None])
         scores = torch.where(candidate[:, :, None], probs[idx], 0.0).permute(0, 2, 1)  # [S, G, M]
         scores = pool_scores(scores, self.kernel, self.pooling)

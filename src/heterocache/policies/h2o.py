@@ -97,8 +97,8 @@ class H2OPolicy(BudgetedPolicy):
         buffer = store.add_slot_buffer(SCORE_BUFFER)
         # fill() stores the kept tokens segment after segment in their order: used_slots() order.
         buffer[store.used_slots()] = scores.reshape(S, L)[keep.reshape(S, L)]
-        limit = store.lengths().clone()
-        self._state.set(layer_idx, limit=limit, recent=self.recent_tokens(limit))
+        limit = torch.from_numpy(store.lengths_host())
+        self._state.set(layer_idx, store.device, store.num_heads, limit=limit, recent=self.recent_tokens(limit))
 
     def on_decode(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         state = self._state.get(layer_idx)

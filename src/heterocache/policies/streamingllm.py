@@ -72,8 +72,8 @@ class StreamingLLMPolicy(BudgetedPolicy):
         if layer_idx == 0:
             self._state.clear()
         if self.evict_during_decode:
-            limit = store.lengths().clone()
-            self._state.set(layer_idx, limit=limit, sinks=self.sink_tokens(limit))
+            limit = torch.from_numpy(store.lengths_host())
+            self._state.set(layer_idx, store.device, store.num_heads, limit=limit, sinks=self.sink_tokens(limit))
 
     def on_decode(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         state = self._state.get(layer_idx)
