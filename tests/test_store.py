@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from heterocache.store import RaggedKVStore, segment_ranges
+from heterocache.store import RaggedKVStore, segment_ranges_host
 
 
 def _store(B=2, H=2, L=10, D=4, block_size=8, reserve=3):
@@ -16,7 +16,7 @@ def _store(B=2, H=2, L=10, D=4, block_size=8, reserve=3):
 
 
 def test_segment_ranges_concatenates_aranges():
-    assert segment_ranges(torch.tensor([10, 0, 5]), torch.tensor([2, 0, 3])).tolist() == [10, 11, 5, 6, 7]
+    assert segment_ranges_host([10, 0, 5], [2, 0, 3]).tolist() == [10, 11, 5, 6, 7]
 
 
 def test_fill_keeps_selected_tokens_in_original_order_without_padding():

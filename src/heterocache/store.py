@@ -50,17 +50,6 @@ def segment_ranges_host(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(starts - first, lengths) + np.arange(total, dtype=np.int64)
 
 
-def segment_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Device version of :func:`segment_ranges_host` for device tensors (reads the total once:
-    for set-up paths, not the decode step)."""
-    total = int(lengths.sum())
-    if total == 0:
-        return torch.zeros(0, dtype=torch.long, device=starts.device)
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=starts.device), lengths, output_size=total)
-    first = torch.cumsum(lengths, 0) - lengths
-    return starts[seg] + torch.arange(total, device=starts.device) - first[seg]
-
-
 def _round_up(x: np.ndarray, multiple: int) -> np.ndarray:
     return (x + multiple - 1) // multiple * multiple
 
