@@ -97,3 +97,21 @@ def test_crop_with_positive_count_is_rejected():
         model(torch.randint(1, 256, (1, 10)), past_key_values=cache)
     with pytest.raises(ValueError, match="negative"):
         cache.crop(3)
+
+
+def test_the_main_classes_import_from_the_package_root():
+    import heterocache
+    from heterocache import HeadProfile, HeteroCache, HeteroCachePolicy, InfeasibleBudgetError  # noqa: F401
+
+    assert heterocache.HeteroCache.__name__ == "HeteroCache" and heterocache.HeadProfile.__name__ == "HeadProfile"
+
+
+def test_a_policy_passed_as_the_cache_is_a_clear_error():
+    import torch
+    from conftest import tiny_model
+
+    from heterocache import SnapKVPolicy
+
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match=r"policy, not a cache: pass RaggedCache\(SnapKVPolicy"):
+        model.generate(torch.randint(1, 200, (1, 20)), past_key_values=SnapKVPolicy(budget=0.5), max_new_tokens=2)

@@ -13,6 +13,8 @@ from .policies import FullKVPolicy, Policy, PrefillContext, SnapKVPolicy  # noqa
 from .policies import CAKEPolicy, H2OPolicy, PyramidKVPolicy, StreamingLLMPolicy  # noqa: E402
 from .methods import CAKECache, H2OCache, PyramidKVCache, StreamingLLMCache  # noqa: E402
 from .methods import list_methods, make_cache, register_method  # noqa: E402
+from .hetero import HeteroCache, HeteroCachePolicy, InfeasibleBudgetError  # noqa: E402
+from .profile import HeadProfile  # noqa: E402
 
 __all__ = [
     "ATTENTION_NAME",
@@ -41,3 +43,4 @@ __all__ += [
     "make_cache",
     "register_method",
 ]
+__all__ += ["HeadProfile", "HeteroCache", "HeteroCachePolicy", "InfeasibleBudgetError"]

@@ -56,6 +56,14 @@ class Policy:
     #: Whether ``crop`` can restore the cache exactly (False for methods that evict while decoding).
     croppable = True
 
+    @property
+    def is_compileable(self):
+        # transformers reads this first from whatever it got as the cache: say what went wrong.
+        raise TypeError(
+            f"a {type(self).__name__} is a policy, not a cache: pass RaggedCache({type(self).__name__}(...)) "
+            "(or the method's cache class, e.g. SnapKVCache) to generate()"
+        )
+
     def head_roles(self, layer_idx: int, num_heads: int) -> list[str]:
         """Role name of each KV head of a layer, for memory accounting."""
         return ["full"] * num_heads
