@@ -29,7 +29,7 @@ from transformers import DynamicCache
 from heterocache import CAKECache, FullKVCache, H2OCache, PyramidKVCache, SnapKVCache, StreamingLLMCache
 from heterocache._compat import cache_kwarg
 from heterocache.bench import kv_bytes, prompt_ids
-from heterocache.diagnostics import HostReadCounter
+from heterocache.diagnostics import count_steps
 from heterocache.hetero import HeteroCache
 from heterocache.models import load_smollm2
 from heterocache.ragged_attention import STRATEGY_ENV
@@ -68,19 +68,8 @@ def measure(model, ids, make_cache, timed: int, counted: int, warmup: int = 2) -
         if i >= warmup:
             times.append(time.perf_counter() - t)
     os.environ[STRATEGY_ENV] = "device"
-    reads, ops, host_ms, kinds = [], [], [], {}
     try:
-        for i in range(warmup + counted):
-            counter = HostReadCounter()
-            t = time.perf_counter()
-            with counter:
-                token = _step(model, cache, token)
-            if i >= warmup:
-                host_ms.append((time.perf_counter() - t) * 1e3)
-                reads.append(counter.host_reads)
-                ops.append(counter.ops)
-                for k, v in counter.reads.items():
-                    kinds[k] = kinds.get(k, 0) + v
+        _, counts = count_steps(model, cache, token, counted, warmup)
     finally:
         os.environ.pop(STRATEGY_ENV, None)
         if saved is not None:
@@ -90,10 +79,10 @@ def measure(model, ids, make_cache, timed: int, counted: int, warmup: int = 2) -
         "prefill_s": prefill_s,
         "decode_ms_per_token": statistics.median(times) * 1e3,
         "device_path": {
-            "host_reads_per_step": statistics.fmean(reads),
-            "aten_ops_per_step": statistics.fmean(ops),
-            "host_ms_per_step_counted": statistics.median(host_ms),
-            "reads_by_kind": kinds,
+            "host_reads_per_step": counts["host_reads"],
+            "aten_ops_per_step": counts["aten_ops"],
+            "host_ms_per_step_counted": counts["host_ms"],
+            "reads_by_kind": counts["reads_by_kind"],
         },
         "kv_bytes": kv_bytes(cache),
         "drift_checks": stats.get("drift_checks"),

@@ -11,13 +11,14 @@ wrapping those methods while the counter is active.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["HostReadCounter", "count_decode_steps"]
+__all__ = ["HostReadCounter", "count_decode_steps", "count_steps"]
 
 # Ops whose output shape depends on tensor values: the host must wait for them.
 _DATA_DEPENDENT = {
@@ -90,26 +91,19 @@ class HostReadCounter(TorchDispatchMode):
 
 
 @torch.no_grad()
-def count_decode_steps(model, input_ids: torch.Tensor, cache, steps: int = 10, warmup: int = 2) -> dict:
-    """Prefill ``input_ids`` into ``cache``, then run greedy decode steps, counting each one.
-
-    Args:
-        model: a causal LM whose attention fits the cache.
-        input_ids: ``[B, L]``.
-        cache: a fresh cache (a transformers ``DynamicCache`` or one of ours).
-        steps: decode steps counted (after ``warmup`` uncounted ones).
+def count_steps(model, cache, token: torch.Tensor, steps: int, warmup: int = 0) -> tuple[torch.Tensor, dict]:
+    """Greedy decode steps on a filled ``cache`` from ``token`` ``[B, 1]``, each one counted.
 
     Returns:
-        dict: ``host_reads`` and ``aten_ops`` per step (means), ``host_ms`` per step (median wall
-        time of the counted steps: host time on CPU), ``reads_by_kind`` (totals), ``tokens``
-        ``[B, 1 + warmup + steps]`` and ``logits`` of the last step.
+        ``(tokens [B, warmup + steps], counts)``; ``counts``: ``host_reads`` and ``aten_ops`` per
+        step (means), ``host_ms`` (median wall time of the counted steps, the counter's own
+        overhead included), ``reads_by_kind`` (totals) and ``logits`` of the last step.
     """
     from ._compat import cache_kwarg
 
     kw = cache_kwarg(model, cache)
-    logits = model(input_ids, **kw, use_cache=True, logits_to_keep=1).logits[:, -1]
-    token = logits.argmax(-1, keepdim=True)
-    generated, reads, ops, times, kinds = [token], [], [], [], Counter()
+    generated, reads, ops, times, kinds = [], [], [], [], Counter()
+    logits = None
     for step in range(warmup + steps):
         counter = HostReadCounter()
         t = time.perf_counter()
@@ -123,12 +117,33 @@ def count_decode_steps(model, input_ids: torch.Tensor, cache, steps: int = 10, w
             ops.append(counter.ops)
             times.append(elapsed)
             kinds.update(counter.reads)
-    times.sort()
-    return {
+    counts = {
         "host_reads": sum(reads) / len(reads),
         "aten_ops": sum(ops) / len(ops),
-        "host_ms": times[len(times) // 2] * 1e3,
+        "host_ms": statistics.median(times) * 1e3,
         "reads_by_kind": dict(kinds),
-        "tokens": torch.cat(generated, 1),
         "logits": logits,
     }
+    return torch.cat(generated, 1), counts
+
+
+@torch.no_grad()
+def count_decode_steps(model, input_ids: torch.Tensor, cache, steps: int = 10, warmup: int = 2) -> dict:
+    """Prefill ``input_ids`` into ``cache``, then run greedy decode steps, counting each one
+    (``count_steps``).
+
+    Args:
+        model: a causal LM whose attention fits the cache.
+        input_ids: ``[B, L]``.
+        cache: a fresh cache (a transformers ``DynamicCache`` or one of ours).
+        steps: decode steps counted (after ``warmup`` uncounted ones).
+
+    Returns:
+        ``count_steps``'s counts and ``tokens`` ``[B, 1 + warmup + steps]``.
+    """
+    from ._compat import cache_kwarg
+
+    logits = model(input_ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+    token = logits.argmax(-1, keepdim=True)
+    tokens, counts = count_steps(model, cache, token, steps, warmup)
+    return {**counts, "tokens": torch.cat([token, tokens], 1)}

@@ -26,9 +26,12 @@ from . import kernels
 from .kernels.triton_decode import _num_sms, choose_num_splits
 from .store import RaggedKVStore
 
-#: Environment variable choosing the decode strategy ("auto", "device", "segments", "blocks", "kernel").
+#: Environment variable choosing the decode strategy ("auto", "device", "segments", "blocks", "kernel";
+#: "kernel" is "device" under its earlier name, "blocks" the device path's PyTorch half alone).
 STRATEGY_ENV = "HETEROCACHE_DECODE_STRATEGY"
 STRATEGIES = ("auto", "device", "segments", "blocks", "kernel")
+#: Strategies whose plan depends on capacities only (lengths are read on the device).
+_CAPACITY_KEYED = ("device", "kernel", "blocks")
 
 
 def resolve_strategy(device: torch.device, strategy: str | None = None) -> str:
@@ -50,8 +53,6 @@ def resolve_strategy(device: torch.device, strategy: str | None = None) -> str:
         raise ValueError(f"{source} must be one of {STRATEGIES}, got {name!r}")
     if name == "auto":
         return "segments" if torch.device(device).type == "cpu" else "device"
-    if name in ("blocks", "kernel"):  # the two halves of the device path, kept as explicit names
-        return name
     return name
 
 
@@ -63,8 +64,8 @@ class DecodePlan:
     layer that has it (FlashInfer's plan/run split).
 
     Attributes:
-        strategy: "uniform" (one SDPA over a strided ``[B, H, cap, D]`` view), "segments" (SDPA per
-            bucket of segments), "device" (kernel or block-wise stand-in), "blocks", "kernel".
+        strategy: "uniform" (one SDPA over a strided ``[B, H, cap, D]`` view), "segments" (one SDPA
+            per segment), "device" (kernel or block-wise stand-in), "blocks", "kernel".
         cap, length, masked: "uniform" only: the shared capacity, the longest segment, whether
             shorter segments must be masked.
         spans: "segments" only: ``(first_slot, tokens)`` per segment.
@@ -105,7 +106,7 @@ def plan_key(store: RaggedKVStore, strategy: str) -> tuple:
     """What a plan depends on: the capacity layout (device strategies read lengths on the device)
     and, for the CPU strategies, the lengths too."""
     key = (strategy, store.num_rows, store.num_heads, store.cap_h.tobytes())
-    return key if strategy in ("device", "kernel", "blocks") else key + (store.length_h.tobytes(),)
+    return key if strategy in _CAPACITY_KEYED else key + (store.length_h.tobytes(),)
 
 
 class DecodePlanner:
@@ -114,19 +115,26 @@ class DecodePlanner:
 
     def __init__(self):
         self._plans: dict[tuple, DecodePlan] = {}
+        self._strategies: dict[str, str] = {}  # device type -> strategy, resolved once per step
         self._step = None
         self.built = 0
         self.reused = 0
 
     def plan(self, store: RaggedKVStore, step, strategy: str | None = None) -> DecodePlan:
         """The plan of ``store`` at decode step ``step`` (any hashable that changes per step)."""
-        strategy = resolve_strategy(store.device, strategy)
         if step != self._step:
             # Length-keyed (CPU) plans are only valid for one step; capacity-keyed ones stay.
-            self._plans = {k: p for k, p in self._plans.items() if k[0] in ("device", "kernel", "blocks")}
+            self._plans = {k: p for k, p in self._plans.items() if k[0] in _CAPACITY_KEYED}
             if len(self._plans) > 256:
                 self._plans.clear()
+            self._strategies.clear()
             self._step = step
+        if strategy is None:
+            strategy = self._strategies.get(store.device.type)
+            if strategy is None:
+                strategy = self._strategies[store.device.type] = resolve_strategy(store.device)
+        else:
+            strategy = resolve_strategy(store.device, strategy)
         key = plan_key(store, strategy)
         plan = self._plans.get(key)
         if plan is None:

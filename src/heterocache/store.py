@@ -154,14 +154,6 @@ class RaggedKVStore:
         """Slot indices of all stored tokens, segment after segment (int64 ``[sum(length)]``)."""
         return to_device(segment_ranges_host(self.start_h, self.length_h), self.device)
 
-    def reserve_room(self, tokens: int) -> None:
-        """Make sure every segment can take ``tokens`` more without reallocating (e.g. the
-        generation's ``max_new_tokens`` at prefill, so no decode step grows the buffers and the
-        launch shapes stay fixed)."""
-        needed = self.length_h + int(tokens)
-        if (needed > self.cap_h).any():
-            self._grow(needed, exact=True)
-
     # ----------------------------------------------------------------- writes
     def fill(self, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor) -> None:
         """Replace the whole store with the kept tokens of a dense prompt, in their original order.
@@ -207,15 +199,13 @@ class RaggedKVStore:
         else:
             valid_s = valid[:, None, :].expand(B, H, q).reshape(B * H, q)
             added_h = np.repeat(valid.sum(-1).cpu().numpy().astype(np.int64), H)
-        needed = self.length_h + added_h
-        if (needed > self.cap_h).any():
-            self._grow(needed)
+        self.ensure_room(added_h)
         dest = (self.start[:, None] + self.length[:, None] + torch.cumsum(valid_s, -1) - 1)[valid_s]
         self.k[dest] = key.reshape(B * H, q, D)[valid_s].to(self.dtype)
         self.v[dest] = value.reshape(B * H, q, D)[valid_s].to(self.dtype)
         self.pos[dest] = positions.to(torch.int32).expand(B * H, q)[valid_s]
         self._reset_slot_buffers(dest)
-        self._set_length(needed)
+        self._set_length(self.length_h + added_h)
 
     def begin_decode_append(self) -> None:
         """The host half of a decode step's append: grow if a segment is full, then count the token
@@ -239,17 +229,16 @@ class RaggedKVStore:
         self._reset_slot_buffers(dest)
         self.length = self.length + 1
 
-    def ensure_room(self, tokens: int) -> None:
-        """Grow (host decision) if some segment cannot take ``tokens`` more."""
+    def ensure_room(self, tokens) -> None:
+        """Grow (host decision) if some segment cannot take ``tokens`` more (an int, or int64
+        ``[S]`` per segment)."""
         needed = self.length_h + tokens
         if (needed > self.cap_h).any():
             self._grow(needed)
 
-    def _grow(self, needed: np.ndarray, exact: bool = False) -> None:
-        """Reallocate so every segment has room for ``needed`` tokens (copies the used slots once).
-        ``exact``: room for exactly ``needed`` (rounded to blocks), no geometric slack."""
-        target = _round_up(needed, self.block_size) if exact else self._capacity_for(needed, growing=True)
-        caps = np.where(needed > self.cap_h, target, self.cap_h)
+    def _grow(self, needed: np.ndarray) -> None:
+        """Reallocate so every segment has room for ``needed`` tokens (copies the used slots once)."""
+        caps = np.where(needed > self.cap_h, self._capacity_for(needed, growing=True), self.cap_h)
         self._relayout(np.arange(self.num_segments), caps)
 
     def _relayout(self, source_segments: np.ndarray, caps: np.ndarray) -> None:
@@ -370,9 +359,7 @@ class RaggedKVStore:
         for buf, fill in buffers:
             buf[dest] = buf[src]
             old = buf[freed]
-            cleared = torch.full_like(old, fill)
-            m = mask.view(-1, *([1] * (old.dim() - 1)))
-            buf[freed] = torch.where(m, cleared, old)
+            buf[freed] = old.masked_fill(mask.view(-1, *([1] * (old.dim() - 1))), fill)
         self._set_length(new_h, new_len)
 
     def shrink(self) -> None:

@@ -24,7 +24,7 @@ from ..budget import check_budget
 from ..policies.base import Policy, PrefillContext
 from ..policies.scoring import pool_scores, reduce_gqa, topk_keep, window_attention_scores
 from ..profile import HeadProfile, Role
-from ..store import RaggedKVStore, to_device
+from ..store import RaggedKVStore, segment_ranges_host, to_device
 from .drift import membership, pivot_scores, set_overlap, topk_sets
 from .host_store import SatelliteHostStore
 from .plan import plan_tokens
@@ -89,17 +89,25 @@ class _LayerState:
         return self._pivot_index[1], self._pivot_index[2]
 
 
+#: Steps between a decode-time drift check and the host acting on it. The check runs after the
+#: layer's attention at step t; its decision reaches the host without a wait and is acted on at
+#: the start of step t + 2, when the device has long finished step t (the host runs at most about a
+#: step ahead). A synchronous refresh would be visible from step t + 1: satellites see a drift
+#: refresh one step later than that.
+DECISION_LAG = 2
+
+
 @dataclass
 class _Decision:
     """A drift check's outcome, on its way to the host without blocking it."""
 
     due: int  # policy step at which the host acts on it
-    host: torch.Tensor  # int64: drifted [B * P] then refill indices [B * Ns * nmax] (pinned on CUDA)
+    host: torch.Tensor  # int64: drifted [B * P] then refill indices [B * Ns * nmax] (pinned on CUDA;
+    # the copy's target, kept referenced until the host has read it through ``view``)
     view: np.ndarray  # the same memory as NumPy
     event: object  # CUDA event recorded after the copy (None off CUDA)
     scores: torch.Tensor  # float32 [B, P, Lmax] each pivot's newest scores (device)
     nmax: int
-    force: bool
 
 
 @dataclass
@@ -355,7 +363,7 @@ class HeteroCachePolicy(Policy):
         last = scores[:, :, -1]  # [B, P, Lmax]
         refill, nmax = self._refill_indices(state, last)
         packed = torch.cat([drifted.long().reshape(-1), refill.reshape(-1)])
-        decision = self._send_to_host(packed, last, nmax, force, store.device)
+        decision = self._send_to_host(packed, last, nmax, store.device)
         if defer:
             state.pending.append(decision)
             return []
@@ -373,19 +381,19 @@ class HeteroCachePolicy(Policy):
         keep = torch.arange(nmax, device=top.device) < state.sat_tokens_dev[:, :, None]
         return torch.where(keep, top, Lmax).sort(-1).values, nmax
 
-    def _send_to_host(self, packed: torch.Tensor, last, nmax: int, force: bool, device) -> _Decision:
+    def _send_to_host(self, packed: torch.Tensor, last, nmax: int, device) -> _Decision:
         """Copy ``packed`` into host memory without blocking (pinned + event on CUDA)."""
         due = self._step + DECISION_LAG
         if device.type != "cuda":
             view = np.empty(packed.shape, np.int64)
             host = torch.from_numpy(view)
             host.copy_(packed)
-            return _Decision(due, host, view, None, last, nmax, force)
+            return _Decision(due, host, view, None, last, nmax)
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
         host.copy_(packed, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(device))
-        return _Decision(due, host, host.numpy(), event, last, nmax, force)
+        return _Decision(due, host, host.numpy(), event, last, nmax)
 
     def _act_on_due_decisions(self) -> None:
         """Refill what the decisions that are due ask for (start of a step, so the copies overlap
@@ -410,31 +418,26 @@ class HeteroCachePolicy(Policy):
         B, P, Ns = len(state.prompt_tokens), len(state.pivots), len(state.satellites)
         drifted = decision.view[: B * P].reshape(B, P).astype(bool)
         idx = decision.view[B * P :].reshape(B, Ns, decision.nmax)
-        refreshed = [(int(b), state.pivots[int(i)]) for b, i in zip(*np.nonzero(drifted))]
-        for b, p in refreshed:
+        refreshed = []
+        for b, i in zip(*np.nonzero(drifted)):
+            b, p = int(b), state.pivots[int(i)]
+            refreshed.append((b, p))
             self.stats.refreshes[(layer_idx, p)] += 1
-            self.last_pivot_scores[(b, p)] = decision.scores[b, state.pivots.index(p), : int(state.prompt_tokens[b])]
-        rows, heads, counts, picks = [], [], [], []
-        for b, p_i in np.argwhere(drifted):
-            for j, sat in enumerate(state.satellites):
-                n = int(state.sat_tokens[b, j])
-                if state.sat_pivot[j] != p_i or n >= int(state.prompt_tokens[b]):
-                    continue  # another pivot's, or it holds the whole prompt already
-                rows.append(b)
-                heads.append(sat)
-                counts.append(n)
-                picks.append(idx[b, j, :n])
-        if not rows:
+            self.last_pivot_scores[(b, p)] = decision.scores[b, int(i), : int(state.prompt_tokens[b])]
+        # Satellites of a drifted pivot that do not already hold their whole prompt.
+        due = drifted[:, state.sat_pivot] & (state.sat_tokens < state.prompt_tokens[:, None])  # [B, Ns]
+        rows_h, sat_h = np.nonzero(due)
+        if not len(rows_h):
             return refreshed
-        rows_h, heads_h, counts_h = (np.array(x, np.int64) for x in (rows, heads, counts))
-        picks_h = np.concatenate(picks)
+        counts_h = state.sat_tokens[rows_h, sat_h]
+        heads_h = np.asarray(state.satellites, np.int64)[sat_h]
+        picks_h = idx[rows_h, sat_h][np.arange(decision.nmax)[None, :] < counts_h[:, None]]  # row after row
         k_host, v_host = state.host.gather_batch(rows_h, heads_h, picks_h, counts_h)
-        seg = rows_h * store.num_heads + heads_h
-        slots = np.repeat(store.start_h[seg], counts_h) + (np.arange(len(picks_h)) - np.repeat(np.cumsum(counts_h) - counts_h, counts_h))
+        slots = segment_ranges_host(store.start_h[rows_h * store.num_heads + heads_h], counts_h)
         positions = state.prompt_pos[np.repeat(rows_h, counts_h), picks_h]
         self._transfer.write(layer_idx, store, to_device(slots, store.device), k_host, v_host,
                              to_device(positions, store.device, torch.int32))
-        self.stats.satellite_refills += len(rows)
+        self.stats.satellite_refills += len(rows_h)
         self.stats.tokens_moved += int(counts_h.sum())
         self.stats.bytes_moved += k_host.numel() * k_host.element_size() * 2
         return refreshed
@@ -473,10 +476,3 @@ class HeteroCachePolicy(Policy):
         self._step = 0
         self._first_layer = None
 
-
-#: Steps between a decode-time drift check and the host acting on it. The check runs after the
-#: layer's attention at step t; its decision reaches the host without a wait and is acted on at
-#: the start of step t + 2, when the device has long finished step t (the host runs at most about a
-#: step ahead). A synchronous refresh would be visible from step t + 1: satellites see a drift
-#: refresh one step later than that.
-DECISION_LAG = 2
