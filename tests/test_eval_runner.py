@@ -220,7 +220,7 @@ def test_a_budget_the_method_cannot_meet_is_skipped_with_its_reason(model, token
     result = run_eval(model, tokenizer, config, tmp_path, make_cache=with_hetero, progress=False, plots=False)
     assert {r["method"] for r in result.records} == {"full"}
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
-    assert meta["skipped"][0]["method"] == "hetero" and "smallest feasible budget" in meta["skipped"][0]["reason"]
+    assert meta["skipped"][0]["method"] == "hetero" and "must exceed 0.4167" in meta["skipped"][0]["reason"]
 
 
 def test_records_made_with_other_cache_settings_are_not_resumed_over(model, tokenizer, tmp_path):

@@ -276,10 +276,18 @@ def test_profile_that_does_not_fit_the_model_is_rejected():
         model.generate(_ids(L=20), past_key_values=HeteroCache(toy_profile(), budget=0.5), max_new_tokens=2)
 
 
-def test_infeasible_budget_is_rejected_with_the_smallest_feasible_one():
+def test_budget_below_the_floor_is_rejected_at_construction():
+    # 5 of 12 heads are full: no prompt fits a budget <= 5/12, so the cache refuses it up front.
+    with pytest.raises(InfeasibleBudgetError, match=r"must exceed 0\.4167"):
+        HeteroCache(toy_profile(), budget=0.2)
+    HeteroCache(toy_profile(), budget=0.42)  # just above the floor: accepted
+
+
+def test_infeasible_budget_for_a_short_prompt_is_rejected_with_the_smallest_feasible_one():
     model = toy_model()
-    with pytest.raises(InfeasibleBudgetError, match="smallest feasible budget"):
-        _prefilled(model, toy_profile(), _ids(L=50), budget=0.2)  # 5 of 12 heads are full
+    # Above the floor but a 5-token prompt cannot give each of the 7 compressed heads a token.
+    with pytest.raises(InfeasibleBudgetError, match=r"smallest feasible budget for a 5-token prompt is 0\.5333"):
+        _prefilled(model, toy_profile(), _ids(L=5), budget=0.45)
 
 
 @pytest.mark.parametrize("kwargs", [{"budget": 0}, {"budget": 1.5}, {"window": 0}, {"kernel": 4},

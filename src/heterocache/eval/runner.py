@@ -236,9 +236,9 @@ def _feasible_pairs(pairs, factory: CacheFactory, model, prompt_tokens: int) -> 
     failing in the middle of the grid. Returns ``({kept pair: its cache_settings}, skipped)``."""
     kept, skipped = {}, []
     for method, budget in pairs:
-        cache = new_cache(factory, method, budget, model)
-        policy = getattr(cache, "policy", None)
-        try:
+        try:  # a budget below the floor is refused when the cache is made, a short prompt's at plan
+            cache = new_cache(factory, method, budget, model)
+            policy = getattr(cache, "policy", None)
             if hasattr(policy, "plan_for"):
                 policy.plan_for(prompt_tokens)
         except ValueError as err:

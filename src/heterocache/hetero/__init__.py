@@ -1,7 +1,7 @@
 """The HeteroCache method: budget plan, host-resident satellites, drift-triggered refresh."""
 
 from .cache import HeteroCache
-from .plan import InfeasibleBudgetError, min_feasible_budget, plan_tokens
+from .plan import InfeasibleBudgetError, budget_floor, min_feasible_budget, plan_tokens
 from .policy import HeteroCachePolicy, RefreshStats
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "HeteroCachePolicy",
     "InfeasibleBudgetError",
     "RefreshStats",
+    "budget_floor",
     "min_feasible_budget",
     "plan_tokens",
 ]

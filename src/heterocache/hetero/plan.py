@@ -17,6 +17,26 @@ class InfeasibleBudgetError(ValueError):
     """The profile keeps more heads full than the budget allows."""
 
 
+def budget_floor(full: torch.Tensor) -> float:
+    """The budget every prompt needs more than: the share of KV heads kept full (volatile and
+    pivot). A budget at or below it is infeasible whatever the prompt length."""
+    return int(full.sum()) / full.numel()
+
+
+def check_budget_above_floor(full: torch.Tensor, budget: float) -> None:
+    """Raise ``InfeasibleBudgetError`` at construction when ``budget`` is at or below the floor.
+
+    Finite prompts need slightly more (``min_feasible_budget``); that is checked at prefill.
+    """
+    H, F = full.numel(), int(full.sum())
+    if F < H and budget <= F / H:
+        raise InfeasibleBudgetError(
+            f"budget {budget} is too small for this head profile: {F} of {H} KV heads are kept full "
+            f"(volatile and pivot), so every budget must exceed {F / H:.4f} (a little more for short "
+            f"prompts: min_feasible_budget). Use budget > {F / H:.4f}, or another method for smaller budgets."
+        )
+
+
 def min_feasible_budget(full: torch.Tensor, prompt_tokens: int) -> float:
     """Smallest budget with which every compressed head keeps at least one token.
 

@@ -27,7 +27,7 @@ from ..profile import HeadProfile, Role
 from ..store import RaggedKVStore, segment_ranges_host, to_device
 from .drift import membership, pivot_scores, set_overlap, topk_sets
 from .host_store import SatelliteHostStore
-from .plan import plan_tokens
+from .plan import check_budget_above_floor, plan_tokens
 from .transfer import RefreshTransfer
 
 
@@ -181,6 +181,8 @@ class HeteroCachePolicy(Policy):
         self.full = (roles == Role.VOLATILE) | (roles == Role.PIVOT)
         ratios = torch.nan_to_num(self.profile.budget_ratios, nan=1.0)
         self.ratios = ratios if self.inverse_stability else torch.ones_like(ratios)
+        if self.budget_tokens is None:  # a fraction at or below the full heads' share never fits
+            check_budget_above_floor(self.full, self.budget)
         self.stats = RefreshStats()
         self._layers: dict[int, _LayerState] = {}
         self._transfer: RefreshTransfer | None = None
