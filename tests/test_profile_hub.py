@@ -165,3 +165,58 @@ def test_cli_reads_a_hub_profile_with_hf_hub_offline_env(tmp_path):
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "toy/toy-model" in result.stdout and "satellite" in result.stdout
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """Online mode with an empty cache and a Hub that cannot be reached; every hf_hub_download call
+    is recorded (a call that would go to the network fails the test)."""
+    from heterocache.profile.io import hub
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "_unreachable_reason", lambda timeout=3.0: "example.invalid:443: no route")
+    calls = []
+    real = huggingface_hub.hf_hub_download
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("local_files_only", False))
+        if not kwargs.get("local_files_only", False):
+            raise AssertionError("went to the network although the Hub is unreachable")
+        return real(*args, cache_dir=str(cache), **{k: v for k, v in kwargs.items() if k != "cache_dir"})
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording)
+    return cache, calls
+
+
+def test_an_unreachable_hub_fails_at_once_with_the_reason(unreachable_hub):
+    cache, calls = unreachable_hub
+    with pytest.raises(ProfileNotFoundError, match="the Hub cannot be reached .*no route.*HF_HUB_OFFLINE=1"):
+        HeadProfile.from_pretrained("someone/absent")
+    assert calls == [True]  # only the local cache was asked
+
+
+def test_an_unreachable_hub_still_serves_a_cached_profile(unreachable_hub):
+    cache, calls = unreachable_hub
+    add_snapshot(cache, "someone/toy-profile", SHA_MAIN, toy_profile())
+    assert HeadProfile.from_pretrained("someone/toy-profile").num_kv_heads == 4
+    assert calls == [True]
+
+
+@pytest.mark.parametrize("typo", ["HuggingFaceTB/SmolLM2-135M-Instruc", "huggingfacetb/smollm2-135m-instrukt",
+                                  "meta-llama/Llama-3.1-8B-Instrct"])
+def test_a_typo_in_a_bundled_name_suggests_the_bundled_profile(offline_hub, typo):
+    from heterocache.profile.io.bundled import bundled_profiles
+
+    with pytest.raises(ProfileNotFoundError, match="Did you mean the bundled") as info:
+        HeadProfile.from_pretrained(typo)
+    suggested = str(info.value).split("Did you mean the bundled '")[1].split("'")[0]
+    assert suggested in bundled_profiles() and suggested.split("/")[1].lower()[:8] == typo.split("/")[1].lower()[:8]
+
+
+def test_a_name_far_from_every_bundled_one_suggests_nothing(offline_hub):
+    with pytest.raises(ProfileNotFoundError) as info:
+        HeadProfile.from_pretrained("someone/absent")
+    assert "Did you mean" not in str(info.value)

@@ -57,3 +57,18 @@ def find_bundled(name: str) -> Path | None:
             "give the full name org/model"
         )
     return matches[0] if matches else None
+
+
+def closest_bundled(name: str) -> str | None:
+    """The bundled profile name closest to ``name`` (a likely typo), or None when none is close."""
+    import difflib
+
+    names = list(bundled_profiles())
+    query = str(name).strip().replace("--", "/").lower()
+    lowered = {n.lower(): n for n in names}
+    short = {n.split("/")[-1].lower(): n for n in names}
+    match = difflib.get_close_matches(query, list(lowered), n=1, cutoff=0.8)
+    if match:
+        return lowered[match[0]]
+    match = difflib.get_close_matches(query.split("/")[-1], list(short), n=1, cutoff=0.8)
+    return short[match[0]] if match else None

@@ -37,6 +37,21 @@ def download_profile(
 
     from heterocache import __version__
 
+    common = dict(revision=revision, cache_dir=cache_dir, token=token,
+                  library_name="heterocache", library_version=__version__)
+    try:  # the local cache first: no network, and huggingface_hub's retries only when needed
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True, **common))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HFValidationError, OSError) as err:
+        from huggingface_hub import constants
+
+        if local_files_only or constants.HF_HUB_OFFLINE or isinstance(err, HFValidationError):
+            raise _not_found(repo_id, revision, filename, err) from err
+    unreachable = _unreachable_reason()
+    if unreachable is not None:  # fail in seconds, not after a minute of retries
+        raise ProfileNotFoundError(
+            f"Hub repository '{repo_id}': '{filename}' is not in the local cache and the Hub cannot be "
+            f"reached ({unreachable}); set HF_HUB_OFFLINE=1 to look in the cache only"
+        )
     try:
         path = hf_hub_download(
             repo_id,
@@ -49,12 +64,38 @@ def download_profile(
             library_version=__version__,
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, HFValidationError, OSError) as err:
-        at = f" at revision {revision!r}" if revision else ""
-        summary = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ProfileNotFoundError(
-            f"Hub repository '{repo_id}'{at} has no usable '{filename}' ({type(err).__name__}: {summary})"
-        ) from err
+        raise _not_found(repo_id, revision, filename, err) from err
     return Path(path)
+
+
+def _not_found(repo_id: str, revision: str | None, filename: str, err: Exception) -> ProfileNotFoundError:
+    at = f" at revision {revision!r}" if revision else ""
+    summary = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ProfileNotFoundError(
+        f"Hub repository '{repo_id}'{at} has no usable '{filename}' ({type(err).__name__}: {summary})"
+    )
+
+
+def _unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hub endpoint cannot be reached (a TCP connection within ``timeout`` seconds), or None.
+
+    Behind a proxy the endpoint is not probed (the proxy decides), so None is returned.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{url.hostname}:{port}: {err.strerror or err}"
+    return None
 
 
 def push_to_hub(

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import ProfileError, ProfileNotFoundError
 from ..format import FORMAT_TAG, PROFILE_FILENAME, load_file
 from ..head_profile import HeadProfile
-from .bundled import bundled_profiles, find_bundled
+from .bundled import bundled_profiles, closest_bundled, find_bundled
 from .hub import download_profile
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -57,7 +57,12 @@ def resolve_profile_file(
                                     token=token, local_files_only=local_files_only)
         except ProfileNotFoundError as err:
             tried.append(str(err))
-    raise ProfileNotFoundError(f"no head profile '{name}': " + "; ".join(tried))
+    raise ProfileNotFoundError(f"no head profile '{name}': " + "; ".join(tried) + _did_you_mean(name))
+
+
+def _did_you_mean(name: str) -> str:
+    close = closest_bundled(name)
+    return f". Did you mean the bundled '{close}'?" if close is not None else ""
 
 
 def _profile_in_folder(folder: Path, filename: str) -> Path:
@@ -151,7 +156,7 @@ def _find(name: str, *, revision: str | None, use_hub: bool, **hub_kwargs: Any) 
             tried.append(f"not on the Hub: {err}")
     out = suggested_filename(name)
     raise ProfileNotFoundError(
-        f"no head profile for model '{name}': " + "; ".join(tried) + ".\n"
+        f"no head profile for model '{name}': " + "; ".join(tried) + _did_you_mean(name) + ".\n"
         f"Profile the model once with:\n    heterocache profile run {name} --out {out}\n"
         f"then load it with HeadProfile.from_pretrained('{out}') "
         f"(or publish it with profile.push_to_hub('{name}') to make profile_for_model find it)."
