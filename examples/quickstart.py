@@ -17,6 +17,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import heterocache
 from heterocache import FullKVCache, SnapKVCache
+from heterocache._compat import cache_kwarg
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.tasks.ruler import NeedleTask
 from heterocache.hetero import HeteroCache
@@ -57,7 +58,7 @@ def answer(model, tokenizer, inputs, cache, max_new_tokens: int) -> tuple[str, f
     clock = _StepClock()
     out = model.generate(
         **inputs,
-        past_key_values=cache,
+        **cache_kwarg(model, cache),  # cache= from transformers 5.24, past_key_values= before
         max_new_tokens=max_new_tokens,
         do_sample=False,
         logits_processor=LogitsProcessorList([clock]),
@@ -76,10 +77,16 @@ def main() -> None:
                         help=f"fraction of the prompt KV kept (default {DEFAULT_BUDGET})")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                         help=f"prompt queries that choose the kept tokens (default {DEFAULT_WINDOW})")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="(default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="(default 0)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; on a busy machine 1 is often fastest)")
     args = parser.parse_args()
 
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     print("Loading SmolLM2-135M-Instruct ...", flush=True)
     model, tokenizer = load_smollm2(attn_implementation=heterocache.ATTENTION_NAME)

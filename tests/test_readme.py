@@ -1,0 +1,63 @@
+"""The README quick start and the demo run as a new user runs them: pasted / from the command line,
+offline, on the bundled SmolLM2, with the cache keyword the installed transformers wants."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "default"}
+
+
+def quick_start_code() -> str:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "the README's quick start has no python block"
+    return match.group(1)
+
+
+def _needs_smollm2():
+    pytest.importorskip("gguf")
+    from heterocache.models import smollm2_path
+
+    try:
+        smollm2_path()
+    except FileNotFoundError as err:  # pragma: no cover - CI installs it
+        pytest.skip(str(err))
+
+
+def _no_deprecation(stderr: str) -> None:
+    assert "FutureWarning" not in stderr and "deprecated" not in stderr.lower(), stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_readme_quick_start_runs_as_pasted(tmp_path):
+    _needs_smollm2()
+    script = tmp_path / "quick_start.py"
+    script.write_text(quick_start_code())
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    assert set(lines) == {"FullKVCache", "HeteroCache", "SnapKVCache"}, result.stdout
+    assert "7319" in lines["FullKVCache"] and "7319" in lines["HeteroCache"], result.stdout
+    _no_deprecation(result.stderr)
+
+
+@pytest.mark.slow
+def test_demo_runs_with_threads_and_no_deprecation_warning():
+    _needs_smollm2()
+    result = subprocess.run(
+        [sys.executable, "examples/quickstart.py", "--tokens", "800", "--max-new-tokens", "8", "--threads", "1"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("answer:") == 2 and "(correct)" in result.stdout, result.stdout
+    _no_deprecation(result.stderr)
