@@ -354,3 +354,18 @@ def test_gpu_async_refresh_gives_the_tokens_of_the_synchronous_path():
         outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=64, do_sample=False))
         assert cache.stats()["refreshes"] > 0
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_pivot_keys_read_as_a_view_equal_the_gathered_ones(B):
+    model = toy_model()
+    cache = _prefilled(model, toy_profile(), _ids(B=B, L=40), budget=0.6)
+    policy, viewed = cache.policy, 0
+    for layer_idx, state in policy._layers.items():
+        store = cache.layers[layer_idx].store
+        idx, valid, spacing = state.pivot_index(store)
+        keys, valid2 = state.pivot_keys(store)
+        assert torch.equal(valid, valid2) and keys.shape == (*idx.shape, store.k.shape[-1])
+        torch.testing.assert_close(keys[valid], store.k[idx][valid], rtol=0, atol=0)
+        viewed += spacing is not None
+    assert viewed >= 1  # the view path ran (one pivot per row is always evenly spaced)

@@ -213,3 +213,29 @@ def test_methods_evicting_while_decoding_cannot_be_cropped(method):
     with pytest.raises(NotImplementedError, match="evicts tokens while decoding"):
         cache.crop(-2)
     assert make_cache(method, 0.5, model, evict_during_decode=False).is_croppable
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("kernel", [1, 3, 5, 7])
+def test_pool_scores_is_torchs_1d_pooling(mode, kernel):
+    import torch.nn.functional as F
+
+    from heterocache.policies.scoring import pool_scores
+
+    torch.manual_seed(kernel)
+    x = torch.rand(2, 3, 4, 50)
+    out = pool_scores(x, kernel, mode)
+    if kernel == 1:
+        assert out is x
+        return
+    pool = F.avg_pool1d if mode == "avg" else F.max_pool1d
+    ref = pool(x.reshape(-1, 1, 50), kernel, stride=1, padding=kernel // 2).reshape(x.shape)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+    assert out.shape == x.shape
+
+
+def test_pool_scores_rejects_an_unknown_mode():
+    from heterocache.policies.scoring import pool_scores
+
+    with pytest.raises(ValueError, match="'avg' or 'max'"):
+        pool_scores(torch.rand(4, 9), 3, "median")

@@ -222,11 +222,13 @@ def _decode_uniform(store: RaggedKVStore, query: torch.Tensor, scaling: float, p
 def _decode_segments(store: RaggedKVStore, query: torch.Tensor, scaling: float, plan: DecodePlan) -> torch.Tensor:
     B, Hq, _, D = query.shape
     G = Hq // store.num_heads
-    q = query.reshape(store.num_segments, 1, G, D).to(store.dtype)
+    # 4-D operands: SDPA's fused CPU kernel; 3-D ones fall back to its math path, which scales
+    # every stored key by a multiply per step.
+    q = query.reshape(store.num_segments, 1, 1, G, D).to(store.dtype)
     out = torch.empty(store.num_segments, G, D, dtype=store.dtype, device=store.device)
     for s, (lo, n) in enumerate(plan.spans):
-        k, v = store.k[lo : lo + n].unsqueeze(0), store.v[lo : lo + n].unsqueeze(0)
-        out[s] = F.scaled_dot_product_attention(q[s], k, v, scale=scaling)[0]
+        k, v = store.k[lo : lo + n].view(1, 1, n, D), store.v[lo : lo + n].view(1, 1, n, D)
+        out[s] = F.scaled_dot_product_attention(q[s], k, v, scale=scaling)[0, 0]
     return out.to(query.dtype).view(B, 1, Hq, D)
 
 

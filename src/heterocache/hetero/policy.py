@@ -71,22 +71,51 @@ class _LayerState:
         self.queries: list[torch.Tensor] = []
         self.host: SatelliteHostStore | None = None
         self.pending: list[_Decision] = []
-        self._pivot_index = None  # (layout_version, idx [B, P, Lmax], valid [B, P, Lmax])
+        # (layout_version, idx [B, P, Lmax], valid [B, P, Lmax], strides or None)
+        self._pivot_index = None
 
-    def pivot_index(self, store: RaggedKVStore) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot index and validity ``[B, P, Lmax]`` of every pivot's prompt tokens (host-built,
-        cached until the store's layout changes)."""
+    def pivot_index(self, store: RaggedKVStore) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """Slot index and validity ``[B, P, Lmax]`` of every pivot's prompt tokens, and, when the
+        pivots' first slots are evenly spaced over rows and pivots (always for one pivot and row),
+        ``(first, row_step, pivot_step)`` in slots so the keys can be read as a view instead of a
+        gather. Host-built, cached until the store's layout changes."""
         if self._pivot_index is None or self._pivot_index[0] != store.layout_version:
             B, H = store.num_rows, store.num_heads
             Lmax = int(self.prompt_tokens.max()) if B else 0
             j = np.arange(Lmax)
             n = self.prompt_tokens[:, None, None]
-            starts = store.start_h.reshape(B, H)[:, self.pivots][:, :, None]
-            idx = starts + np.minimum(j[None, None, :], np.maximum(n - 1, 0))
+            first = store.start_h.reshape(B, H)[:, self.pivots]  # [B, P]
+            idx = first[:, :, None] + np.minimum(j[None, None, :], np.maximum(n - 1, 0))
             valid = np.broadcast_to(j[None, None, :] < n, idx.shape)
             self._pivot_index = (store.layout_version, to_device(idx, store.device),
-                                 to_device(valid, store.device, torch.bool))
-        return self._pivot_index[1], self._pivot_index[2]
+                                 to_device(valid, store.device, torch.bool), _even_spacing(first, Lmax, store))
+        return self._pivot_index[1], self._pivot_index[2], self._pivot_index[3]
+
+    def pivot_keys(self, store: RaggedKVStore) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every pivot's prompt keys ``[B, P, Lmax, D]`` (a strided view where the layout allows,
+        else gathered; padded slots hold other tokens and are masked by ``valid``) and ``valid``."""
+        idx, valid, spacing = self.pivot_index(store)
+        if spacing is None:
+            return store.k[idx], valid
+        first, row_step, pivot_step = spacing
+        D = store.k.shape[-1]
+        shape = (idx.shape[0], idx.shape[1], idx.shape[2], D)
+        return store.k.as_strided(shape, (row_step * D, pivot_step * D, D, 1),
+                                  store.k.storage_offset() + first * D), valid
+
+
+def _even_spacing(first: np.ndarray, length: int, store: RaggedKVStore) -> tuple | None:
+    """``(first, row_step, pivot_step)`` when ``first[b, p] == first + b*row_step + p*pivot_step``
+    and every ``length``-slot window stays inside the buffer, else None."""
+    if first.size == 0 or not store.k.is_contiguous():
+        return None
+    B, P = first.shape
+    row_step = int(first[1, 0] - first[0, 0]) if B > 1 else 0
+    pivot_step = int(first[0, 1] - first[0, 0]) if P > 1 else 0
+    expected = first[0, 0] + np.arange(B)[:, None] * row_step + np.arange(P)[None, :] * pivot_step
+    if not np.array_equal(first, expected) or int(first.max()) + length > store.k.shape[0]:
+        return None
+    return int(first[0, 0]), row_step, pivot_step
 
 
 #: Steps between a decode-time drift check and the host acting on it. The check runs after the
@@ -273,8 +302,8 @@ class HeteroCachePolicy(Policy):
 
     def _pivot_scores(self, state: _LayerState, store: RaggedKVStore, queries: torch.Tensor, scaling: float):
         """``pivot_scores`` of queries ``[B, P, T, G, D]`` over the pivots' prompt keys in the store."""
-        idx, valid = state.pivot_index(store)
-        return pivot_scores(queries, store.k[idx], valid, scaling, self.kernel)
+        keys, valid = state.pivot_keys(store)
+        return pivot_scores(queries, keys, valid, scaling, self.kernel)
 
     def _base_tokens(self, prompt_tokens: int) -> int:
         """Per-head base budget (b*H - F) * L / (H - F) of the paper (at least 1)."""

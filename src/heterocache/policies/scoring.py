@@ -289,17 +289,23 @@ def pool_scores(scores: torch.Tensor, kernel: int, mode: str = "avg") -> torch.T
         kernel: odd window size; 1 disables pooling.
         mode: "avg" or "max".
     """
+    if mode not in ("avg", "max"):
+        raise ValueError(f"pooling must be 'avg' or 'max', got {mode!r}")
     if kernel <= 1:
         return scores
-    shape = scores.shape
-    x = scores.reshape(-1, 1, shape[-1])
-    if mode == "avg":
-        x = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2)
-    elif mode == "max":
-        x = F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
-    else:
-        raise ValueError(f"pooling must be 'avg' or 'max', got {mode!r}")
-    return x.reshape(shape)
+    # A sum (or max) of ``kernel`` shifted slices: what avg_pool1d / max_pool1d compute (zero / -inf
+    # padding, count_include_pad), at a fraction of their CPU cost on long rows.
+    L, pad = scores.shape[-1], kernel // 2
+    fill = 0.0 if mode == "avg" else float("-inf")
+    padded = F.pad(scores, (pad, pad), value=fill)
+    out = padded[..., 0:L].clone()
+    for shift in range(1, kernel):
+        tap = padded[..., shift : shift + L]
+        if mode == "avg":
+            out += tap
+        else:
+            torch.maximum(out, tap, out=out)
+    return out / kernel if mode == "avg" else out
 
 
 def reduce_gqa(scores: torch.Tensor, num_heads: int, mode: str = "mean") -> torch.Tensor:
