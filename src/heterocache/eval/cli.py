@@ -39,7 +39,11 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
-        "--methods", type=_csv(str), default=("full",), help="comma-separated method names (default: full)"
+        "--methods",
+        type=_csv(str),
+        default=("dynamic",),
+        help="comma-separated method registry names; 'dynamic' (transformers' DynamicCache) is the "
+        "uncompressed reference (old name: full; default: dynamic)",
     )
     p.add_argument(
         "--budgets",

@@ -38,7 +38,7 @@ PLACEHOLDER = """
 No results yet. Produce them with, for example:
 
 ```bash
-heterocache eval --model smollm2 --methods full,snapkv,heterocache --budgets 0.1,0.25,0.5 \\
+heterocache eval --model smollm2 --methods dynamic,snapkv,heterocache --budgets 0.1,0.25,0.5 \\
     --tasks ruler --lengths 1024,2048,4096 --num-samples 10 --fidelity --out runs/eval/smollm2
 heterocache eval-report runs/eval/smollm2/results.json
 ```
@@ -110,7 +110,8 @@ def comparison_table(avg: list[dict], method: str = "heterocache", records: list
     ruler = GROUPS["ruler"]
     for c in mine:
         same = [o for o in avg if (o["length"], o["mode"]) == (c["length"], c["mode"])]
-        full = [o for o in same if is_full(o["method"])]
+        # the reference: DynamicCache when it ran, else another full-cache method
+        full = sorted((o for o in same if is_full(o["method"])), key=lambda o: o["method"] != "dynamic")
         others = [o for o in same if o["budget"] == c["budget"] and o["method"] != method and not is_full(o["method"])]
         best = max(others, key=lambda o: o["score"], default=None)
 
