@@ -64,8 +64,232 @@ CELLS = [
 
 
 # ---- 1. fast start, --version, defaults in --help ----------------------------------------------
+def test_help_imports_neither_torch_nor_transformers(tmp_path):
+    done, heavy = run_console_script(tmp_path, "--help")
+    assert done.returncode == 0 and "usage: heterocache" in done.stdout and "bench" in done.stdout
+    assert heavy == set()
+
+
+@pytest.mark.parametrize("command", [["bench", "--help"], ["eval", "--help"], ["profile", "run", "--help"]])
+def test_sub_command_help_is_light_too(tmp_path, command):
+    done, heavy = run_console_script(tmp_path, *command)
+    assert done.returncode == 0 and heavy == set()
+
+
+def test_version_is_printed_without_torch(tmp_path):
+    done, heavy = run_console_script(tmp_path, "--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"heterocache {heterocache.__version__}"
+    assert heavy == set()
+
+
+def test_version_matches_the_one_the_build_reads():
+    from heterocache._version import __version__
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject and 'path = "src/heterocache/_version.py"' in pyproject
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", __version__) and heterocache.__version__ == __version__
+
+
+def test_profile_list_is_light(tmp_path):
+    done, heavy = run_console_script(tmp_path, "profile", "list")
+    assert done.returncode == 0 and "meta-llama/Llama-3.1-8B-Instruct" in done.stdout
+    assert heavy == set()
+
+
+def test_profile_show_of_a_bundled_profile_does_not_import_transformers(tmp_path):
+    # the profile's tensors are torch tensors, so torch is needed; transformers is not
+    done, heavy = run_console_script(tmp_path, "profile", "show", "llama-3.1-8b-instruct")
+    assert done.returncode == 0 and "anchor          10    3.9%" in done.stdout
+    assert heavy == {"torch"}
+
+
+def test_python_dash_m_heterocache_is_light():
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "heterocache", "--version"],
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == f"heterocache {heterocache.__version__}"
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert "encodings" in imported  # the import log is there at all
+    assert not imported & {"torch", "transformers"}
+
+
+def test_importing_the_package_still_registers_the_attention():
+    code = ("import heterocache\n"
+            "from transformers import AttentionInterface\n"
+            "from transformers.masking_utils import AttentionMaskInterface\n"
+            "assert 'heterocache' in AttentionInterface._global_mapping\n"
+            "assert 'heterocache' in AttentionMaskInterface._global_mapping\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["/usr/bin/python3", "/usr/local/bin/heterocache", "--help"], True),
+    (["python", r"C:\env\Scripts\heterocache.exe", "bench"], True),
+    (["python", "-m", "heterocache", "--version"], True),
+    (["python", "-X", "importtime", "-mheterocache.cli"], True),
+    (["python", "-m", "pytest", "tests"], False),
+    (["python", "-c", "import heterocache"], False),
+    (["python", "my_script.py"], False),
+    (["python", "heterocache.py"], False),
+    (["python"], False),
+])
+def test_only_the_command_line_skips_the_registration(argv, expected):
+    from heterocache._launch import started_as_cli
+
+    assert started_as_cli(argv) is expected
+
+
+def test_help_shows_the_defaults(capsys):
+    bench = _help(capsys, "bench")
+    assert "timed decode steps (>= 1) (default: 32)" in bench
+    assert "(default: dynamic,fullkv,heterocache,snapkv)" in bench and "(default: 2048,4096)" in bench
+    evaluation = _help(capsys, "eval")
+    assert "(default: 0.1,0.25,0.5)" in evaluation and "(default: 64)" in evaluation
+    assert "(default: dynamic)" in evaluation
+    assert "(default: 1024)" in _help(capsys, "profile", "run")
+    assert "(default: None)" not in bench + evaluation  # options without a default say nothing
+
+
 # ---- 2. bench and eval: bad requests rejected while parsing, all-infeasible grids --------------
+def _no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for a request that is rejected")
+
+    import heterocache.eval.cli
+    import heterocache.models
+
+    monkeypatch.setattr(heterocache.models, "load_model", refuse)
+    monkeypatch.setattr(heterocache.eval.cli, "load_model", refuse)
+
+
+def _exit_2(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bench_new_tokens_must_be_at_least_one(capsys, monkeypatch):
+    _no_model_loading(monkeypatch)
+    err = _exit_2(capsys, ["bench", "--new-tokens", "0", "--no-plot"])
+    assert "argument --new-tokens: must be >= 1, got 0" in err
+
+
+@pytest.mark.parametrize("command", ["bench", "eval"])
+def test_unknown_method_is_rejected_before_the_model_loads(capsys, monkeypatch, command):
+    _no_model_loading(monkeypatch)
+    err = _exit_2(capsys, [command, "--methods", "dynamic,bogus"])
+    assert "argument --methods: unknown method 'bogus'" in err
+    assert all(name in err for name in ("dynamic", "fullkv", "snapkv", "heterocache"))  # the valid names
+
+
+def test_bench_names_are_canonical_after_parsing():
+    from heterocache.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "--methods", "SnapKV,dynamic"]).methods == ["snapkv", "dynamic"]
+
+
+def test_eval_command_accepts_the_old_name_full_with_a_warning():
+    from heterocache.cli import build_parser
+
+    with pytest.warns(FutureWarning, match="'full' is deprecated; use 'dynamic'"):
+        assert build_parser().parse_args(["eval", "--methods", "full,snapkv"]).methods == ("dynamic", "snapkv")
+
+
+@pytest.fixture(scope="module")
+def toy_config(tmp_path_factory):
+    """A config in the toy profile's shape (3 layers, 8 query / 4 KV heads, head_dim 16) + that profile."""
+    from transformers import LlamaConfig
+
+    from heterocache.profile.testing import toy_profile
+
+    folder = tmp_path_factory.mktemp("toy")
+    LlamaConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=16, vocab_size=256, max_position_embeddings=512).save_pretrained(folder)
+    toy_profile().save(folder / "toy.safetensors")
+    return folder
+
+
+def test_commands_that_run_models_work_from_the_console_script(toy_config, tmp_path):
+    # the console script skips the import-time registration; a ragged cache must still find the
+    # "heterocache" attention (its modules import and register it)
+    done, heavy = run_console_script(tmp_path, "bench", "--model", f"random:{toy_config}", "--methods",
+                                     "fullkv,snapkv", "--budgets", "0.5", "--lengths", "48", "--new-tokens", "1",
+                                     "--warmup", "0", "--threads", "1", "--no-plot", "--out", str(tmp_path / "b"))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]
+    assert [(r["method"], "error" in r) for r in rows] == [("fullkv", False), ("snapkv", False)]
+    assert heavy == {"torch", "transformers"}
+
+
+def test_bench_where_every_cell_is_infeasible_says_so_and_draws_nothing(toy_config, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit) as stop:
+        # toy profile: 5 of 12 heads full, so budget 0.2 is below the floor at any length
+        main(["bench", "--model", f"random:{toy_config}", "--methods", "heterocache", "--budgets", "0.2",
+              "--lengths", "64", "--new-tokens", "1", "--warmup", "0", "--threads", "1",
+              "--profile", str(toy_config / "toy.safetensors"), "--out", str(out)])
+    message = str(stop.value.code)
+    assert "no cell could be measured, so there is no plot" in message
+    assert "smallest feasible budget for a 64-token prompt is 0.4" in message
+    assert "raise --budgets above the smallest feasible budget" in message
+    assert not (out / "bench.png").exists()
+    rows = json.loads((out / "bench.json").read_text())["rows"]  # the record is still written
+    assert len(rows) == 1 and rows[0]["error"].startswith("infeasible budget")
+
+
+def test_plot_bench_refuses_rows_without_measurements(tmp_path):
+    from heterocache.bench_cli import plot_bench
+
+    rows = [{"method": "heterocache", "budget": 0.1, "length": 64, "batch": 1, "error": "out of memory"}]
+    with pytest.raises(ValueError, match=r"(?s)no cell could be measured.*out of memory.*smaller --batch-sizes"):
+        plot_bench({"rows": rows, "machine": {"processor": "x"}}, tmp_path / "b.png")
+
+
+def test_eval_grid_errors_are_messages_not_tracebacks(capsys, monkeypatch):
+    _no_model_loading(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--tasks", "no_such_task", "--no-plots"])
+    assert "heterocache eval: error:" in str(stop.value.code) and "no_such_task" in str(stop.value.code)
+    assert "must be in (0, 1], got 2" in _exit_2(capsys, ["eval", "--budgets", "0.5,2"])
+
+
 # ---- 3. plotting without matplotlib --------------------------------------------------------------
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """matplotlib cannot be imported (as if not installed), even if this process loaded it before."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_profile_plot_without_matplotlib_names_the_extra(no_matplotlib, tmp_path, capsys):
+    from heterocache.profile.testing import toy_profile
+
+    toy_profile().save(tmp_path / "p.safetensors")
+    assert main(["profile", "plot", str(tmp_path / "p.safetensors"), "--out", str(tmp_path / "p.png")]) == 1
+    err = capsys.readouterr().err
+    assert 'pip install "heterocache[plot]"' in err and "Traceback" not in err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_bench_without_matplotlib_fails_before_measuring(no_matplotlib, monkeypatch):
+    _no_model_loading(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--methods", "dynamic"])
+    assert 'pip install "heterocache[plot]"' in str(stop.value.code) and "--no-plot" in str(stop.value.code)
+
+
+def test_eval_without_matplotlib_fails_before_the_grid(no_matplotlib, monkeypatch):
+    _no_model_loading(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--methods", "dynamic"])
+    assert 'pip install "heterocache[plot]"' in str(stop.value.code) and "--no-plots" in str(stop.value.code)
+
+
+def test_the_plot_extra_exists():
+    assert re.search(r'^plot = \["matplotlib', (REPO / "pyproject.toml").read_text(), re.M)
+
+
 # ---- 4. eval-report writes beside its input ------------------------------------------------------
 # ---- 5. the eval plot with a single budget ---------------------------------------------------------
 # ---- 6. one name for the reference cache ----------------------------------------------------------

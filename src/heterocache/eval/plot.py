@@ -11,6 +11,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from .._optional import require_matplotlib
 from .caches import is_full
 from .generation import MODES
 from .results import FIDELITY_TASK
@@ -21,6 +22,7 @@ def _safe(name: str) -> str:
 
 
 def _figure(nrows: int, ncols: int):
+    require_matplotlib("the eval plots")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -201,10 +201,15 @@ def run_eval(
         plots: write PNG plots (needs matplotlib).
 
     Raises:
+        MissingExtraError: ``plots`` without matplotlib installed (raised before anything runs).
         ValueError: a length does not fit the model's context, or ``out_dir`` holds results of
             another model/seed/prompt setting.
     """
     out_dir = Path(out_dir)
+    if plots:  # fail before the grid runs, not after
+        from .._optional import require_matplotlib
+
+        require_matplotlib("the eval plots (plots=False skips them)")
     model_name = model_name or getattr(model.config, "name_or_path", None) or type(model).__name__
     _check_context(model, config)
     _check_fingerprint(out_dir / "config.json", _fingerprint(config, model_name))
