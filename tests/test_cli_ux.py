@@ -286,11 +286,52 @@ def test_eval_without_matplotlib_fails_before_the_grid(no_matplotlib, monkeypatc
     assert 'pip install "heterocache[plot]"' in str(stop.value.code) and "--no-plots" in str(stop.value.code)
 
 
+def test_eval_report_and_plot_functions_without_matplotlib(no_matplotlib, tmp_path):
+    from heterocache._optional import MissingExtraError
+    from heterocache.eval import plot
+    from heterocache.eval.results import write_json
+
+    with pytest.raises(MissingExtraError, match=r'pip install "heterocache\[plot\]"'):
+        plot.plot_all(CELLS, tmp_path)
+    write_json(tmp_path / "run" / "results.json", CELLS, {}, {"model": "tiny/model"})
+    with pytest.raises(SystemExit) as stop:
+        main(["eval-report", str(tmp_path / "run" / "results.json")])
+    assert 'pip install "heterocache[plot]"' in str(stop.value.code)
+
+
 def test_the_plot_extra_exists():
     assert re.search(r'^plot = \["matplotlib', (REPO / "pyproject.toml").read_text(), re.M)
 
 
 # ---- 4. eval-report writes beside its input ------------------------------------------------------
+def test_eval_report_defaults_to_the_folder_of_its_input(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from heterocache.eval.results import write_json
+
+    monkeypatch.chdir(tmp_path)
+    write_json(tmp_path / "runs" / "a" / "results.json", CELLS, {}, {"model": "tiny/a"})
+    write_json(tmp_path / "runs" / "b" / "results.json", CELLS, {}, {"model": "tiny/b"})
+    assert main(["eval-report", "runs/a/results.json"]) == 0
+    assert "## tiny/a" in (tmp_path / "runs" / "a" / "results.md").read_text()
+    assert (tmp_path / "runs" / "a" / "results" / "a" / "score_niah_single.png").exists()
+    assert main(["eval-report", "runs/a/results.json", "runs/b/results.json"]) == 0
+    assert "## tiny/b" in (tmp_path / "runs" / "results.md").read_text()  # their common folder
+    assert not (tmp_path / "docs").exists()
+    assert "wrote runs/results.md" in capsys.readouterr().out
+
+
+def test_eval_report_without_inputs_or_with_a_missing_one_is_a_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["eval-report"])
+    assert "no results.json given" in str(stop.value.code)
+    with pytest.raises(SystemExit) as stop:
+        main(["eval-report", "nowhere/results.json"])
+    assert "no such results file: nowhere/results.json" in str(stop.value.code)
+    assert not (tmp_path / "docs").exists()
+    assert "results.md beside the inputs" in _help(capsys, "eval-report")
+
+
 # ---- 5. the eval plot with a single budget ---------------------------------------------------------
 # ---- 6. one name for the reference cache ----------------------------------------------------------
 def test_eval_and_bench_call_the_reference_dynamic():

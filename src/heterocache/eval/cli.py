@@ -121,13 +121,29 @@ def register(subparsers) -> None:
 
     r = subparsers.add_parser(
         "eval-report",
-        help="write the results page (docs/results.md and its plots) from results.json files",
+        help="write a results page (markdown and its plots) from results.json files",
+        description=REPORT_DESCRIPTION,
+        formatter_class=HelpFormatter,
     )
-    r.add_argument(
+    add_report_arguments(r)
+
+
+REPORT_DESCRIPTION = (
+    "Write a results page from results.json files of `heterocache eval`. Without --out the page is "
+    "results.md in the folder holding the inputs (their common folder when there are several); its "
+    "plots go to results/<run>/ beside it. To refresh the repository's page, pass --out docs/results.md."
+)
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``eval-report`` (also ``python -m heterocache.eval.report``)."""
+    parser.add_argument(
         "results", nargs="*", type=Path, help="results.json files (default: runs/eval/*/results.json)"
     )
-    r.add_argument("--out", type=Path, default=Path("docs/results.md"))
-    r.set_defaults(func=report_command)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="page to write (default: results.md beside the inputs)"
+    )
+    parser.set_defaults(func=report_command)
 
 
 def default_attention() -> str:
@@ -224,9 +240,21 @@ def _config(args: argparse.Namespace, tasks, fidelity):
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report import default_report_path, write_report
 
     paths = args.results or sorted(Path("runs/eval").glob("*/results.json"))
-    path = write_report(paths, args.out)
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"heterocache eval-report: error: no such results file: {', '.join(missing)}")
+    if not paths and args.out is None:
+        raise SystemExit(
+            "heterocache eval-report: error: no results.json given and none under runs/eval/*/; "
+            "pass the files of `heterocache eval` (e.g. runs/eval/smollm2/results.json)"
+        )
+    out = args.out or default_report_path(paths)
+    try:
+        path = write_report(paths, out)
+    except ImportError as err:  # MissingExtraError: the page's plots need matplotlib
+        raise SystemExit(f"heterocache eval-report: error: {err}") from None
     print(f"wrote {path}")
     return 0
