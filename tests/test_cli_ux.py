@@ -333,6 +333,25 @@ def test_eval_report_without_inputs_or_with_a_missing_one_is_a_message(tmp_path,
 
 
 # ---- 5. the eval plot with a single budget ---------------------------------------------------------
+def test_single_budget_plot_has_the_reference_line_and_a_title_that_fits(tmp_path):
+    pytest.importorskip("matplotlib")
+    from heterocache.eval import plot
+
+    title = "HuggingFaceTB/SmolLM2-135M-Instruct, a long model name that one narrow panel cannot hold"
+    for fig in (plot.task_figure(CELLS, "niah_single", title),
+                plot.fidelity_figure([{**c, "task": "fidelity", "length": 512, "kl": c["score"] / 100,
+                                       "top1_agreement": 1.0} for c in CELLS], 512, title)):
+        fig.canvas.draw()
+        reference = [line for line in fig.axes[0].get_lines() if line.get_label().startswith("dynamic")]
+        assert reference, "no reference line"
+        # axhline: from the left to the right edge of the axes (x in axes coordinates), so it is
+        # visible with one budget
+        assert list(reference[0].get_xdata()) == [0, 1] and len(set(reference[0].get_ydata())) == 1
+        box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+    assert plot.plot_task(CELLS, "niah_single", tmp_path / "s.png", title).read_bytes()[:4] == b"\x89PNG"
+
+
 # ---- 6. one name for the reference cache ----------------------------------------------------------
 def test_eval_and_bench_call_the_reference_dynamic():
     from heterocache.bench_cli import DEFAULT_METHODS
