@@ -70,7 +70,7 @@ def compare(records: list[dict], variants, budgets, tasks, length: int) -> list[
             row = {"method": method, "budget": budget, "samples": len(scores),
                    "mean_score": sum(scores) / len(scores) if scores else None}
             others = (("vs_heterocache", ("heterocache", budget)), ("vs_former_default", ("hc_turn_after", budget)),
-                      ("vs_full", ("full", 1.0)))
+                      ("vs_full", ("dynamic", 1.0)))
             for name, other in others:
                 if other[0] == method:
                     continue
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     ours = [r for r in ours if r["sample_idx"] < args.num_samples]
     samples = {(r["task"], r["sample_idx"]) for r in ours}
     grid = [r for r in RecordLog(Path(args.grid) / "records.jsonl").records.values()
-            if (r["task"], r["sample_idx"]) in samples and r["method"] in ("heterocache", "full")]
+            if (r["task"], r["sample_idx"]) in samples and r["method"] in ("heterocache", "dynamic")]
     rows = compare(grid + ours, variants, budgets, tasks, args.length)
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

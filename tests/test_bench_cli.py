@@ -64,13 +64,16 @@ def test_repeated_rows_decode_like_the_single_row(toy_config):
     assert three["tokens"] == one["tokens"] * 3
 
 
-def test_bad_requests_fail_before_any_work(toy_config, tmp_path):
-    with pytest.raises(ValueError, match="unknown method 'nope'"):
+def test_bad_requests_fail_before_any_work(toy_config, tmp_path, capsys):
+    # rejected while parsing (exit 2, the reason on stderr)
+    with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--model", f"random:{toy_config}", "--methods", "nope", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "unknown method 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--model", f"random:{toy_config}", "--budgets", "1.5", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "must be in (0, 1], got 1.5" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="needs --device cuda"):
         main(["bench", "--model", f"random:{toy_config}", "--max-batch", "128", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="budgets must be in"):
-        main(["bench", "--model", f"random:{toy_config}", "--budgets", "1.5", "--out", str(tmp_path)])
     # heterocache without a profile for this model: says how to make one
     with pytest.raises(SystemExit, match="heterocache profile run"):
         main(["bench", "--model", f"random:{toy_config}", "--methods", "heterocache", "--out", str(tmp_path)])

@@ -28,7 +28,7 @@ def test_register_adds_eval_with_comma_separated_grid_options():
         [
             "eval",
             "--methods",
-            "full,snapkv",
+            "dynamic,snapkv",
             "--budgets",
             "0.1,0.5",
             "--lengths",
@@ -38,7 +38,7 @@ def test_register_adds_eval_with_comma_separated_grid_options():
         ]
     )
     assert args.func is cli.run_command
-    assert args.methods == ("full", "snapkv") and args.budgets == (0.1, 0.5)
+    assert args.methods == ("dynamic", "snapkv") and args.budgets == (0.1, 0.5)
     assert args.lengths == (1024, 2048) and args.modes == ("agnostic",)
     assert _parser().parse_args(["eval-report"]).func is cli.report_command
 
@@ -76,7 +76,7 @@ def test_eval_command_runs_a_local_model_folder(tmp_path, capsys):
     assert args.func(args) == 0
     cells = json.loads((out / "results.json").read_text())["cells"]
     assert [(c["method"], c["task"], c["length"], c["mode"], c["n"]) for c in cells] == [
-        ("full", "niah_single", 600, "query_aware", 1)
+        ("dynamic", "niah_single", 600, "query_aware", 1)
     ]
     printed = capsys.readouterr().out
     assert "score (0-100)" in printed and "1 new generations" in printed
@@ -85,7 +85,7 @@ def test_eval_command_runs_a_local_model_folder(tmp_path, capsys):
 CELLS = [
     {"method": m, "budget": b, "task": "niah_single", "length": 1024, "mode": mode, "n": 5, "score": s}
     for mode in ("query_aware", "query_agnostic")
-    for m, b, s in [("full", 1.0, 100.0), ("snapkv", 0.1, 40.0), ("snapkv", 0.5, 80.0)]
+    for m, b, s in [("dynamic", 1.0, 100.0), ("snapkv", 0.1, 40.0), ("snapkv", 0.5, 80.0)]
 ] + [
     {
         "method": "snapkv",
@@ -147,31 +147,31 @@ def test_paired_difference_by_hand():
     from heterocache.eval.paired import paired_difference
 
     records = [_record("heterocache", 0.25, "niah_single", i, s) for i, s in enumerate([100, 0, 100])]
-    records += [_record("full", 1.0, "niah_single", i, s) for i, s in enumerate([100, 100, 0])]
+    records += [_record("dynamic", 1.0, "niah_single", i, s) for i, s in enumerate([100, 100, 0])]
     records += [_record("heterocache", 0.25, "vt", i, s) for i, s in enumerate([100, 100, 100])]
-    records += [_record("full", 1.0, "vt", i, s) for i, s in enumerate([0, 100, 100])]
-    records += [_record("full", 1.0, "vt", 7, 0.0), _record("full", 1.0, "vt", 0, 0.0, mode="query_agnostic")]
-    d = paired_difference(records, ("heterocache", 0.25), ("full", 1.0), 1024, "query_aware", {"niah_single", "vt"})
+    records += [_record("dynamic", 1.0, "vt", i, s) for i, s in enumerate([0, 100, 100])]
+    records += [_record("dynamic", 1.0, "vt", 7, 0.0), _record("dynamic", 1.0, "vt", 0, 0.0, mode="query_agnostic")]
+    d = paired_difference(records, ("heterocache", 0.25), ("dynamic", 1.0), 1024, "query_aware", {"niah_single", "vt"})
     # niah_single: d = 0, -100, 100 (mean 0, variance of the mean 10000/3); vt: d = 100, 0, 0 (mean 33.3,
     # variance of the mean 1111.1). Mean over tasks 16.67, variance (3333.3 + 1111.1) / 4 = 1111.1.
     assert d.pairs == 6 and d.tasks == 2  # the unpaired vt sample 7 and the other mode are left out
     assert d.mean == pytest.approx(50 / 3)
     assert d.half_width == pytest.approx(1.959964 * (1111.111 ** 0.5), rel=1e-4)
     assert d.format() == "+16.7 ± 65.3"
-    one = paired_difference(records[:1] + records[3:4], ("heterocache", 0.25), ("full", 1.0), 1024, "query_aware",
+    one = paired_difference(records[:1] + records[3:4], ("heterocache", 0.25), ("dynamic", 1.0), 1024, "query_aware",
                             {"niah_single"})
     assert one.half_width is None and one.format() == "+0.0 (± n/a)"
-    assert paired_difference(records, ("snapkv", 0.25), ("full", 1.0), 1024, "query_aware", {"vt"}) is None
+    assert paired_difference(records, ("snapkv", 0.25), ("dynamic", 1.0), 1024, "query_aware", {"vt"}) is None
 
 
 def test_results_page_gives_paired_intervals_when_records_are_next_to_the_json(tmp_path):
     cells = [
         {"method": m, "budget": b, "task": "niah_single", "length": 1024, "mode": "query_aware", "n": 2, "score": s}
-        for m, b, s in [("full", 1.0, 50.0), ("heterocache", 0.25, 100.0), ("snapkv", 0.25, 0.0)]
+        for m, b, s in [("dynamic", 1.0, 50.0), ("heterocache", 0.25, 100.0), ("snapkv", 0.25, 0.0)]
     ]
     results = tmp_path / "run" / "results.json"
     write_json(results, cells, {"seed": 0}, {"model": "tiny/model"})
-    rows = [("full", 1.0, [100, 0]), ("heterocache", 0.25, [100, 100]), ("snapkv", 0.25, [0, 0])]
+    rows = [("dynamic", 1.0, [100, 0]), ("heterocache", 0.25, [100, 100]), ("snapkv", 0.25, [0, 0])]
     (tmp_path / "run" / "records.jsonl").write_text(
         "\n".join(json.dumps(_record(m, b, "niah_single", i, s)) for m, b, ss in rows for i, s in enumerate(ss))
         + "\n{cut short"

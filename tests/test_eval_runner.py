@@ -34,8 +34,8 @@ class ForgetfulCache(DynamicCache):
 
 
 def factory(method, budget, model):
-    """Stand-in registry: "full" is exact, "forget" is lossy at any budget."""
-    return {"full": DynamicCache, "forget": ForgetfulCache}[method]()
+    """Stand-in registry: "dynamic" is exact, "forget" is lossy at any budget."""
+    return {"dynamic": DynamicCache, "forget": ForgetfulCache}[method]()
 
 
 class RecordingCache(DynamicCache):
@@ -74,7 +74,7 @@ def counted(model, monkeypatch):
 
 
 def _run(model, tokenizer, out, **overrides):
-    config = EvalConfig(**{**GRID, "methods": ("full", "forget"), "budgets": (0.25,), **overrides})
+    config = EvalConfig(**{**GRID, "methods": ("dynamic", "forget"), "budgets": (0.25,), **overrides})
     return run_eval(model, tokenizer, config, out, make_cache=factory, progress=False, plots=False)
 
 
@@ -118,13 +118,13 @@ def test_resume_skips_finished_cells(counted, tokenizer, tmp_path):
 
 
 def test_outputs_json_csv_plots_and_summary(model, tokenizer, tmp_path):
-    config = EvalConfig(**{**GRID, "methods": ("full", "forget"), "budgets": (0.25, 0.5)})
+    config = EvalConfig(**{**GRID, "methods": ("dynamic", "forget"), "budgets": (0.25, 0.5)})
     result = run_eval(model, tokenizer, config, tmp_path, make_cache=factory, progress=False)
     payload = json.loads((tmp_path / "results.json").read_text())
     cells = payload["cells"]
     assert {(c["method"], c["budget"], c["mode"]) for c in cells} == {
         (m, b, mode)
-        for m, b in [("full", 1.0), ("forget", 0.25), ("forget", 0.5)]
+        for m, b in [("dynamic", 1.0), ("forget", 0.25), ("forget", 0.5)]
         for mode in ("query_aware", "query_agnostic")
     }
     assert all(c["n"] == 2 and 0 <= c["score"] <= 100 and c["task"] == "niah_single" for c in cells)
@@ -140,29 +140,29 @@ def test_outputs_json_csv_plots_and_summary(model, tokenizer, tmp_path):
 
 def test_fidelity_of_the_full_cache_is_exact_and_a_lossy_cache_is_not(model, tokenizer, tmp_path):
     fidelity = FidelityConfig(prefill_tokens=96, decode_tokens=12, num_samples=2)
-    config = EvalConfig(methods=("full", "forget"), budgets=(0.5,), tasks=(), fidelity=fidelity)
+    config = EvalConfig(methods=("dynamic", "forget"), budgets=(0.5,), tasks=(), fidelity=fidelity)
     result = run_eval(model, tokenizer, config, tmp_path, make_cache=factory, progress=False)
     cells = {c["method"]: c for c in result.cells}
-    assert cells["full"]["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert cells["full"]["top1_agreement"] == 1.0
+    assert cells["dynamic"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert cells["dynamic"]["top1_agreement"] == 1.0
     assert cells["forget"]["kl"] > 1e-3
-    assert (cells["full"]["task"], cells["full"]["length"], cells["full"]["n"]) == ("fidelity", 96, 2)
+    assert (cells["dynamic"]["task"], cells["dynamic"]["length"], cells["dynamic"]["n"]) == ("fidelity", 96, 2)
     assert (tmp_path / "plots" / "fidelity_96.png").exists()
 
 
 def test_a_folder_with_another_seed_is_refused(model, tokenizer, tmp_path):
-    _run(model, tokenizer, tmp_path, num_samples=1, modes=("aware",), methods=("full",))
+    _run(model, tokenizer, tmp_path, num_samples=1, modes=("aware",), methods=("dynamic",))
     with pytest.raises(ValueError, match="different setup"):
-        _run(model, tokenizer, tmp_path, num_samples=1, modes=("aware",), methods=("full",), seed=1)
+        _run(model, tokenizer, tmp_path, num_samples=1, modes=("aware",), methods=("dynamic",), seed=1)
 
 
 def test_a_folder_with_fidelity_takes_task_runs_without_it_but_not_other_fidelity_settings(model, tokenizer, tmp_path):
     fidelity = FidelityConfig(prefill_tokens=64, decode_tokens=4, num_samples=1)
-    _run(model, tokenizer, tmp_path, tasks=(), methods=("full",), fidelity=fidelity)
-    more = _run(model, tokenizer, tmp_path, num_samples=1, modes=("aware",), methods=("full",))
+    _run(model, tokenizer, tmp_path, tasks=(), methods=("dynamic",), fidelity=fidelity)
+    more = _run(model, tokenizer, tmp_path, num_samples=1, modes=("aware",), methods=("dynamic",))
     assert more.ran == 1 and {r["task"] for r in more.records} == {"fidelity", "niah_single"}
     with pytest.raises(ValueError, match="different setup"):
-        _run(model, tokenizer, tmp_path, tasks=(), methods=("full",),
+        _run(model, tokenizer, tmp_path, tasks=(), methods=("dynamic",),
              fidelity=FidelityConfig(prefill_tokens=64, decode_tokens=8, num_samples=1))
 
 
@@ -177,15 +177,15 @@ def test_config_validates_budgets_and_modes_and_expands_groups():
     with pytest.raises(ValueError):
         EvalConfig(modes=("sideways",))
     config = EvalConfig(
-        tasks=("ruler",), modes=("aware", "agnostic"), methods=("full", "snapkv"), budgets=(0.1, 0.2)
+        tasks=("ruler",), modes=("aware", "agnostic"), methods=("dynamic", "snapkv"), budgets=(0.1, 0.2)
     )
     assert config.tasks == ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe")
     assert config.modes == ("query_aware", "query_agnostic")
-    assert config.method_budgets() == [("full", 1.0), ("snapkv", 0.1), ("snapkv", 0.2)]
+    assert config.method_budgets() == [("dynamic", 1.0), ("snapkv", 0.1), ("snapkv", 0.2)]
 
 
 def test_without_a_registry_only_the_full_cache_is_available(model):
-    assert isinstance(dynamic_only_factory("full", 0.5, model), DynamicCache)
+    assert isinstance(dynamic_only_factory("dynamic", 0.5, model), DynamicCache)
     with pytest.raises(ValueError, match="snapkv"):
         dynamic_only_factory("snapkv", 0.5, model)
 
@@ -194,7 +194,7 @@ def test_dataset_tasks_run_all_rows_when_num_samples_is_zero(counted, tokenizer,
     model, calls = counted
     data = Path(__file__).parent / "fixtures" / "eval"
     config = EvalConfig(
-        methods=("full",),
+        methods=("dynamic",),
         tasks=("longbench/hotpotqa",),
         lengths=(1500,),
         modes=("aware",),
@@ -216,9 +216,9 @@ def test_a_budget_the_method_cannot_meet_is_skipped_with_its_reason(model, token
         # toy profile: 5 of 12 heads full, so budget 0.2 is infeasible (it never reaches the model)
         return HeteroCache(toy_profile(), budget=budget) if method == "hetero" else factory(method, budget, model)
 
-    config = EvalConfig(**{**GRID, "methods": ("full", "hetero"), "budgets": (0.2,)})
+    config = EvalConfig(**{**GRID, "methods": ("dynamic", "hetero"), "budgets": (0.2,)})
     result = run_eval(model, tokenizer, config, tmp_path, make_cache=with_hetero, progress=False, plots=False)
-    assert {r["method"] for r in result.records} == {"full"}
+    assert {r["method"] for r in result.records} == {"dynamic"}
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     assert meta["skipped"][0]["method"] == "hetero" and "must exceed 0.4167" in meta["skipped"][0]["reason"]
 
@@ -237,10 +237,10 @@ def test_records_made_with_other_cache_settings_are_not_resumed_over(model, toke
 
     small = tiny_model(vocab_size=260, num_hidden_layers=3, hidden_size=128, num_attention_heads=8,
                        num_key_value_heads=4, head_dim=16, max_position_embeddings=4096)  # the toy profile's shape
-    config = EvalConfig(**{**GRID, "methods": ("full", "hetero"), "budgets": (0.5,), "num_samples": 1})
+    config = EvalConfig(**{**GRID, "methods": ("dynamic", "hetero"), "budgets": (0.5,), "num_samples": 1})
     first = run_eval(small, tokenizer, config, tmp_path, make_cache=hetero("after"), progress=False, plots=False)
     settings = {r["method"]: r["settings"] for r in first.records}
-    assert settings["full"] == {"cache": "DynamicCache"}
+    assert settings["dynamic"] == {"cache": "DynamicCache"}
     assert settings["hetero"]["policy"] == "HeteroCachePolicy"
     assert settings["hetero"]["options"]["turn_refresh"] == "after" and settings["hetero"]["options"]["budget"] == 0.5
     assert settings["hetero"]["options"]["profile"]["roles"] == {"anchor": 3, "pivot": 3, "satellite": 4, "volatile": 2}

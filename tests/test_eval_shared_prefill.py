@@ -153,7 +153,7 @@ def test_unsupported_targets_and_bad_calls_are_refused(model, tokenizer):
 
 def test_the_runner_shares_the_prefill_and_matches_one_generate_per_cell(model, tokenizer, tmp_path, monkeypatch):
     grid = dict(
-        methods=("full", "snapkv", "h2o"), budgets=(0.3,), tasks=("niah_single", "niah_multikey"), lengths=(LENGTH,),
+        methods=("dynamic", "snapkv", "h2o"), budgets=(0.3,), tasks=("niah_single", "niah_multikey"), lengths=(LENGTH,),
         num_samples=2, max_new_tokens=5,
     )
     forwards = []
@@ -191,11 +191,11 @@ def test_fidelity_from_a_shared_prefill_equals_one_prefill_per_cache(model, toke
     fidelity = FidelityConfig(prefill_tokens=120, decode_tokens=10, num_samples=1)
     results = {}
     for shared in (True, False):
-        config = EvalConfig(methods=("full", "snapkv", "h2o"), budgets=(0.3,), tasks=(), fidelity=fidelity,
+        config = EvalConfig(methods=("dynamic", "snapkv", "h2o"), budgets=(0.3,), tasks=(), fidelity=fidelity,
                             shared_prefill=shared)
         out = run_eval(model, tokenizer, config, tmp_path / str(shared), progress=False, plots=False)
         results[shared] = {r["method"]: r["metrics"] for r in out.records}
-    assert results[True]["full"]["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert results[True]["dynamic"]["kl"] == pytest.approx(0.0, abs=1e-9)
     assert results[True]["snapkv"]["kl"] > 1e-4
     for method, metrics in results[False].items():
         assert results[True][method]["kl"] == pytest.approx(metrics["kl"], rel=1e-6, abs=1e-9)

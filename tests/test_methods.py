@@ -67,9 +67,10 @@ def test_parameters_and_absolute_budgets_reach_the_policy():
 def test_uncompressed_methods_ignore_the_budget():
     assert type(make_cache("dynamic", 0.1)) is DynamicCache
     assert type(make_cache("fullkv", 0.1)) is FullKVCache
-    assert type(make_cache("full", None)) is DynamicCache  # the harness's name for the reference
+    with pytest.warns(FutureWarning, match="'full' is deprecated; use 'dynamic'"):
+        assert type(make_cache("full", None)) is DynamicCache  # the harness's old name for the reference
     model = tiny_model("llama", attn="sdpa")
-    assert type(make_cache("full", 1.0, model)) is DynamicCache  # works with any attention
+    assert type(make_cache("dynamic", 1.0, model)) is DynamicCache  # works with any attention
     assert type(make_cache("SnapKV", 0.5)) is SnapKVCache  # case-insensitive
 
 

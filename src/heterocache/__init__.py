@@ -1,46 +1,62 @@
 """heterocache: heterogeneous KV-cache compression for Hugging Face transformers.
 
 Importing the package registers the ``"heterocache"`` attention implementation with transformers.
+The public names are loaded on first use (module ``__getattr__``), so that the command line, which
+skips the registration (:mod:`heterocache._launch`), starts without torch and transformers.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .attention import ATTENTION_NAME, AttentionNotEnabledError, enable  # noqa: E402  (registers)
-from .budget import check_budget  # noqa: E402
-from .cache import FullKVCache, RaggedCache, SnapKVCache  # noqa: E402
-from .memory import MemoryReport  # noqa: E402
-from .policies import FullKVPolicy, Policy, PrefillContext, SnapKVPolicy  # noqa: E402
-from .policies import CAKEPolicy, H2OPolicy, PyramidKVPolicy, StreamingLLMPolicy  # noqa: E402
-from .methods import CAKECache, H2OCache, PyramidKVCache, StreamingLLMCache  # noqa: E402
-from .methods import list_methods, make_cache, register_method  # noqa: E402
-from .hetero import HeteroCache, HeteroCachePolicy, InfeasibleBudgetError  # noqa: E402
-from .profile import HeadProfile  # noqa: E402
+import importlib
 
-__all__ = [
-    "ATTENTION_NAME",
-    "AttentionNotEnabledError",
-    "FullKVCache",
-    "FullKVPolicy",
-    "MemoryReport",
-    "Policy",
-    "PrefillContext",
-    "RaggedCache",
-    "SnapKVCache",
-    "SnapKVPolicy",
-    "check_budget",
-    "enable",
-]
-__all__ += [
-    "CAKECache",
-    "CAKEPolicy",
-    "H2OCache",
-    "H2OPolicy",
-    "PyramidKVCache",
-    "PyramidKVPolicy",
-    "StreamingLLMCache",
-    "StreamingLLMPolicy",
-    "list_methods",
-    "make_cache",
-    "register_method",
-]
-__all__ += ["HeadProfile", "HeteroCache", "HeteroCachePolicy", "InfeasibleBudgetError"]
+from ._launch import started_as_cli as _started_as_cli
+from ._version import __version__
+
+# public name -> submodule defining it
+_EXPORTS = {
+    "ATTENTION_NAME": "attention",
+    "AttentionNotEnabledError": "attention",
+    "enable": "attention",
+    "check_budget": "budget",
+    "FullKVCache": "cache",
+    "RaggedCache": "cache",
+    "SnapKVCache": "cache",
+    "MemoryReport": "memory",
+    "CAKEPolicy": "policies",
+    "FullKVPolicy": "policies",
+    "H2OPolicy": "policies",
+    "Policy": "policies",
+    "PrefillContext": "policies",
+    "PyramidKVPolicy": "policies",
+    "SnapKVPolicy": "policies",
+    "StreamingLLMPolicy": "policies",
+    "CAKECache": "methods",
+    "H2OCache": "methods",
+    "PyramidKVCache": "methods",
+    "StreamingLLMCache": "methods",
+    "list_methods": "methods",
+    "make_cache": "methods",
+    "register_method": "methods",
+    "HeteroCache": "hetero",
+    "HeteroCachePolicy": "hetero",
+    "InfeasibleBudgetError": "hetero",
+    "HeadProfile": "profile",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
+if not _started_as_cli():
+    from . import attention  # noqa: F401, E402  (registers the attention with transformers)

@@ -26,57 +26,52 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from .bench import copy_bandwidth, measure_decode, prompt_ids, weight_bytes_read_per_step
+# Only the standard library at import time: `heterocache --help` imports this module to list the
+# sub-command. torch and the measuring code are imported by the functions that run.
+from ._argparse import RawHelpFormatter, bounded, csv, method_name
 
 DEFAULT_METHODS = "dynamic,fullkv,heterocache,snapkv"
 
 
-def _csv(kind):
-    def parse(text: str):
-        try:
-            return [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from err
-
-    return parse
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="decode ms/token, tokens/s and memory per method and context",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=RawHelpFormatter)
     p.add_argument("--model", default="smollm2",
                    help="'smollm2', 'random:<published name or config.json>' (random weights) or a model folder")
-    p.add_argument("--methods", type=_csv(str), default=_csv(str)(DEFAULT_METHODS),
-                   help=f"registry names, comma-separated (default {DEFAULT_METHODS})")
-    p.add_argument("--budgets", type=_csv(float), default=[0.25], help="budgets of the compressing methods")
-    p.add_argument("--lengths", type=_csv(int), default=[2048, 4096], help="prompt tokens")
-    p.add_argument("--batch-sizes", type=_csv(int), default=[1], help="decode batch sizes")
-    p.add_argument("--max-batch", type=_csv(int), default=[], metavar="LENGTHS",
+    p.add_argument("--methods", type=csv(method_name), default=DEFAULT_METHODS.split(","),
+                   help="method registry names, comma-separated (an unknown name lists the known ones)")
+    p.add_argument("--budgets", type=csv(bounded(float, 0, 1, low_open=True)), default=[0.25],
+                   help="kept fractions of the prompt KV, in (0, 1], for the compressing methods")
+    p.add_argument("--lengths", type=csv(bounded(int, 1)), default=[2048, 4096], help="prompt tokens")
+    p.add_argument("--batch-sizes", type=csv(bounded(int, 1)), default=[1], help="decode batch sizes")
+    p.add_argument("--max-batch", type=csv(bounded(int, 1)), default=[], metavar="LENGTHS",
                    help="at these lengths also find the largest batch (doubling) that fits, per method (CUDA)")
-    p.add_argument("--max-batch-limit", type=int, default=256, help="stop doubling here")
-    p.add_argument("--new-tokens", type=int, default=32, help="timed decode steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
+    p.add_argument("--max-batch-limit", type=bounded(int, 1), default=256, help="stop doubling here")
+    p.add_argument("--new-tokens", type=bounded(int, 1), default=32, help="timed decode steps (>= 1)")
+    p.add_argument("--warmup", type=bounded(int, 0), default=3, help="untimed decode steps first")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--num-layers", type=int, default=None, help="random: models only: keep this many layers")
+    p.add_argument("--num-layers", type=bounded(int, 1), default=None,
+                   help="random: models only: keep this many layers")
     p.add_argument("--profile", default=None, help="HeteroCache profile (default: the model's bundled one)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=bounded(int, 1), default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="prompt seed")
     p.add_argument("--out", default="runs/bench", help="output folder (bench.json, bench.png)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="do not draw bench.png (no matplotlib needed)")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .methods import get_method
+    import torch
 
-    for name in args.methods:
-        get_method(name)  # unknown names fail before the model loads
-    if any(b <= 0 or b > 1 for b in args.budgets):
-        raise SystemExit(f"error: budgets must be in (0, 1], got {args.budgets}")
+    if not args.no_plot:
+        from ._optional import MissingExtraError, require_matplotlib
+
+        try:
+            require_matplotlib("bench.png")  # fail now, not after the measurements
+        except MissingExtraError as err:
+            raise SystemExit(f"error: {err} (or pass --no-plot)") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.max_batch and device.type != "cuda":
         raise SystemExit("error: --max-batch searches until the GPU runs out of memory; it needs --device cuda")
@@ -88,7 +83,7 @@ def _main(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model, attn_implementation="heterocache", dtype=dtype, device=device,
                                   num_layers=args.num_layers)
-    if "heterocache" in [m.lower() for m in args.methods] and not args.profile:
+    if "heterocache" in args.methods and not args.profile:
         from .profile import ProfileError, profile_for_model
 
         try:
@@ -108,17 +103,36 @@ def _main(args: argparse.Namespace) -> int:
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     print(format_table(result["rows"]))
     print(f"wrote {out / 'bench.json'}")
+    failed = nothing_measured(result["rows"])
+    if failed:
+        raise SystemExit(f"error: {failed}")
     if not args.no_plot:
-        try:
-            plot_bench(result, out / "bench.png")
-            print(f"wrote {out / 'bench.png'}")
-        except ImportError:
-            print("matplotlib is not installed (pip install 'heterocache[plot]'): no plot written")
+        plot_bench(result, out / "bench.png")
+        print(f"wrote {out / 'bench.png'}")
     return 0
 
 
-def machine_info(device: torch.device) -> dict:
-    """What the figures were measured on."""
+def nothing_measured(rows: list[dict]) -> str | None:
+    """When no cell ran (every one infeasible or out of memory): what went wrong and what to change,
+    one line per distinct reason; None when at least one cell has measurements."""
+    if any("error" not in r for r in rows):
+        return None
+    reasons = {}
+    for r in rows:
+        reasons.setdefault(r["error"], []).append(label(r) + f" at {r['length']} tokens")
+    lines = [f"no cell could be measured, so there is no plot ({len(rows)} cell{'s' * (len(rows) != 1)}):"]
+    lines += [f"  {reason} ({', '.join(cells)})" for reason, cells in reasons.items()]
+    if any(reason.startswith("infeasible budget") for reason in reasons):
+        lines.append("  raise --budgets above the smallest feasible budget named above")
+    if any(reason == "out of memory" for reason in reasons):
+        lines.append("  use shorter --lengths or smaller --batch-sizes")
+    return "\n".join(lines)
+
+
+def machine_info(device) -> dict:
+    """What the figures were measured on (``device``: a ``torch.device``)."""
+    import torch
+
     info = {
         "device": device.type,
         "processor": platform.processor() or platform.machine(),
@@ -173,7 +187,7 @@ def run_bench(
     """
     from tqdm.auto import tqdm
 
-    from .methods import get_method
+    from .bench import copy_bandwidth, prompt_ids, weight_bytes_read_per_step
 
     device = next(model.parameters()).device
     bandwidth = copy_bandwidth(device)
@@ -225,6 +239,9 @@ def _method_budgets(methods, budgets):
 
 
 def _cell(model, ids, method, budget, batch, new_tokens, warmup, params) -> dict:
+    import torch
+
+    from .bench import measure_decode
     from .hetero.plan import InfeasibleBudgetError
     from .methods import make_cache
 
@@ -294,10 +311,18 @@ def format_table(rows: list[dict]) -> str:
 
 def plot_bench(result: dict, path) -> None:
     """Decode ms/token and device KV bytes against context length (batch 1 or the smallest batch),
-    and tokens/s against batch size at the longest context, one line per method and budget."""
-    import matplotlib
+    and tokens/s against batch size at the longest context, one line per method and budget.
 
-    matplotlib.use("Agg")
+    Raises:
+        ValueError: no row has measurements (see :func:`nothing_measured`).
+        MissingExtraError: matplotlib is not installed.
+    """
+    failed = nothing_measured(result["rows"])
+    if failed:
+        raise ValueError(failed)
+    from ._optional import require_matplotlib
+
+    require_matplotlib("the bench plot")
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if "error" not in r]

@@ -1,7 +1,9 @@
 """`heterocache` command line: one sub-command group per feature module.
 
 Each feature module exposes ``register(subparsers)`` that adds its sub-command(s) and sets
-``func`` on the parsed namespace; this file only wires them together.
+``func`` on the parsed namespace; this file only wires them together. Registration modules import
+only the standard library: torch and transformers are imported inside the command functions that
+need them, so ``--help``, ``--version`` and ``profile list`` answer at once.
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from ._argparse import HelpFormatter
+from ._version import __version__
 
 # Feature modules that contribute sub-commands, in help order.
 _COMMAND_MODULES = (
@@ -19,7 +24,9 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="heterocache", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="heterocache", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"heterocache {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
         try:

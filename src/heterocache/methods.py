@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -135,9 +136,11 @@ class Method:
 
 _REGISTRY: dict[str, Method] = {}
 
-#: Other names accepted for a method. "full" is the evaluation harness's name for the uncompressed
-#: reference: transformers' own cache, which works with any attention implementation.
+#: Other names accepted for a method. "full" is the evaluation harness's old name for the
+#: uncompressed reference, transformers' own cache (which works with any attention implementation).
 ALIASES: dict[str, str] = {"full": "dynamic"}
+#: Aliases kept only so that old commands and scripts still run; using one warns.
+DEPRECATED_ALIASES = frozenset({"full"})
 
 #: Methods registered by a module of their own when that module is imported (lazily, on demand).
 PROVIDERS: dict[str, str] = {"heterocache": "heterocache.hetero"}
@@ -237,6 +240,9 @@ def _canonical(method: str) -> str:
     if not isinstance(method, str):
         raise TypeError(f"method must be a name (str), got {method!r}")
     key = method.strip().lower()
+    if key in DEPRECATED_ALIASES:
+        warnings.warn(f"method name {key!r} is deprecated; use {ALIASES[key]!r} (the same cache)",
+                      FutureWarning, stacklevel=3)
     return ALIASES.get(key, key)
 
 
@@ -283,7 +289,7 @@ def make_cache(method: str, budget: float | None = None, model=None, **params) -
     """A new, empty cache for a method (what the evaluation harness calls for every sample).
 
     Args:
-        method: a name from ``list_methods()`` (case-insensitive; "full" = "dynamic").
+        method: a name from ``list_methods()`` (case-insensitive; "full", deprecated, = "dynamic").
         budget: fraction of the prompt KV kept, in (0, 1]; ignored by "fullkv" and "dynamic"; may be
             None when ``budget_tokens`` is given.
         model: the model the cache is for (optional): ragged methods check that it uses the

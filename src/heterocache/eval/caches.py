@@ -1,7 +1,7 @@
 """Where the runner gets a fresh KV cache for each generation: the method-registry interface.
 
 A *cache factory* is any callable ``make_cache(method: str, budget: float, model) -> Cache | None``:
-``method`` is a registry name ("full", "snapkv", "heterocache", ...), ``budget`` the fraction of
+``method`` is a registry name ("dynamic", "snapkv", "heterocache", ...), ``budget`` the fraction of
 the prompt's KV kept in fast memory (0 < budget <= 1; kvpress's compression_ratio is 1 - budget),
 ``model`` the loaded model. It must return a new, empty cache on every call; ``None`` means
 "transformers' default DynamicCache". The runner never shares a cache between two samples.
@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
 from collections import Counter
 from collections.abc import Callable
 
 #: Method names that keep the whole cache: run once per cell at budget 1.0, drawn as a reference line.
+#: "dynamic" (transformers' DynamicCache) is the reference; "full" is its old name.
 FULL_METHODS = frozenset({"full", "dynamic", "fullkv"})
+
+#: Old method names -> current ones. The harness called the reference "full" before it took the
+#: registry's (and ``heterocache bench``'s) name "dynamic"; records written then still say "full".
+RENAMED_METHODS = {"full": "dynamic"}
 
 CacheFactory = Callable[[str, float, object], object]
 
@@ -26,6 +32,22 @@ CacheFactory = Callable[[str, float, object], object]
 def is_full(method: str) -> bool:
     """Whether ``method`` keeps the whole KV cache (its budget is irrelevant)."""
     return method.lower() in FULL_METHODS
+
+
+def current_name(method: str, *, warn: bool = False) -> str:
+    """``method`` under its current name (``"full"`` -> ``"dynamic"``); other names unchanged.
+
+    Args:
+        warn: emit a ``FutureWarning`` for an old name (for names a user typed; stored records
+            are renamed silently).
+    """
+    new = RENAMED_METHODS.get(method.strip().lower()) if isinstance(method, str) else None
+    if new is None:
+        return method
+    if warn:
+        warnings.warn(f"method name {method!r} is deprecated; use {new!r} (the same cache)", FutureWarning,
+                      stacklevel=3)
+    return new
 
 
 def dynamic_only_factory(method: str, budget: float, model) -> object:

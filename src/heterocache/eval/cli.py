@@ -1,4 +1,8 @@
-"""``heterocache eval`` (run or resume a grid) and ``heterocache eval-report`` (write docs/results.md)."""
+"""``heterocache eval`` (run or resume a grid) and ``heterocache eval-report`` (write a results page).
+
+Only the standard library at import time (``heterocache --help`` imports this module); torch,
+transformers and the harness are imported by the command functions.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,29 @@ import importlib.util
 import re
 from pathlib import Path
 
+from .._argparse import HelpFormatter, bounded, csv, method_name
+
 
 def _csv(kind):
-    def parse(text: str):
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        try:
-            return tuple(kind(x) for x in items)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from err
+    return csv(kind, tuple)
 
-    return parse
+
+def _method(text: str) -> str:
+    """argparse type of ``--methods``: a name the default cache factory knows (aliases resolved,
+    the old name "full" with a deprecation warning), checked before the model loads."""
+    try:
+        return method_name(text)
+    except ModuleNotFoundError as err:
+        if err.name != "heterocache.methods":
+            raise
+    from .caches import FULL_METHODS, is_full
+
+    if not is_full(text):  # without the registry only the full cache exists
+        raise argparse.ArgumentTypeError(
+            f"unknown method {text!r}: heterocache.methods is not available, so only "
+            f"{', '.join(sorted(FULL_METHODS))} can be evaluated"
+        )
+    return text.strip().lower()
 
 
 def register(subparsers) -> None:
@@ -24,6 +41,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
         help="evaluate cache methods: tasks x budgets x lengths x modes (resumable)",
+        formatter_class=HelpFormatter,
         description="Run or resume an evaluation grid; writes records.jsonl, results.json, "
         "results.csv and plots/ under --out, and prints a summary table.",
     )
@@ -35,17 +53,22 @@ def register(subparsers) -> None:
         default="auto",
         help="attention implementation: auto (heterocache when available, else sdpa), sdpa, eager, ...",
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the model is loaded in")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=bounded(int, 1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
-        "--methods", type=_csv(str), default=("full",), help="comma-separated method names (default: full)"
+        "--methods",
+        type=_csv(_method),
+        default=("dynamic",),
+        help="comma-separated method registry names; 'dynamic' (transformers' DynamicCache) is the "
+        "uncompressed reference (old name: full)",
     )
     p.add_argument(
         "--budgets",
-        type=_csv(float),
+        type=_csv(bounded(float, 0, 1, low_open=True)),
         default=(0.1, 0.25, 0.5),
-        help="kept fractions of the prompt KV (default: 0.1,0.25,0.5)",
+        help="kept fractions of the prompt KV, in (0, 1]",
     )
     p.add_argument(
         "--tasks",
@@ -54,7 +77,7 @@ def register(subparsers) -> None:
         help="task or group names: ruler, niah_single, vt, cwe, longbench/hotpotqa, longbenchv2, "
         "infinitebench/passkey, ... ('none' for fidelity only; default: ruler)",
     )
-    p.add_argument("--lengths", type=_csv(int), default=(1024, 2048, 4096), help="prompt lengths in tokens")
+    p.add_argument("--lengths", type=_csv(bounded(int, 1)), default=(1024, 2048, 4096), help="prompt lengths in tokens")
     p.add_argument(
         "--modes",
         type=_csv(str),
@@ -62,18 +85,19 @@ def register(subparsers) -> None:
         help="query_aware and/or query_agnostic (aware, agnostic)",
     )
     p.add_argument(
-        "--num-samples", type=int, default=5, help="samples per task and length (datasets: 0 = all)"
+        "--num-samples", type=bounded(int, 0), default=5, help="samples per task and length (datasets: 0 = all)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="override every task's generation length")
-    p.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
+    p.add_argument("--max-new-tokens", type=bounded(int, 1), default=None, help="override every task's generation length")
+    p.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
+                   help="wrap prompts in the tokenizer's chat template (auto: when it has one)")
     p.add_argument(
         "--data-dir", default="data", help="folder holding longbench/, longbenchv2/, infinitebench/"
     )
     p.add_argument("--fidelity", action="store_true", help="also measure teacher-forced KL / top-1 agreement")
-    p.add_argument("--fidelity-prefill", type=int, default=1024)
-    p.add_argument("--fidelity-decode", type=int, default=128)
-    p.add_argument("--fidelity-samples", type=int, default=2)
+    p.add_argument("--fidelity-prefill", type=bounded(int, 1), default=1024, help="fidelity: prompt tokens")
+    p.add_argument("--fidelity-decode", type=bounded(int, 1), default=128, help="fidelity: teacher-forced steps")
+    p.add_argument("--fidelity-samples", type=bounded(int, 1), default=2, help="fidelity: texts")
     p.add_argument(
         "--fidelity-text", type=Path, default=None, help="text file for fidelity (default: generated essay)"
     )
@@ -85,25 +109,41 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--decode-batch",
-        type=int,
+        type=bounded(int, 1),
         default=64,
         help="after a shared prefill, decode up to this many caches in one batched forward per token "
-        "(each row attended by its own cache); 1 = one cache after another (default 64)",
+        "(each row attended by its own cache); 1 = one cache after another",
     )
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-plots", action="store_true", help="do not draw plots/ (no matplotlib needed)")
     p.add_argument("--list-tasks", action="store_true", help="print the task names and exit")
     p.set_defaults(func=run_command)
 
     r = subparsers.add_parser(
         "eval-report",
-        help="write the results page (docs/results.md and its plots) from results.json files",
+        help="write a results page (markdown and its plots) from results.json files",
+        description=REPORT_DESCRIPTION,
+        formatter_class=HelpFormatter,
     )
-    r.add_argument(
+    add_report_arguments(r)
+
+
+REPORT_DESCRIPTION = (
+    "Write a results page from results.json files of `heterocache eval`. Without --out the page is "
+    "results.md in the folder holding the inputs (their common folder when there are several); its "
+    "plots go to results/<run>/ beside it. To refresh the repository's page, pass --out docs/results.md."
+)
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``eval-report`` (also ``python -m heterocache.eval.report``)."""
+    parser.add_argument(
         "results", nargs="*", type=Path, help="results.json files (default: runs/eval/*/results.json)"
     )
-    r.add_argument("--out", type=Path, default=Path("docs/results.md"))
-    r.set_defaults(func=report_command)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="page to write (default: results.md beside the inputs)"
+    )
+    parser.set_defaults(func=report_command)
 
 
 def default_attention() -> str:
@@ -135,33 +175,29 @@ def load_model(spec: str, attn: str = "auto", dtype: str = "float32", device: st
 
 def run_command(args: argparse.Namespace) -> int:
     from .fidelity import FidelityConfig
-    from .runner import EvalConfig, run_eval
+    from .runner import run_eval
     from .tasks import available_tasks
 
     if args.list_tasks:
         print("\n".join(["ruler", "longbench", "infinitebench", *available_tasks()]))
         return 0
     tasks = () if args.tasks in (("none",), ()) else args.tasks
-    fidelity = None
-    if args.fidelity:
-        fidelity = FidelityConfig(
-            args.fidelity_prefill, args.fidelity_decode, args.fidelity_samples, args.fidelity_text
-        )
-    config = EvalConfig(
-        methods=args.methods,
-        budgets=args.budgets,
-        tasks=tasks,
-        lengths=args.lengths,
-        modes=args.modes,
-        num_samples=args.num_samples,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-        chat_template={"auto": None, "on": True, "off": False}[args.chat_template],
-        data_dir=args.data_dir,
-        fidelity=fidelity,
-        shared_prefill=not args.no_shared_prefill,
-        decode_batch=args.decode_batch,
-    )
+    if not args.no_plots:
+        from .._optional import MissingExtraError, require_matplotlib
+
+        try:
+            require_matplotlib("the eval plots")  # fail now, not after the grid ran
+        except MissingExtraError as err:
+            raise SystemExit(f"heterocache eval: error: {err} (or pass --no-plots)") from None
+    try:
+        fidelity = None
+        if args.fidelity:
+            fidelity = FidelityConfig(
+                args.fidelity_prefill, args.fidelity_decode, args.fidelity_samples, args.fidelity_text
+            )
+        config = _config(args, tasks, fidelity)
+    except ValueError as err:  # unknown task or mode, or a grid the harness refuses
+        raise SystemExit(f"heterocache eval: error: {err}") from None
     if args.threads:
         import torch
 
@@ -178,10 +214,47 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace, tasks, fidelity):
+    """The grid of the command; ValueError for unknown tasks or modes (named before the model loads)."""
+    from .runner import EvalConfig
+    from .tasks import get_task
+
+    config = EvalConfig(
+        methods=args.methods,
+        budgets=args.budgets,
+        tasks=tasks,
+        lengths=args.lengths,
+        modes=args.modes,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        chat_template={"auto": None, "on": True, "off": False}[args.chat_template],
+        data_dir=args.data_dir,
+        fidelity=fidelity,
+        shared_prefill=not args.no_shared_prefill,
+        decode_batch=args.decode_batch,
+    )
+    for name in config.tasks:
+        get_task(name, config.data_dir)  # builds a task object only; dataset files are read later
+    return config
+
+
 def report_command(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report import default_report_path, write_report
 
     paths = args.results or sorted(Path("runs/eval").glob("*/results.json"))
-    path = write_report(paths, args.out)
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"heterocache eval-report: error: no such results file: {', '.join(missing)}")
+    if not paths and args.out is None:
+        raise SystemExit(
+            "heterocache eval-report: error: no results.json given and none under runs/eval/*/; "
+            "pass the files of `heterocache eval` (e.g. runs/eval/smollm2/results.json)"
+        )
+    out = args.out or default_report_path(paths)
+    try:
+        path = write_report(paths, out)
+    except ImportError as err:  # MissingExtraError: the page's plots need matplotlib
+        raise SystemExit(f"heterocache eval-report: error: {err}") from None
     print(f"wrote {path}")
     return 0

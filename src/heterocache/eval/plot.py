@@ -1,16 +1,19 @@
 """PNG plots of the aggregated cells (matplotlib, Agg canvas: no display needed).
 
 - ``score_<task>.png``: score vs budget, one line per method; one panel per (mode, length).
-  Full-cache methods are dashed horizontal reference lines.
+  Full-cache methods (the reference "dynamic", "fullkv") are dashed horizontal lines across the
+  whole panel, so they show even when there is a single budget.
 - ``fidelity_<P>.png``: KL(full || method) and top-1 agreement vs budget, one line per method.
 """
 
 from __future__ import annotations
 
 import re
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
+from .._optional import require_matplotlib
 from .caches import is_full
 from .generation import MODES
 from .results import FIDELITY_TASK
@@ -21,6 +24,7 @@ def _safe(name: str) -> str:
 
 
 def _figure(nrows: int, ncols: int):
+    require_matplotlib("the eval plots")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -36,11 +40,14 @@ def _draw(ax, cells: list[dict], metric: str, budgets: list[float]) -> None:
         if metric in c:
             by_method[c["method"]].append((c["budget"], c[metric]))
     lo, hi = (min(budgets), max(budgets)) if budgets else (0.0, 1.0)
+    styles = iter(["--", ":", "-."] * len(by_method))
     for i, (method, points) in enumerate(sorted(by_method.items())):
         points.sort()
         if is_full(method):
-            value = points[-1][1]
-            ax.hlines(value, lo, hi, colors="black", linestyles="--", label=method)
+            # across the whole axis: a line from the lowest to the highest budget has no length
+            # when there is only one budget
+            ax.axhline(points[-1][1], color="black", linestyle=next(styles), linewidth=1.2,
+                       label=f"{method} (full cache)")
         else:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o", label=method, color=f"C{i}")
@@ -51,8 +58,27 @@ def _draw(ax, cells: list[dict], metric: str, budgets: list[float]) -> None:
     ax.grid(alpha=0.3)
 
 
+def _suptitle(fig, text: str):
+    """The figure title, wrapped onto more lines when one line is wider than the figure (a
+    one-panel figure is narrow; a long model name would be cut off at both edges)."""
+    title = fig.suptitle(text)
+    renderer = fig.canvas.get_renderer()
+    room = 0.96 * fig.bbox.width
+    width = title.get_window_extent(renderer).width
+    if width > room:
+        chars = max(12, int(len(text) * room / width))
+        title.set_text("\n".join(textwrap.wrap(text, chars, break_on_hyphens=False)))
+    return title
+
+
 def plot_task(cells: list[dict], task: str, path: Path, title: str = "") -> Path:
-    """Score vs budget for one task; panels = modes (rows) × lengths (columns)."""
+    """Score vs budget for one task, saved to ``path`` (see :func:`task_figure`)."""
+    return _save(task_figure(cells, task, title), path)
+
+
+def task_figure(cells: list[dict], task: str, title: str = ""):
+    """The matplotlib Figure of score vs budget for one task; panels = modes (rows) × lengths
+    (columns)."""
     cells = [c for c in cells if c["task"] == task and "score" in c]
     present = {c["mode"] for c in cells}
     modes = [m for m in MODES if m in present] + sorted(present - set(MODES))
@@ -67,14 +93,18 @@ def plot_task(cells: list[dict], task: str, path: Path, title: str = "") -> Path
             ax.set_ylabel("score")
             ax.set_ylim(-3, 103)
     axes[0][-1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{task}" + (f" — {title}" if title else ""))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    _suptitle(fig, f"{task}" + (f" — {title}" if title else ""))
+    return fig
 
 
 def plot_fidelity(cells: list[dict], prefill: int, path: Path, title: str = "") -> Path:
-    """KL and top-1 agreement vs budget for the fidelity cells with ``prefill`` tokens."""
+    """KL and top-1 agreement vs budget, saved to ``path`` (see :func:`fidelity_figure`)."""
+    return _save(fidelity_figure(cells, prefill, title), path)
+
+
+def fidelity_figure(cells: list[dict], prefill: int, title: str = ""):
+    """The matplotlib Figure of KL and top-1 agreement vs budget for the fidelity cells with
+    ``prefill`` tokens."""
     cells = [c for c in cells if c["task"] == FIDELITY_TASK and c["length"] == prefill]
     budgets = sorted({c["budget"] for c in cells if not is_full(c["method"])})
     fig, axes = _figure(1, 2)
@@ -85,7 +115,12 @@ def plot_fidelity(cells: list[dict], prefill: int, path: Path, title: str = "") 
         _draw(ax, cells, metric, budgets)
         ax.set_ylabel(label)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"teacher-forced fidelity after {prefill} prefill tokens" + (f" — {title}" if title else ""))
+    _suptitle(fig, f"teacher-forced fidelity after {prefill} prefill tokens" + (f" — {title}" if title else ""))
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path

@@ -2,8 +2,9 @@
 
 Usage::
 
-    python -m heterocache.eval.report runs/eval/*/results.json --out docs/results.md
-    heterocache eval-report runs/eval/*/results.json
+    heterocache eval-report runs/eval/smollm2/results.json          # runs/eval/smollm2/results.md
+    heterocache eval-report runs/eval/*/results.json --out docs/results.md   # the repository's page
+    python -m heterocache.eval.report ...                           # the same
 
 Plots are redrawn from the JSON into ``<out folder>/results/<run>/`` (``docs/results/...``), so
 the page never depends on files outside ``docs/``. Do not edit the generated page by hand.
@@ -12,6 +13,7 @@ the page never depends on files outside ``docs/``. Do not edit the generated pag
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -38,9 +40,9 @@ PLACEHOLDER = """
 No results yet. Produce them with, for example:
 
 ```bash
-heterocache eval --model smollm2 --methods full,snapkv,heterocache --budgets 0.1,0.25,0.5 \\
+heterocache eval --model smollm2 --methods dynamic,snapkv,heterocache --budgets 0.1,0.25,0.5 \\
     --tasks ruler --lengths 1024,2048,4096 --num-samples 10 --fidelity --out runs/eval/smollm2
-heterocache eval-report runs/eval/smollm2/results.json
+heterocache eval-report runs/eval/smollm2/results.json --out docs/results.md
 ```
 """
 
@@ -110,7 +112,8 @@ def comparison_table(avg: list[dict], method: str = "heterocache", records: list
     ruler = GROUPS["ruler"]
     for c in mine:
         same = [o for o in avg if (o["length"], o["mode"]) == (c["length"], c["mode"])]
-        full = [o for o in same if is_full(o["method"])]
+        # the reference: DynamicCache when it ran, else another full-cache method
+        full = sorted((o for o in same if is_full(o["method"])), key=lambda o: o["method"] != "dynamic")
         others = [o for o in same if o["budget"] == c["budget"] and o["method"] != method and not is_full(o["method"])]
         best = max(others, key=lambda o: o["score"], default=None)
 
@@ -219,8 +222,26 @@ def build_report(results_paths, out_md: Path) -> str:
     return HEADER + ("\n" + "\n\n".join(sections) if sections else PLACEHOLDER)
 
 
-def write_report(results_paths, out_md: Path = Path("docs/results.md")) -> Path:
-    """Write the page (and its plots) and return its path."""
+def default_report_path(results_paths) -> Path:
+    """``results.md`` in the folder holding the inputs (their common folder when several): the page
+    lands beside the data it is drawn from, never over a committed page by accident."""
+    folders = [str(Path(p).resolve().parent) for p in results_paths]
+    if not folders:
+        raise ValueError("no results files: pass an explicit output path")
+    common = Path(os.path.commonpath(folders))
+    try:  # keep it relative when the inputs were given relative to the working folder
+        common = common.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return common / "results.md"
+
+
+def write_report(results_paths, out_md: Path) -> Path:
+    """Write the page (and its plots) and return its path.
+
+    Raises:
+        MissingExtraError: matplotlib (for the plots) is not installed.
+    """
     out_md = Path(out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(build_report(results_paths, out_md), encoding="utf-8")
@@ -228,17 +249,15 @@ def write_report(results_paths, out_md: Path = Path("docs/results.md")) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m heterocache.eval.report", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument(
-        "results", nargs="*", type=Path, help="results.json files (default: runs/eval/*/results.json)"
-    )
-    parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    """``python -m heterocache.eval.report``: the same command as ``heterocache eval-report``."""
+    from .._argparse import HelpFormatter
+    from .cli import REPORT_DESCRIPTION, add_report_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m heterocache.eval.report", description=REPORT_DESCRIPTION,
+                                     formatter_class=HelpFormatter)
+    add_report_arguments(parser)
     args = parser.parse_args(argv)
-    paths = args.results or sorted(Path("runs/eval").glob("*/results.json"))
-    print(f"wrote {write_report(paths, args.out)}")
-    return 0
+    return args.func(args)
 
 
 if __name__ == "__main__":

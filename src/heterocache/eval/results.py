@@ -16,6 +16,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from .caches import current_name
+
 KEY_FIELDS = ("method", "budget", "task", "length", "mode", "sample_idx")
 #: How fidelity records fill the key: task "fidelity", length = prefill tokens, mode "teacher_forced".
 FIDELITY_TASK, FIDELITY_MODE = "fidelity", "teacher_forced"
@@ -42,7 +44,9 @@ class RecordLog:
     Args:
         path: the ``.jsonl`` file (created with its folder on first append).
 
-    A line cut short by a crash is ignored on load (that sample is simply run again).
+    A line cut short by a crash is ignored on load (that sample is simply run again). Old method
+    names are read under their current ones ("full" -> "dynamic"), so a folder written before the
+    rename resumes instead of running its reference again.
     """
 
     def __init__(self, path: Path) -> None:
@@ -55,6 +59,7 @@ class RecordLog:
                         record = json.loads(line)
                     except json.JSONDecodeError:
                         continue
+                    record["method"] = current_name(record["method"])
                     self.records[record_key(record)] = record
 
     def __contains__(self, key: Key) -> bool:
@@ -114,9 +119,15 @@ def write_csv(path: Path, cells: list[dict]) -> None:
 
 
 def load_cells(path: Path) -> tuple[list[dict], dict, dict]:
-    """``(cells, config, meta)`` from a ``results.json``."""
+    """``(cells, config, meta)`` from a ``results.json``; old method names are given their current
+    ones ("full" -> "dynamic"), so pages drawn from old files name the reference like new ones."""
     payload = json.loads(Path(path).read_text(encoding="utf-8"))
-    return payload["cells"], payload.get("config", {}), payload.get("meta", {})
+    cells, config, meta = payload["cells"], payload.get("config", {}), payload.get("meta", {})
+    for item in [*cells, *(meta.get("skipped") or [])]:
+        item["method"] = current_name(item["method"])
+    if config.get("methods"):
+        config["methods"] = [current_name(m) for m in config["methods"]]
+    return cells, config, meta
 
 
 _FORMATS = {"score": "{:.1f}", "kl": "{:.4g}", "top1_agreement": "{:.3f}"}

@@ -3,7 +3,7 @@
 Python API::
 
     from heterocache.eval import EvalConfig, run_eval
-    result = run_eval(model, tokenizer, EvalConfig(methods=("full", "snapkv"), budgets=(0.1, 0.25)),
+    result = run_eval(model, tokenizer, EvalConfig(methods=("dynamic", "snapkv"), budgets=(0.1, 0.25)),
                       out_dir="runs/eval/smollm2")
     print(result.summary)
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import plot
-from .caches import CacheFactory, cache_settings, default_cache_factory, is_full, new_cache
+from .caches import CacheFactory, cache_settings, current_name, default_cache_factory, is_full, new_cache
 from .fidelity import FidelityConfig, compare, fidelity_ids, teacher_forced_logprobs
 from .generation import Generation, canonical_mode, generate_answer
 from .prompting import PromptFormatter
@@ -58,8 +58,8 @@ class EvalConfig:
     """What to evaluate.
 
     Attributes:
-        methods: cache-method names for the factory; full-cache names ("full", "dynamic") run once
-            per cell at budget 1.0.
+        methods: cache-method names for the factory; full-cache names ("dynamic", "fullkv") run once
+            per cell at budget 1.0. The old name "full" is read as "dynamic" (with a FutureWarning).
         budgets: kept fractions of the prompt KV, each in (0, 1].
         tasks: task or group names (see :mod:`heterocache.eval.tasks`); groups are expanded.
         lengths: prompt lengths in tokens (synthetic: filled to; datasets: truncated to).
@@ -81,7 +81,7 @@ class EvalConfig:
             batched record is the whole batch's decoding plus the shared prefill.
     """
 
-    methods: tuple[str, ...] = ("full",)
+    methods: tuple[str, ...] = ("dynamic",)
     budgets: tuple[float, ...] = (0.5,)
     tasks: tuple[str, ...] = ("niah_single",)
     lengths: tuple[int, ...] = (1024,)
@@ -96,7 +96,7 @@ class EvalConfig:
     decode_batch: int = 64
 
     def __post_init__(self) -> None:
-        self.methods = tuple(self.methods)
+        self.methods = tuple(dict.fromkeys(current_name(m, warn=True) for m in self.methods))
         self.budgets = tuple(float(b) for b in self.budgets)
         self.tasks = tuple(expand_task_names(self.tasks))
         self.lengths = tuple(int(n) for n in self.lengths)
@@ -201,10 +201,15 @@ def run_eval(
         plots: write PNG plots (needs matplotlib).
 
     Raises:
+        MissingExtraError: ``plots`` without matplotlib installed (raised before anything runs).
         ValueError: a length does not fit the model's context, or ``out_dir`` holds results of
             another model/seed/prompt setting.
     """
     out_dir = Path(out_dir)
+    if plots:  # fail before the grid runs, not after
+        from .._optional import require_matplotlib
+
+        require_matplotlib("the eval plots (plots=False skips them)")
     model_name = model_name or getattr(model.config, "name_or_path", None) or type(model).__name__
     _check_context(model, config)
     _check_fingerprint(out_dir / "config.json", _fingerprint(config, model_name))

@@ -3,34 +3,41 @@
 A :class:`HeadProfile` is made once per model by the profiler (:func:`profile_model`,
 ``heterocache profile run``), stored as one ``.safetensors`` file, and loaded by path, bundled
 name or Hub repository (:meth:`HeadProfile.from_pretrained`, :func:`profile_for_model`).
+
+Names that need torch are loaded on first use, so that ``heterocache profile list`` (which
+imports :mod:`.cli`) starts without it.
 """
 
+from __future__ import annotations
+
+import importlib
+
 from .errors import ProfileError, ProfileNotFoundError
-from .format import FORMAT_TAG, FORMAT_VERSION, PROFILE_FILENAME
-from .head_profile import HeadProfile
 from .io.bundled import bundled_profiles
-from .io.lookup import profile_for_model
 from .roles import Role
 
-__all__ = [
-    "FORMAT_TAG",
-    "FORMAT_VERSION",
-    "PROFILE_FILENAME",
-    "HeadProfile",
-    "ProfileError",
-    "ProfileNotFoundError",
-    "ProfilerSettings",
-    "Role",
-    "bundled_profiles",
-    "profile_for_model",
-    "profile_model",
-]
+# public name -> submodule defining it (all of them import torch)
+_LAZY = {
+    "FORMAT_TAG": "format",
+    "FORMAT_VERSION": "format",
+    "PROFILE_FILENAME": "format",
+    "HeadProfile": "head_profile",
+    "profile_for_model": "io.lookup",
+    # the profiler also imports transformers' attention machinery
+    "ProfilerSettings": "profiler",
+    "profile_model": "profiler",
+}
+
+__all__ = sorted(["ProfileError", "ProfileNotFoundError", "Role", "bundled_profiles", *_LAZY])
 
 
 def __getattr__(name: str):
-    # The profiler imports transformers' attention machinery; load it only when asked for.
-    if name in ("profile_model", "ProfilerSettings"):
-        from . import profiler
-
-        return getattr(profiler, name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

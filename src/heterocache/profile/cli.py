@@ -13,6 +13,8 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from .._argparse import HelpFormatter
+from .._optional import MissingExtraError
 from .errors import ProfileError
 
 _RUN_FLAGS = (  # (flag, dest, type, default, help); defaults are the paper's
@@ -58,7 +60,7 @@ class _DefaultToRun(argparse._SubParsersAction):
 def register(subparsers: Any) -> None:
     """Add the ``profile`` command group to the top-level ``heterocache`` parser."""
     parser = subparsers.add_parser(
-        "profile", help="make, inspect and convert head profiles",
+        "profile", help="make, inspect and convert head profiles", formatter_class=HelpFormatter,
         description="Head profiles: which KV heads are anchor, volatile, pivot or satellite. "
                     "`heterocache profile MODEL --out PATH` is short for `heterocache profile run MODEL --out PATH`.",
     )
@@ -69,31 +71,34 @@ def register(subparsers: Any) -> None:
     _add_plot(commands)
     _add_compare(commands)
     _add_convert(commands)
-    listing = commands.add_parser("list", help="list the bundled profiles")
+    listing = commands.add_parser("list", help="list the bundled profiles", formatter_class=HelpFormatter)
     listing.set_defaults(func=_list)
 
 
 def _add_run(commands: Any) -> None:
     p = commands.add_parser("run", help="profile a model (online top-k; works with SDPA models)",
-                            description="Profile the KV heads of MODEL and write a profile file.")
+                            description="Profile the KV heads of MODEL and write a profile file.",
+                            formatter_class=HelpFormatter)
     p.add_argument("model", metavar="MODEL",
                    help="local Hugging Face model folder, .gguf file, Hub id (cached), or 'smollm2'")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--calibration", metavar="FILE_OR_DIR",
                    help="folder of .txt files, .jsonl/.json file or text file (default: built-in generated texts)")
     for flag, dest, kind, default, text in _RUN_FLAGS:
-        p.add_argument(flag, dest=dest, type=kind, default=default, help=f"{text} (default {default})")
+        p.add_argument(flag, dest=dest, type=kind, default=default, help=text)
     p.add_argument("--model-name", help="name recorded in the profile (default: the model's name_or_path)")
     p.add_argument("--revision", help="model revision recorded in the profile")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default="cpu", help="torch device, or 'auto' (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype the model is loaded in")
+    p.add_argument("--device", default="cpu", help="torch device, or 'auto'")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_run)
 
 
 def _add_show(commands: Any) -> None:
-    p = commands.add_parser("show", help="print role counts and a per-layer table")
+    p = commands.add_parser("show", help="print role counts and a per-layer table",
+                            formatter_class=HelpFormatter)
     p.add_argument("profile", metavar="PROFILE", help="file, folder, bundled name or Hub repo id")
     p.add_argument("--revision", help="Hub revision")
     p.add_argument("--stability", action="store_true", help="also print each head's stability score")
@@ -101,15 +106,17 @@ def _add_show(commands: Any) -> None:
 
 
 def _add_plot(commands: Any) -> None:
-    p = commands.add_parser("plot", help="role map, stability heatmap and cluster sizes in one figure")
+    p = commands.add_parser("plot", help="role map, stability heatmap and cluster sizes in one figure",
+                            formatter_class=HelpFormatter)
     p.add_argument("profile", metavar="PROFILE", help="file, folder, bundled name or Hub repo id")
-    p.add_argument("--out", required=True, help="image file (.png, .pdf, .svg)")
+    p.add_argument("--out", required=True, help="image file (.png, .pdf, .svg); needs matplotlib")
     p.add_argument("--revision", help="Hub revision")
     p.set_defaults(func=_plot)
 
 
 def _add_compare(commands: Any) -> None:
-    p = commands.add_parser("compare", help="role agreement and stability correlation of two profiles")
+    p = commands.add_parser("compare", help="role agreement and stability correlation of two profiles",
+                            formatter_class=HelpFormatter)
     p.add_argument("a", metavar="A", help="first profile (file, folder, bundled name or Hub repo id)")
     p.add_argument("b", metavar="B", help="second profile")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
@@ -117,7 +124,8 @@ def _add_compare(commands: Any) -> None:
 
 
 def _add_convert(commands: Any) -> None:
-    p = commands.add_parser("convert", help="convert a published reference profile (JSON) to a profile file")
+    p = commands.add_parser("convert", help="convert a published reference profile (JSON) to a profile file",
+                            formatter_class=HelpFormatter)
     p.add_argument("json_file", metavar="JSON", help="Head_Analysis_*.json of ponytaill/HeteroCache data/clusters")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--model-name", required=True, help="Hub id of the model, e.g. meta-llama/Llama-3.1-8B-Instruct")
@@ -136,7 +144,8 @@ def _errors_to_exit(func):
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return func(args) or 0
-        except (ProfileError, OSError) as err:  # OSError: missing files, models transformers cannot load
+        # OSError: missing files, models transformers cannot load; MissingExtraError: no matplotlib
+        except (ProfileError, OSError, MissingExtraError) as err:
             print(f"heterocache profile: error: {err}", file=sys.stderr)
             return 1
 
@@ -247,7 +256,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m heterocache.profile`` (same commands as ``heterocache profile``)."""
-    parser = argparse.ArgumentParser(prog="heterocache")
+    parser = argparse.ArgumentParser(prog="heterocache", formatter_class=HelpFormatter)
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["profile", *(sys.argv[1:] if argv is None else argv)])
     return int(args.func(args) or 0)

@@ -1,6 +1,6 @@
 """One figure, three panels: role map, stability heatmap, cluster sizes (``heterocache profile plot``).
 
-Needs matplotlib (``pip install heterocache[plot]``); uses the non-interactive Agg backend.
+Needs matplotlib (``pip install "heterocache[plot]"``); uses the non-interactive Agg backend.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .._optional import require_matplotlib
 from .head_profile import HeadProfile
 from .roles import Role
 
@@ -21,10 +22,11 @@ def plot_profile(profile: HeadProfile, out: str | Path | None = None, *, dpi: in
 
     Returns:
         The matplotlib Figure.
-    """
-    import matplotlib
 
-    matplotlib.use("Agg")
+    Raises:
+        MissingExtraError: matplotlib is not installed.
+    """
+    matplotlib = require_matplotlib("the profile plot")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch

@@ -1,0 +1,7 @@
+"""``python -m heterocache ARGS`` = ``heterocache ARGS``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
