@@ -232,7 +232,7 @@ def test_bench_where_every_cell_is_infeasible_says_so_and_draws_nothing(toy_conf
               "--profile", str(toy_config / "toy.safetensors"), "--out", str(out)])
     message = str(stop.value.code)
     assert "no cell could be measured, so there is no plot" in message
-    assert "smallest feasible budget for a 64-token prompt is 0.4" in message
+    assert "every budget must exceed 0.4167" in message
     assert "raise --budgets above the smallest feasible budget" in message
     assert not (out / "bench.png").exists()
     rows = json.loads((out / "bench.json").read_text())["rows"]  # the record is still written
