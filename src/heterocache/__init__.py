@@ -5,6 +5,7 @@ Importing the package registers the ``"heterocache"`` attention implementation w
 
 __version__ = "0.1.0"
 
+from .architectures import UnsupportedArchitectureError, check_architecture  # noqa: E402
 from .attention import ATTENTION_NAME, AttentionNotEnabledError, enable  # noqa: E402  (registers)
 from .budget import check_budget  # noqa: E402
 from .cache import FullKVCache, RaggedCache, SnapKVCache  # noqa: E402
@@ -27,6 +28,8 @@ __all__ = [
     "RaggedCache",
     "SnapKVCache",
     "SnapKVPolicy",
+    "UnsupportedArchitectureError",
+    "check_architecture",
     "check_budget",
     "enable",
 ]
