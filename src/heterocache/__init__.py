@@ -14,6 +14,8 @@ from ._version import __version__
 
 # public name -> submodule defining it
 _EXPORTS = {
+    "UnsupportedArchitectureError": "architectures",
+    "check_architecture": "architectures",
     "ATTENTION_NAME": "attention",
     "AttentionNotEnabledError": "attention",
     "enable": "attention",

@@ -16,6 +16,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .architectures import check_architecture, check_attention_call
+
 ATTENTION_NAME = "heterocache"
 
 _local = threading.local()
@@ -39,6 +41,9 @@ def set_pending(pending: PendingUpdate) -> None:
 def heterocache_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention over a ``RaggedCache`` when the call comes from its update; SDPA otherwise.
 
+    ``scaling`` and the layer's ``sliding_window`` are honoured; softcapping, attention sinks and
+    position biases are refused (``UnsupportedArchitectureError``), never dropped.
+
     Args:
         module: the attention module (``layer_idx``, ``num_key_value_groups``).
         query: ``[B, Hq, q, D]``; key, value: ``[B, H, kv, D]``.
@@ -51,7 +56,22 @@ def heterocache_attention(module, query, key, value, attention_mask, scaling=Non
     if pending is not None and pending.key is key and pending.layer_idx == getattr(module, "layer_idx", None):
         _local.pending = None
         return pending.cache.attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    if kwargs.get("s_aux") is not None:  # SDPA would silently drop the sinks
+        check_attention_call(module, key, value, kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def heterocache_mask(*args, config=None, **kwargs):
+    """transformers' sdpa mask, after checking the model's architecture (``config`` is what the
+    mask builders pass): the first forward of a model loaded with the ``heterocache`` attention
+    refuses an unsupported architecture before any layer runs.
+
+    Raises:
+        UnsupportedArchitectureError: see ``heterocache.architectures``.
+    """
+    if config is not None:
+        check_architecture(config)
+    return sdpa_mask(*args, **kwargs)
 
 
 def register() -> None:
@@ -61,22 +81,27 @@ def register() -> None:
     left padding would be lost.
     """
     AttentionInterface.register(ATTENTION_NAME, heterocache_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, heterocache_mask)
 
 
 def enable(model):
     """Switch an already loaded model to the ``heterocache`` attention (returns the model).
 
     Raises:
+        UnsupportedArchitectureError: an architecture the engine cannot serve exactly (a
+            ``ValueError``; see ``heterocache.architectures`` and docs/models.md).
         ValueError: the model's architecture cannot switch attention implementations.
     """
     register()
+    config = getattr(model, "config", None)
+    if config is not None:
+        check_architecture(config)
     try:
         model.set_attn_implementation(ATTENTION_NAME)
     except (ValueError, AttributeError) as err:
         raise ValueError(
             f"{type(model).__name__} cannot use the '{ATTENTION_NAME}' attention: {err}. "
-            "Supported: Llama, Qwen2, Qwen2.5, Qwen3 (models that support sdpa)."
+            "Supported: Llama, Qwen2/2.5, Qwen3, Mistral, Phi-3, Gemma 3 (see docs/models.md)."
         ) from err
     return model
 

@@ -12,6 +12,11 @@ of two forms:
 Methods that give layers different budgets (PyramidKV, CAKE) spend the same total: their per-layer
 budgets *average* to the number above. An integer budget is deliberately not read as a token count:
 ``budget=1`` must keep meaning "the whole prompt"; pass ``budget_tokens=`` instead.
+
+The budget counts only what can be compressed: the full-attention layers. A sliding-window layer
+(e.g. Gemma 3's local layers) keeps exactly its window of ``W - 1`` tokens whatever the budget, and
+is left out of the averages (PyramidKV's schedule, CAKE's total and HeteroCache's plan span the
+full layers only). With every layer sliding there is nothing to compress.
 """
 
 from __future__ import annotations

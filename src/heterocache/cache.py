@@ -6,6 +6,14 @@ attention must be ``"heterocache"`` (see ``heterocache.attention``): ``update()`
 new keys and values and hands them back unchanged; the attention function computes the output
 from the ragged store and then commits the new tokens (after the prefill's attention has run, so
 the policy can score the prompt with its queries).
+
+Sliding-window layers (``config.layer_types`` "sliding_attention", e.g. Gemma 3's local layers, or
+every layer of a Mistral with ``sliding_window`` set) are served exactly and never compressed: a
+query at position ``p`` sees positions ``p - W + 1 .. p`` (transformers' sliding mask), so between
+steps the layer stores the ``W - 1`` newest tokens of each row, as transformers'
+``DynamicSlidingWindowLayer`` does, and a decode step attends over those plus the new token, then
+drops the oldest. The policy sees only the full-attention layers, numbered from 0 (see
+``heterocache.architectures``), and its budget is counted over them alone.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import attention as _attention
+from .architectures import ArchitectureSpec, check_architecture, check_attention_call
 from .budget import check_budget
 from .memory import MemoryReport, build_memory_report
 from .policies import FullKVPolicy, Policy, PrefillContext, SnapKVPolicy
@@ -27,6 +36,12 @@ class RaggedLayer(CacheLayerMixin):
 
     ``seen`` counts the tokens the layer has been given (the logical sequence length, which
     positions and masks depend on); the store may hold fewer per head.
+
+    Attributes:
+        sliding_window: ``W`` of a sliding-window layer (it stores at most ``W - 1`` tokens per row
+            between steps, ``W`` while a step attends), None for a full-attention layer.
+        policy_idx: the layer's index among the compressible (full) layers, what the policy calls
+            it; None for a sliding layer (the policy never sees it).
     """
 
     is_compileable = False
@@ -39,6 +54,10 @@ class RaggedLayer(CacheLayerMixin):
         self.block_size, self.reserve = block_size, reserve
         self.store: RaggedKVStore | None = None
         self.seen = 0
+        self.configured = False  # sliding_window and policy_idx set from the model's config
+        self.sliding_window: int | None = None
+        self.policy_idx: int | None = layer_idx
+        self._oldest: torch.Tensor | None = None  # int64 zeros [S]: "drop column 0" of every segment
 
     # -- CacheLayerMixin contract
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -74,6 +93,12 @@ class RaggedLayer(CacheLayerMixin):
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         if tokens_to_remove == 0 or self.seen == 0:
             return
+        if self.sliding_window is not None and self.seen >= self.sliding_window:
+            # Like DynamicSlidingWindowLayer: the tokens a cropped sequence needs again are gone.
+            raise NotImplementedError(
+                f"layer {self.layer_idx} is a sliding-window layer that already dropped the tokens older than its "
+                f"window ({self.sliding_window}); crop cannot restore them"
+            )
         self.seen = max(0, self.seen + tokens_to_remove)
         if self.store is not None:
             self.store.truncate_positions(self.seen)
@@ -89,6 +114,24 @@ class RaggedLayer(CacheLayerMixin):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
+
+    def slide(self) -> None:
+        """Drop each row's oldest token where the layer holds more than ``W - 1`` (after a decode
+        step attended): which rows is a host decision (length mirror), the move is ``drop_one``."""
+        store, over = self.store, self.store.length_h > self.sliding_window - 1
+        if not over.any():
+            return
+        if self._oldest is None or self._oldest.shape[0] != store.num_segments or self._oldest.device != store.device:
+            self._oldest = torch.zeros(store.num_segments, dtype=torch.long, device=store.device)
+        store.drop_one(self._oldest, over)
+
+    def trim_to_window(self) -> None:
+        """Keep only the tokens a future query can see, ``pos > seen - W`` (after several tokens
+        were appended at once; reads the device once, like any multi-token eviction)."""
+        idx, valid = self.store.padded_index()
+        keep = valid & (self.store.pos[idx] > self.seen - self.sliding_window)
+        if not bool(keep.eq(valid).all()):
+            self.store.compact(keep)
 
 
 class RaggedCache(Cache):
@@ -108,6 +151,11 @@ class RaggedCache(Cache):
     Multi-turn: pass the same cache to a second ``generate()`` with the whole conversation; only the
     new tokens are processed and appended (not compressed). Beam search, ``crop`` and batch
     repeat/select are supported: they permute, repeat or truncate the stored heads.
+
+    Sliding-window layers keep exactly their window and are not compressed; the policy compresses
+    the full-attention layers only, and a budget is a fraction of *their* prompt KV (module
+    docstring). Architectures the engine cannot serve exactly are refused when the cache first
+    meets the model (``heterocache.architectures.UnsupportedArchitectureError``).
     """
 
     def __init__(self, policy: Policy | None = None, block_size: int = 64, reserve: int = 128):
@@ -121,6 +169,8 @@ class RaggedCache(Cache):
         self.planner = DecodePlanner()
         # The device half of a layer's decode step; replaceable by a compiled version of itself.
         self.decode_step = decode_step
+        self.architecture: ArchitectureSpec | None = None  # from the config of the model met
+        self._architecture_of = None
 
     # ------------------------------------------------------------------ transformers Cache API
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -181,32 +231,62 @@ class RaggedCache(Cache):
         """
         self._pending = None
         layer = self.layers[module.layer_idx]
+        config = getattr(module, "config", None)
+        self._configure(layer, config)
+        check_attention_call(module, key, value, kwargs, self.architecture)
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         q_len = query.shape[2]
         positions = torch.arange(layer.seen - q_len, layer.seen, device=key.device)
         if layer.store is None:
+            # The model's own mask: causal, padding and, on a sliding layer, the window.
             out, _ = sdpa_attention_forward(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
             valid = _key_validity(attention_mask, key)
-            self._fill(layer, query, key, value, valid, positions, scaling, getattr(module, "config", None))
+            self._fill(layer, query, key, value, valid, positions, scaling, config)
             return out, None
-        if q_len > 1:
-            self.policy.before_extend(layer.layer_idx, layer.store, query, scaling)
-        self.policy.before_attention(layer.layer_idx)
+        window, idx = layer.sliding_window, layer.policy_idx
+        if window is None:
+            if q_len > 1:
+                self.policy.before_extend(idx, layer.store, query, scaling)
+            self.policy.before_attention(idx)
         if q_len == 1:
             # Host half (growth, mirror, plan: once per step and layout), then the device half.
             layer.store.begin_decode_append()
             plan = self.planner.plan(layer.store, layer.seen)
             out = self.decode_step(layer.store, key, value, positions, query, scaling, plan)
-            self.policy.on_decode(layer.layer_idx, layer.store, query, scaling)
+            if window is None:
+                self.policy.on_decode(idx, layer.store, query, scaling)
+            else:
+                layer.slide()
             return out, None
         new_valid = None if attention_mask is None else _key_validity(attention_mask[..., -q_len:], key)
-        out = extend_attention(layer.store, query, key, value, new_valid, scaling)
+        if window is not None and new_valid is not None and not bool(new_valid.all()):
+            raise NotImplementedError(
+                f"padding among the new tokens of a later turn on sliding-window layer {layer.layer_idx} is not "
+                "supported (only left padding of the first prompt)"
+            )
+        out = extend_attention(layer.store, query, key, value, new_valid, scaling, window=window, positions=positions)
         layer.store.append(key, value, positions, new_valid)
-        self.policy.on_extend(layer.layer_idx, layer.store, query, scaling)
+        if window is None:
+            self.policy.on_extend(idx, layer.store, query, scaling)
+        else:
+            layer.trim_to_window()
         return out, None
+
+    def _configure(self, layer: RaggedLayer, config) -> None:
+        """Read the model's architecture (once per config met; refuses unsupported ones) and give
+        the layer its window and policy index (once)."""
+        if config is not None and config is not self._architecture_of:
+            self.architecture = check_architecture(config)
+            self._architecture_of = config
+        if layer.configured:
+            return
+        if self.architecture is not None:
+            layer.sliding_window = self.architecture.window(layer.layer_idx)
+            layer.policy_idx = self.architecture.policy_index(layer.layer_idx)
+        layer.configured = True
 
     def ingest_prefill(self, layer_idx: int, query, key, value, valid, scaling: float, config=None) -> None:
         """Fill an empty layer from a prefill attended elsewhere (what ``attend`` does at prefill,
@@ -227,6 +307,7 @@ class RaggedCache(Cache):
         layer = self.layers[layer_idx]
         if layer.seen:
             raise ValueError(f"layer {layer_idx} already holds {layer.seen} tokens; ingest_prefill fills an empty one")
+        self._configure(layer, config)
         layer.update(key, value)
         positions = torch.arange(key.shape[-2], device=key.device)
         self._fill(layer, query, key, value, valid, positions, scaling, config)
@@ -235,8 +316,15 @@ class RaggedCache(Cache):
         B, H, L, D = key.shape
         if valid is None:
             valid = torch.ones(B, L, dtype=torch.bool, device=key.device)
-        num_layers = getattr(config, "num_hidden_layers", None)
-        ctx = PrefillContext(layer.layer_idx, query, key, value, valid, scaling, num_layers, config)
+        if layer.sliding_window is not None:
+            self._fill_window(layer, key, value, valid, positions)
+            return
+        if self.architecture is not None:
+            num_layers = len(self.architecture.compressible_layers)
+        else:
+            num_layers = getattr(config, "num_hidden_layers", None)
+        ctx = PrefillContext(layer.policy_idx, query, key, value, valid, scaling, num_layers, config,
+                             model_layer=layer.layer_idx)
         plan = self.policy.plan(ctx)
         keep = self.policy.select(ctx, plan)
         kept = keep.sum(-1)
@@ -250,7 +338,27 @@ class RaggedCache(Cache):
         store = RaggedKVStore(B, H, D, key.dtype, key.device, self.block_size, self.reserve)
         store.fill(key, value, keep, positions)
         layer.store = store
-        self.policy.on_prefill_done(layer.layer_idx, store, ctx)
+        self.policy.on_prefill_done(layer.policy_idx, store, ctx)
+
+    def _fill_window(self, layer: RaggedLayer, key, value, valid, positions) -> None:
+        """Fill a sliding layer with what a future query can see: the real tokens at positions
+        ``> seen - W`` (the newest ``W - 1``). No policy is asked: nothing here is compressed.
+
+        Raises:
+            NotImplementedError: a row whose window holds padding after a real token (padding
+                other than left padding): the decode step drops one token per step by count.
+        """
+        B, H, L, D = key.shape
+        keep = valid & (positions > layer.seen - layer.sliding_window)[None, :]  # [B, L]
+        keep_h = keep.cpu().numpy()  # prefill: host reads are fine here
+        if L > 1 and (keep_h[:, 1:] < keep_h[:, :-1]).any():
+            raise NotImplementedError(
+                f"sliding-window layer {layer.layer_idx}: a row has padding after real tokens inside the window; "
+                "only left padding is supported"
+            )
+        store = RaggedKVStore(B, H, D, key.dtype, key.device, self.block_size, self.reserve)
+        store.fill(key, value, keep[:, None, :].expand(B, H, L), positions)
+        layer.store = store
 
     def _check_attention_used(self) -> None:
         if self._pending is not None:
@@ -272,22 +380,30 @@ class RaggedCache(Cache):
         """Stored tokens per layer: int64 ``[B, H]`` each."""
         return [layer.store.lengths().clone() for layer in self.layers if layer.store is not None]
 
+    def sliding_windows(self) -> list[int | None]:
+        """The window of every layer met so far (None: full attention, compressible)."""
+        return [layer.sliding_window for layer in self.layers]
+
 
 def _key_validity(mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | None:
-    """Which key columns are real tokens, read from the last query row of an sdpa mask.
+    """Which of the ``q`` new tokens are real (not padding), read from an sdpa mask's diagonal:
+    new token i (column ``kv - q + i``) is visible to its own query exactly when it is real, on a
+    full layer as on a sliding one (the last query row would also hide what is outside a window).
 
     Args:
         mask: bool ``[B, 1, q, kv]`` (True = attend) or None (no padding).
         key: any ``[B, ...]`` tensor (for the batch size and device).
 
     Returns:
-        bool ``[B, kv]`` or None.
+        bool ``[B, q]`` or None.
     """
     if mask is None:
         return None
     if mask.dtype != torch.bool:  # additive float mask (eager-style): 0 = attend
         mask = mask == 0
-    return mask[:, 0, -1, :].expand(key.shape[0], -1).clone()
+    q, kv = mask.shape[-2], mask.shape[-1]
+    diagonal = torch.diagonal(mask[:, 0, :, kv - q :], dim1=-2, dim2=-1)
+    return diagonal.expand(key.shape[0], -1).clone()
 
 
 class FullKVCache(RaggedCache):

@@ -17,7 +17,7 @@ class LayerMemory:
         host_bytes: bytes in host memory (e.g. pinned copies of offloaded heads).
         dynamic_bytes: what transformers' DynamicCache holds for the same tokens.
         stored_tokens: tokens per (row, head), ``[B][H]``.
-        roles: role name of each KV head.
+        roles: role name of each KV head ("sliding" for a sliding-window layer's).
     """
 
     layer_idx: int
@@ -100,16 +100,24 @@ def build_memory_report(cache) -> MemoryReport:
         if store is None:
             continue
         elt = store.k.element_size()
-        dynamic = store.num_rows * store.num_heads * layer.seen * store.head_dim * elt * 2
+        window = getattr(layer, "sliding_window", None)
+        # A sliding layer in a DynamicCache (DynamicSlidingWindowLayer) keeps its W - 1 newest tokens.
+        tokens = layer.seen if window is None else min(layer.seen, window - 1)
+        dynamic = store.num_rows * store.num_heads * tokens * store.head_dim * elt * 2
+        idx = getattr(layer, "policy_idx", layer.layer_idx)  # what the policy calls the layer
+        if window is None:
+            roles = cache.policy.head_roles(idx, store.num_heads)
+        else:
+            roles = ["sliding"] * store.num_heads
         report.layers.append(
             LayerMemory(
                 layer_idx=layer.layer_idx,
                 device_bytes=store.bytes_allocated(),
                 device_used_bytes=store.bytes_used(),
-                host_bytes=int(host_by_layer.get(layer.layer_idx, 0)),
+                host_bytes=int(host_by_layer.get(idx, 0)) if window is None else 0,
                 dynamic_bytes=dynamic,
                 stored_tokens=store.lengths().tolist(),
-                roles=cache.policy.head_roles(layer.layer_idx, store.num_heads),
+                roles=roles,
             )
         )
     return report

@@ -30,6 +30,7 @@ from typing import Any
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
+from .architectures import check_architecture
 from .attention import ATTENTION_NAME
 from .cache import FullKVCache, RaggedCache, SnapKVCache
 from .policies import CAKEPolicy, FullKVPolicy, H2OPolicy, PyramidKVPolicy, SnapKVPolicy, StreamingLLMPolicy
@@ -302,6 +303,8 @@ def make_cache(method: str, budget: float | None = None, model=None, **params) -
 
     Raises:
         ValueError: unknown method, invalid budget, or a model whose attention cannot read the cache.
+        UnsupportedArchitectureError: (a ValueError) a ragged method for a model whose architecture
+            the engine cannot serve exactly (``heterocache.architectures``).
         TypeError: a parameter the method does not have.
     """
     spec = get_method(method)
@@ -312,6 +315,7 @@ def make_cache(method: str, budget: float | None = None, model=None, **params) -
     if spec.uses_budget and budget is None and params.get("budget_tokens") is None:
         raise ValueError(f"method {spec.name!r} needs a budget (fraction in (0, 1]) or budget_tokens")
     if model is not None and spec.needs_heterocache_attention:
+        check_architecture(model.config)
         attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if attn is not None and attn != ATTENTION_NAME:
             raise ValueError(

@@ -263,6 +263,8 @@ def extend_attention(
     value: torch.Tensor,
     new_valid: torch.Tensor | None,
     scaling: float,
+    window: int | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q new tokens over the stored tokens plus themselves (causal).
 
@@ -272,6 +274,8 @@ def extend_attention(
         key, value: ``[B, H, q, D]`` of the new tokens (not yet in the store).
         new_valid: optional bool ``[B, q]``: False for padding among the new tokens.
         scaling: softmax scale.
+        window: a sliding layer's ``W``: query at position ``p`` sees positions ``> p - W`` only.
+        positions: int ``[q]`` logical positions of the new tokens (needed with ``window``).
 
     Returns:
         ``[B, q, Hq, D]``.
@@ -279,14 +283,20 @@ def extend_attention(
     B, Hq, q_len, D = query.shape
     H = store.num_heads
     G = Hq // H
-    k_old, v_old, valid_old, _ = store.padded()
+    k_old, v_old, valid_old, pos_old = store.padded()
     k_all = torch.cat([k_old.to(key.dtype), key], dim=2)
     v_all = torch.cat([v_old.to(value.dtype), value], dim=2)
-    causal = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril()
+    ar = torch.arange(q_len, device=query.device)
+    causal = ar[None, :] <= ar[:, None]
+    old_mask = valid_old[:, :, None, :].expand(-1, -1, q_len, -1)
+    if window is not None:
+        causal = causal & (ar[None, :] > ar[:, None] - window)
+        qpos = positions.to(pos_old.device).long()
+        old_mask = old_mask & (pos_old[:, :, None, :] > qpos[None, None, :, None] - window)
     new_mask = causal[None, None].expand(B, H, q_len, q_len)
     if new_valid is not None:
         new_mask = new_mask & new_valid[:, None, None, :]
-    mask = torch.cat([valid_old[:, :, None, :].expand(-1, -1, q_len, -1), new_mask], dim=-1)
+    mask = torch.cat([old_mask, new_mask], dim=-1)
     # A padding query may see nothing; let it see itself so its (ignored) output is not NaN.
     mask = _with_diagonal(mask, k_old.shape[2])
     out = F.scaled_dot_product_attention(

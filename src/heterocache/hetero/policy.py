@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..architectures import check_architecture
 from ..budget import check_budget
 from ..policies.base import Policy, PrefillContext
 from ..policies.scoring import pool_scores, reduce_gqa, topk_keep, window_attention_scores
@@ -56,10 +57,13 @@ class _LayerState:
         reference: bool ``[B, P, Lmax]`` device: each pivot's reference top-k set as a map.
         queries: buffered decode queries ``[B, Hq, D]`` (device).
         pending: decisions computed on the device, acted on a later step (``_Decision``).
+        model_layer: the layer's index in the model (the profile's row; the policy's own index
+            counts compressible layers only).
     """
 
     def __init__(self, plan: np.ndarray, prompt_tokens: np.ndarray, base: np.ndarray, k: np.ndarray):
         self.plan, self.prompt_tokens, self.base, self.k = plan, prompt_tokens, base, k
+        self.model_layer = 0  # the layer's index in the model (the policy's index may differ)
         self.k_dev: torch.Tensor | None = None
         self.pivots: list[int] = []
         self.satellites: list[int] = []
@@ -145,8 +149,9 @@ class HeteroCachePolicy(Policy):
 
     Args:
         profile: the model's ``HeadProfile``.
-        budget: fraction of the prompt KV kept on the device, in (0, 1] (default 0.25). Ignored when
-            ``budget_tokens`` is given.
+        budget: fraction of the prompt KV kept on the device, in (0, 1] (default 0.25), over the
+            full-attention layers (sliding-window layers keep their window and are not counted;
+            the profile still describes every layer). Ignored when ``budget_tokens`` is given.
         budget_tokens: absolute budget: average prompt tokens kept per KV head (the fraction is then
             ``min(1, budget_tokens / prompt_tokens)`` per row).
         window: prompt queries whose attention selects the compressed heads' tokens (default 1, the
@@ -210,8 +215,9 @@ class HeteroCachePolicy(Policy):
         self.full = (roles == Role.VOLATILE) | (roles == Role.PIVOT)
         ratios = torch.nan_to_num(self.profile.budget_ratios, nan=1.0)
         self.ratios = ratios if self.inverse_stability else torch.ones_like(ratios)
-        if self.budget_tokens is None:  # a fraction at or below the full heads' share never fits
-            check_budget_above_floor(self.full, self.budget)
+        # The layers this policy compresses (model indices) and the plan's inputs restricted to them:
+        # every layer until the model's config says some are sliding (their KV is outside the budget).
+        self._set_compressible(range(self.profile.num_layers))
         self.stats = RefreshStats()
         self._layers: dict[int, _LayerState] = {}
         self._transfer: RefreshTransfer | None = None
@@ -222,8 +228,15 @@ class HeteroCachePolicy(Policy):
         self.last_pivot_scores: dict[tuple[int, int], torch.Tensor] = {}  # (row, pivot) at last refresh
 
     # ------------------------------------------------------------------ roles and plan
+    def _set_compressible(self, model_layers) -> None:
+        self.model_layers = list(model_layers)
+        self._plan_full, self._plan_ratios = self.full[self.model_layers], self.ratios[self.model_layers]
+        if self.budget_tokens is None:  # a fraction at or below the full heads' share never fits
+            check_budget_above_floor(self._plan_full, self.budget)
+
     def head_roles(self, layer_idx: int, num_heads: int) -> list[str]:
-        return [Role(int(r)).label for r in self.profile.roles[layer_idx]]
+        """Roles of a compressible layer's heads (``layer_idx``: the policy's index of the layer)."""
+        return [Role(int(r)).label for r in self.profile.roles[self.model_layers[layer_idx]]]
 
     def row_budget(self, prompt_tokens: int) -> float:
         if self.budget_tokens is not None:
@@ -232,8 +245,10 @@ class HeteroCachePolicy(Policy):
 
     def plan_for(self, prompt_tokens: int) -> torch.Tensor:
         """Prompt tokens every KV head keeps for a row of ``prompt_tokens`` real tokens:
-        int64 ``[layers, kv_heads]``."""
-        return plan_tokens(self.full, self.ratios, self.row_budget(prompt_tokens), prompt_tokens)
+        int64 ``[layers, kv_heads]`` over the compressible layers (``model_layers``; all the
+        profile's layers unless the model has sliding-window layers, which keep their window and
+        are not counted in the budget)."""
+        return plan_tokens(self._plan_full, self._plan_ratios, self.row_budget(prompt_tokens), prompt_tokens)
 
     def plan(self, ctx: PrefillContext) -> torch.Tensor:
         self._check_fit(ctx)
@@ -246,6 +261,7 @@ class HeteroCachePolicy(Policy):
         B, H, L, D = ctx.key.shape
         if ctx.config is not None:
             self.profile.validate_for(ctx.config)
+            self._set_compressible(check_architecture(ctx.config).compressible_layers)
         else:
             self.profile.validate_for(
                 {"num_hidden_layers": self.profile.num_layers, "num_attention_heads": ctx.query.shape[1],
@@ -267,18 +283,19 @@ class HeteroCachePolicy(Policy):
         base = np.array([self._base_tokens(int(n)) for n in prompt], np.int64)
         k = np.maximum(1, np.minimum(base if self.drift_topk is None else self.drift_topk, prompt))
         state = _LayerState(plan, prompt, base, k)
+        state.model_layer = ctx.model_layer
         self._stores[layer_idx] = store
         if not self._layers or layer_idx < min(self._layers):
             self._first_layer = layer_idx
         self._layers[layer_idx] = state
-        roles = self.profile.roles[layer_idx]
+        roles = self.profile.roles[ctx.model_layer]
         satellites = [h for h in range(len(roles)) if roles[h] == Role.SATELLITE]
         if not (self.offload and satellites):
             return
         state.host = SatelliteHostStore(ctx.key, ctx.value, ctx.valid, satellites, pin=store.device.type == "cuda")
         if self._transfer is None:
             self._transfer = RefreshTransfer(store.device, self.asynchronous)
-        clusters = self.profile.clusters(layer_idx)
+        clusters = self.profile.clusters(ctx.model_layer)
         state.pivots = list(clusters)
         for i, p in enumerate(state.pivots):
             for sat in clusters[p]:
@@ -306,8 +323,9 @@ class HeteroCachePolicy(Policy):
         return pivot_scores(queries, keys, valid, scaling, self.kernel)
 
     def _base_tokens(self, prompt_tokens: int) -> int:
-        """Per-head base budget (b*H - F) * L / (H - F) of the paper (at least 1)."""
-        H, F = self.full.numel(), int(self.full.sum())
+        """Per-head base budget (b*H - F) * L / (H - F) of the paper (at least 1), over the
+        compressible layers' heads."""
+        H, F = self._plan_full.numel(), int(self._plan_full.sum())
         if F == H:
             return prompt_tokens
         b = self.row_budget(prompt_tokens)
@@ -453,7 +471,7 @@ class HeteroCachePolicy(Policy):
         for b, i in zip(*np.nonzero(drifted)):
             b, p = int(b), state.pivots[int(i)]
             refreshed.append((b, p))
-            self.stats.refreshes[(layer_idx, p)] += 1
+            self.stats.refreshes[(state.model_layer, p)] += 1
             self.last_pivot_scores[(b, p)] = decision.scores[b, int(i), : int(state.prompt_tokens[b])]
         # Satellites of a drifted pivot that do not already hold their whole prompt.
         due = drifted[:, state.sat_pivot] & (state.sat_tokens < state.prompt_tokens[:, None])  # [B, Ns]

@@ -16,13 +16,16 @@ class PrefillContext:
     """What a policy sees when a layer's prompt has just been attended.
 
     Attributes:
-        layer_idx: index of the layer.
-        num_layers: layers of the model (known once the whole model ran; may be None at layer 0).
+        layer_idx: index of the layer among those the policy compresses (the model's full-attention
+            layers, numbered from 0; the model's layer index when every layer is full).
+        num_layers: layers the policy compresses (the model's full-attention layers; sliding-window
+            layers are not counted, their KV is outside the budget); may be None when unknown.
         query: ``[B, Hq, L, D]`` queries of the prompt (after RoPE).
         key, value: ``[B, H, L, D]`` keys (after RoPE) and values.
         valid: bool ``[B, L]``: real tokens (False for left padding).
         scaling: the layer's softmax scale.
         config: the model's config (transformers ``PretrainedConfig``) when known.
+        model_layer: the layer's index in the model (default: ``layer_idx``).
     """
 
     layer_idx: int
@@ -33,6 +36,11 @@ class PrefillContext:
     scaling: float
     num_layers: int | None = None
     config: object | None = None
+    model_layer: int | None = None
+
+    def __post_init__(self):
+        if self.model_layer is None:
+            self.model_layer = self.layer_idx
 
     @property
     def num_groups(self) -> int:

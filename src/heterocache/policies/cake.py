@@ -30,7 +30,7 @@ class CAKEPolicy(BudgetedPolicy):
     - the eviction indicator of each token ``mean_i A[i, j] + gamma * Var_i A[i, j]``, average-pooled
       along the sequence and averaged over a GQA group.
 
-    Budget: the model's total ``m * k`` tokens per head (``k`` the uniform budget, ``m`` layers) minus
+    Budget: the model's total ``m * k`` tokens per head (``k`` the uniform budget, ``m`` full-attention layers) minus
     the window that every layer keeps is split among layers in proportion to their preference, no
     layer above its prompt (what a capped layer cannot take goes to the others). Cascade: after layer
     ``l`` is prefilled the total is re-split among layers ``0..l`` and the earlier layers are evicted

@@ -59,8 +59,8 @@ class PyramidKVPolicy(SnapKVPolicy):
     """SnapKV's token selection with per-layer budgets that shrink linearly from bottom to top.
 
     Layer ``l`` keeps ``pyramid_budgets(...)[l]`` tokens per KV head (see ``pyramid_budgets``): the
-    budgets average to the uniform budget over the model's layers, so the total matches SnapKV's.
-    Scoring (observation window, pooling, GQA reduction) is SnapKV's, with SnapKV's defaults so the
+    budgets average to the uniform budget over the model's full-attention layers, so the total
+    matches SnapKV's. Scoring (observation window, pooling, GQA reduction) is SnapKV's, with SnapKV's defaults so the
     two compare like for like (the paper compares them the same way; KVCache-Factory's LongBench
     scripts run both with window 8, kernel 7, max pooling). Decoded tokens are appended, never evicted.
 

@@ -8,6 +8,7 @@ import torch
 
 from .clustering import budget_ratios
 from .head_profile import HeadProfile
+from .roles import Role
 
 
 def toy_profile(**overrides: Any) -> HeadProfile:
@@ -38,6 +39,31 @@ def toy_profile(**overrides: Any) -> HeadProfile:
     )
     fields.update(overrides)
     return HeadProfile(**fields)
+
+
+def tiny_profile(num_layers: int, num_kv_heads: int, num_attention_heads: int, head_dim: int,
+                 model_name: str = "tiny/model") -> HeadProfile:
+    """A valid profile of any shape (for tiny random models of any family), cycling over layers::
+
+        layer 3i:    P  S  A ...   (a pivot and its satellite; anchors)
+        layer 3i+1:  V  A  A ...
+        layer 3i+2:  A  A  A ...
+
+    With one KV head per layer the pivot layers hold an anchor instead (a pivot needs a satellite).
+    """
+    roles = torch.full((num_layers, num_kv_heads), int(Role.ANCHOR))
+    pivots = torch.full((num_layers, num_kv_heads), -1)
+    for layer in range(num_layers):
+        if layer % 3 == 0 and num_kv_heads >= 2:
+            roles[layer, 0], roles[layer, 1], pivots[layer, 1] = int(Role.PIVOT), int(Role.SATELLITE), 0
+        elif layer % 3 == 1:
+            roles[layer, 0] = int(Role.VOLATILE)
+    stability = 0.3 + 0.6 * torch.rand(num_layers, num_kv_heads, generator=torch.Generator().manual_seed(0))
+    return HeadProfile(
+        roles=roles, stability=stability, budget_ratios=budget_ratios(roles, stability), pivots=pivots,
+        model_name=model_name, num_attention_heads=num_attention_heads, head_dim=head_dim, topk=64,
+        source={"made_by": "heterocache.profile.testing.tiny_profile"},
+    )
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, attn_implementation: str = "sdpa"):
