@@ -75,8 +75,8 @@ def test_uncompressed_methods_ignore_the_budget():
 
 
 def test_unknown_method_error_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown method 'quest'; known methods: dynamic, fullkv, streamingllm, h2o"):
-        make_cache("quest", 0.5)
+    with pytest.raises(ValueError, match=r"unknown method 'questt'; known methods: dynamic, fullkv, streamingllm, h2o"):
+        make_cache("questt", 0.5)
 
 
 def test_unknown_parameter_is_rejected_with_the_methods_parameters():

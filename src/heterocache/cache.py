@@ -27,7 +27,8 @@ from .architectures import ArchitectureSpec, check_architecture, check_attention
 from .budget import check_budget
 from .memory import MemoryReport, build_memory_report
 from .policies import FullKVPolicy, Policy, PrefillContext, SnapKVPolicy
-from .ragged_attention import DecodePlanner, decode_step, extend_attention
+from .ragged_attention import (DecodePlanner, decode_attention, decode_step, extend_attention,
+                               selected_decode_attention)
 from .store import RaggedKVStore
 
 
@@ -255,7 +256,15 @@ class RaggedCache(Cache):
             # Host half (growth, mirror, plan: once per step and layout), then the device half.
             layer.store.begin_decode_append()
             plan = self.planner.plan(layer.store, layer.seen)
-            out = self.decode_step(layer.store, key, value, positions, query, scaling, plan)
+            if window is None and self.policy.selects_per_step:
+                # A per-step selection (Quest, ...): append, let the policy choose the slots from
+                # the store with the new token in it, attend over those alone.
+                layer.store.append_decode(key, value, positions)
+                selection = self.policy.decode_selection(idx, layer.store, query, scaling)
+                out = (decode_attention(layer.store, query, scaling, plan=plan) if selection is None
+                       else selected_decode_attention(layer.store, query, scaling, selection))
+            else:
+                out = self.decode_step(layer.store, key, value, positions, query, scaling, plan)
             if window is None:
                 self.policy.on_decode(idx, layer.store, query, scaling)
             else:

@@ -95,6 +95,8 @@ def build_memory_report(cache) -> MemoryReport:
     """Walk a ``RaggedCache``'s layers (and any host copies its policy keeps)."""
     report = MemoryReport()
     host_by_layer = getattr(cache.policy, "host_bytes_per_layer", lambda: {})()
+    # Device tensors a policy keeps beside the store (e.g. Quest's page summaries).
+    extra_by_layer = getattr(cache.policy, "device_extra_bytes_per_layer", lambda: {})()
     for layer in cache.layers:
         store = layer.store
         if store is None:
@@ -112,7 +114,7 @@ def build_memory_report(cache) -> MemoryReport:
         report.layers.append(
             LayerMemory(
                 layer_idx=layer.layer_idx,
-                device_bytes=store.bytes_allocated(),
+                device_bytes=store.bytes_allocated() + (int(extra_by_layer.get(idx, 0)) if window is None else 0),
                 device_used_bytes=store.bytes_used(),
                 host_bytes=int(host_by_layer.get(idx, 0)) if window is None else 0,
                 dynamic_bytes=dynamic,

@@ -33,13 +33,14 @@ from transformers.cache_utils import Cache
 from .architectures import check_architecture
 from .attention import ATTENTION_NAME
 from .cache import FullKVCache, RaggedCache, SnapKVCache
-from .policies import CAKEPolicy, FullKVPolicy, H2OPolicy, PyramidKVPolicy, SnapKVPolicy, StreamingLLMPolicy
+from .policies import CAKEPolicy, FullKVPolicy, H2OPolicy, PyramidKVPolicy, QuestPolicy, SnapKVPolicy, StreamingLLMPolicy
 
 __all__ = [
     "CAKECache",
     "H2OCache",
     "Method",
     "PyramidKVCache",
+    "QuestCache",
     "StreamingLLMCache",
     "describe_methods",
     "get_method",
@@ -105,6 +106,19 @@ class CAKECache(_PolicyCache):
     """
 
     policy_class = CAKEPolicy
+
+
+class QuestCache(_PolicyCache):
+    """Quest: every token kept; each decode step reads only the pages whose key bounds score
+    highest for the query (Tang et al. 2024, arXiv 2406.10774). Saves bandwidth, not memory.
+
+    Args:
+        budget: fraction of the stored tokens read per step, in (0, 1] (default 0.25).
+        **policy_kwargs: ``budget_tokens``, ``page_size``, ``dense_layers``, ``min_pages``,
+            ``gqa_reduce`` (see ``QuestPolicy``).
+    """
+
+    policy_class = QuestPolicy
 
 
 # -------------------------------------------------------------------------------------- registry
@@ -376,4 +390,11 @@ register_method(
     description="layer budgets from attention dispersion and shift, cascading eviction (Qin et al. 2025)",
     cache_class=CAKECache,
     policy_class=CAKEPolicy,
+)
+register_method(
+    "quest",
+    description="every token kept; each decode step reads the top pages by query-aware key bounds "
+    "(Tang et al. 2024)",
+    cache_class=QuestCache,
+    policy_class=QuestPolicy,
 )

@@ -190,6 +190,45 @@ def decode_attention(
     raise ValueError(f"unknown plan strategy {plan.strategy!r}")
 
 
+@dataclass(frozen=True)
+class SlotSelection:
+    """The stored slots each segment attends to at one decode step (a per-step selection policy's
+    choice, e.g. Quest's pages), built on the device without host reads.
+
+    Attributes:
+        slots: int64 ``[S, N]`` flat slot indices into the store's buffers (``N`` fixed for the
+            step from host values, so shapes never depend on device values).
+        valid: bool ``[S, N]``: False for entries that pad a segment's choice (never attended).
+    """
+
+    slots: torch.Tensor
+    valid: torch.Tensor
+
+
+def selected_decode_attention(store: RaggedKVStore, query: torch.Tensor, scaling: float,
+                              selection: SlotSelection) -> torch.Tensor:
+    """Single-token attention of every query head over the slots its KV head's segment selected.
+
+    Reads only the selected keys and values (one gather of ``[S, N, D]``), on every device; a
+    segment attends exactly as ``decode_attention`` would over a store holding only those tokens.
+
+    Args:
+        query: ``[B, Hq, 1, D]``.
+        selection: the step's ``SlotSelection``; every segment must select at least one valid slot.
+
+    Returns:
+        ``[B, 1, Hq, D]`` in the query's dtype.
+    """
+    B, Hq, _, D = query.shape
+    S, G = store.num_segments, Hq // store.num_heads
+    k = store.k[selection.slots].unsqueeze(1)  # [S, 1, N, D]
+    v = store.v[selection.slots].unsqueeze(1)
+    q = query.reshape(S, 1, G, D).to(store.dtype)  # the G query heads of a segment as its rows
+    mask = selection.valid[:, None, None, :]  # [S, 1, 1, N], broadcast over the G rows
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)  # [S, 1, G, D]
+    return out.to(query.dtype).view(B, 1, Hq, D)
+
+
 def _decode_device(store: RaggedKVStore, query: torch.Tensor, scaling: float, plan: DecodePlan) -> torch.Tensor:
     """The GPU path: the Triton kernel with the plan's launch shape where Triton runs (CUDA), else
     the block-wise PyTorch computation (same inputs, no host reads) standing in for it."""

@@ -93,6 +93,15 @@ class Policy:
     def before_attention(self, layer_idx: int) -> None:
         """Called before a decode or extend step reads the layer's store (wait for pending copies)."""
 
+    #: Whether ``decode_selection`` chooses, at each decode step, the slots attention reads.
+    selects_per_step = False
+
+    def decode_selection(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float):
+        """The slots each segment attends to at this decode step (the new token already stored):
+        a ``heterocache.ragged_attention.SlotSelection``, or None for all of them. Called only
+        when ``selects_per_step``; must not read device values on the host."""
+        return None
+
     def on_decode(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         """Called after each decode step's token was appended and attended (evict, refresh)."""
 
