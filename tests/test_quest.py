@@ -205,3 +205,20 @@ def test_quest_is_registered_with_its_defaults():
     assert "`quest`" in describe_methods()
     cache = make_cache("quest", 0.3, None, page_size=8)
     assert isinstance(cache, QuestCache) and cache.policy.page_size == 8 and cache.policy.budget == 0.3
+
+
+def test_selected_attention_with_extra_tokens_equals_attention_over_the_union():
+    store, _, _ = _store([9, 4], H=1, D=8)
+    g = torch.Generator().manual_seed(7)
+    query = torch.randn(2, 2, 1, 8, generator=g)
+    lengths = store.lengths().reshape(-1)
+    slots = store.start[:, None] + torch.tensor([[0, 3, 8], [1, 2, 0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    ek, ev = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
+    evalid = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    out = selected_decode_attention(store, query, 0.4, SlotSelection(slots, valid, ek, ev, evalid))
+    for s in range(2):
+        k = torch.cat([store.k[slots[s][valid[s]]], ek[s][evalid[s]]])
+        v = torch.cat([store.v[slots[s][valid[s]]], ev[s][evalid[s]]])
+        p = torch.softmax(query[s, :, 0] @ k.T * 0.4, -1)
+        torch.testing.assert_close(out[s, 0], p @ v, rtol=1e-5, atol=1e-6)

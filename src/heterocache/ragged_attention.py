@@ -199,10 +199,16 @@ class SlotSelection:
         slots: int64 ``[S, N]`` flat slot indices into the store's buffers (``N`` fixed for the
             step from host values, so shapes never depend on device values).
         valid: bool ``[S, N]``: False for entries that pad a segment's choice (never attended).
+        extra_key, extra_value: optional ``[S, M, D]`` tokens attended besides the store's (keys
+            rebuilt from a compressed form, values fetched from host memory: ShadowKV, offloaded
+            layers), with ``extra_valid`` bool ``[S, M]``.
     """
 
     slots: torch.Tensor
     valid: torch.Tensor
+    extra_key: torch.Tensor | None = None
+    extra_value: torch.Tensor | None = None
+    extra_valid: torch.Tensor | None = None
 
 
 def selected_decode_attention(store: RaggedKVStore, query: torch.Tensor, scaling: float,
@@ -221,10 +227,14 @@ def selected_decode_attention(store: RaggedKVStore, query: torch.Tensor, scaling
     """
     B, Hq, _, D = query.shape
     S, G = store.num_segments, Hq // store.num_heads
-    k = store.k[selection.slots].unsqueeze(1)  # [S, 1, N, D]
-    v = store.v[selection.slots].unsqueeze(1)
+    k, v, valid = store.k[selection.slots], store.v[selection.slots], selection.valid  # [S, N, D]
+    if selection.extra_key is not None:
+        k = torch.cat([k, selection.extra_key.to(store.dtype)], 1)
+        v = torch.cat([v, selection.extra_value.to(store.dtype)], 1)
+        valid = torch.cat([valid, selection.extra_valid], 1)
+    k, v = k.unsqueeze(1), v.unsqueeze(1)  # [S, 1, N (+ M), D]
     q = query.reshape(S, 1, G, D).to(store.dtype)  # the G query heads of a segment as its rows
-    mask = selection.valid[:, None, None, :]  # [S, 1, 1, N], broadcast over the G rows
+    mask = valid[:, None, None, :]  # [S, 1, 1, N], broadcast over the G rows
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)  # [S, 1, G, D]
     return out.to(query.dtype).view(B, 1, Hq, D)
 
