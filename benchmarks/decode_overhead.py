@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from heterocache import CAKECache, FullKVCache, H2OCache, PyramidKVCache, SnapKVCache, StreamingLLMCache
+from heterocache import CAKECache, FullKVCache, H2OCache, PyramidKVCache, QuestCache, SnapKVCache, StreamingLLMCache
 from heterocache._compat import cache_kwarg
 from heterocache.bench import kv_bytes, prompt_ids
 from heterocache.diagnostics import count_steps
@@ -45,6 +45,7 @@ def methods(budget: float) -> dict:
         "pyramidkv": ("heterocache", lambda: PyramidKVCache(budget=budget)),
         "cake": ("heterocache", lambda: CAKECache(budget=budget)),
         "heterocache": ("heterocache", lambda: HeteroCache("HuggingFaceTB/SmolLM2-135M-Instruct", budget=budget)),
+        "quest": ("heterocache", lambda: QuestCache(budget=budget)),
     }
 
 
