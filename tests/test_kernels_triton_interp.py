@@ -88,6 +88,58 @@ def _worker() -> None:
     out = ragged_decode_attention(**case, scale=0.125, backend="triton")
     ref = ragged_decode_attention_torch(**case, scale=0.125)
     results["dispatcher_forced_triton"] = {"err": (out - ref).abs().max().item(), "nan": bool(out.isnan().any())}
+    # Table mode (a per-step selection: Quest's pages): against the gather + SDPA oracle, with
+    # unused entries anywhere (whole leading tiles too), a segment with none, several splits.
+    from heterocache.kernels.triton_decode import table_decode_attention_triton
+
+    g = torch.Generator().manual_seed(7)
+    T, S, N = 300, 4, 70
+    for name, (G, D, dt, kw) in {"table_gqa3_fp32": (3, 64, torch.float32, {"block_n": 16}),
+                                 "table_gqa3_fp32_3_splits": (3, 64, torch.float32, {"block_n": 16, "num_splits": 3}),
+                                 "table_mha_bf16_gemv": (1, 64, torch.bfloat16, {"block_n": 16})}.items():
+        k = torch.randn(T, D, generator=g).to(dt)
+        v = torch.randn(T, D, generator=g).to(dt)
+        q = torch.randn(S, G, D, generator=g).to(dt)
+        table = torch.randint(0, T, (S, N), generator=g)
+        valid = torch.rand(S, N, generator=g) < 0.6
+        valid[0, :40] = False  # leading tiles with nothing valid
+        valid[2] = False  # a segment that selected nothing
+        out, lse = table_decode_attention_triton(q, k, v, table, valid, 0.125, return_lse=True, **kw)
+        ref = torch.zeros(S, G, D)
+        for s_ in range(S):
+            idx = table[s_][valid[s_]]
+            if idx.numel():
+                p_ = torch.softmax(q[s_].float() @ k[idx].float().T * 0.125, -1)
+                ref[s_] = p_ @ v[idx].float()
+        results[name] = {"err": (out.float() - ref).abs().max().item(), "nan": bool(out.isnan().any()),
+                         "empty_zero": bool((out[2] == 0).all()), "empty_lse": bool(torch.isneginf(lse[2]).all())}
+    # Through the engine: Quest's per-step pages read by the kernel's table mode (backend forced
+    # to triton, which the interpreter runs on CPU) give the tokens of the PyTorch gather path.
+    import heterocache  # noqa: F401
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from heterocache import QuestCache
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=6, num_key_value_heads=2)
+    config._attn_implementation = "heterocache"
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(1, 128, (2, 80), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    runs = {}
+    for backend in ("torch", "triton"):
+        os.environ["HETEROCACHE_DECODE_BACKEND"] = backend
+        with torch.no_grad():
+            runs[backend] = model.generate(ids, attention_mask=mask, past_key_values=QuestCache(budget=0.3, dense_layers=1,
+                                           page_size=8), max_new_tokens=4, do_sample=False, output_scores=True,
+                                           return_dict_in_generate=True)
+    os.environ.pop("HETEROCACHE_DECODE_BACKEND")
+    results["quest_engine_triton"] = {
+        "tokens_equal": bool(torch.equal(runs["torch"].sequences, runs["triton"].sequences)),
+        "logit_err": max((a - b).abs().max().item() for a, b in zip(runs["torch"].scores, runs["triton"].scores)),
+    }
     print("RESULTS " + json.dumps(results))
 
 
@@ -130,6 +182,18 @@ def test_rejects_tiles_too_small_for_tl_dot(results):
 def test_dispatcher_runs_triton_when_forced(results):
     r = results["dispatcher_forced_triton"]
     assert not r["nan"] and r["err"] <= 2e-5, r
+
+
+@pytest.mark.parametrize("name", ["table_gqa3_fp32", "table_gqa3_fp32_3_splits", "table_mha_bf16_gemv"])
+def test_table_mode_matches_the_gathered_oracle(results, name):
+    r = results[name]
+    tol = TOL["bfloat16"] if "bf16" in name else TOL["float32"]
+    assert not r["nan"] and r["err"] <= tol and r["empty_zero"] and r["empty_lse"], r
+
+
+def test_quest_through_the_engine_reads_its_pages_with_the_kernel(results):
+    r = results["quest_engine_triton"]
+    assert r["tokens_equal"] and r["logit_err"] <= 1e-4, r
 
 
 def test_choose_num_splits():

@@ -227,6 +227,12 @@ def selected_decode_attention(store: RaggedKVStore, query: torch.Tensor, scaling
     """
     B, Hq, _, D = query.shape
     S, G = store.num_segments, Hq // store.num_heads
+    if selection.extra_key is None and kernels.resolve_backend(store.device) == "triton":
+        # The Triton kernel reads the chosen slots in place through the table (no gather copy).
+        q = query.reshape(S, G, D).to(store.dtype)
+        out = kernels.triton_decode.table_decode_attention_triton(
+            q, store.k, store.v, selection.slots, selection.valid, scaling)
+        return out.to(query.dtype).view(B, 1, Hq, D)
     k, v, valid = store.k[selection.slots], store.v[selection.slots], selection.valid  # [S, N, D]
     if selection.extra_key is not None:
         k = torch.cat([k, selection.extra_key.to(store.dtype)], 1)

@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "choose_num_splits", "ragged_decode_attention_triton"]
+__all__ = ["HAS_TRITON", "choose_num_splits", "ragged_decode_attention_triton", "table_decode_attention_triton"]
 
 _LOG2E = 1.4426950408889634
 
@@ -99,15 +99,18 @@ if HAS_TRITON:
     @triton.jit
     def _split_kernel(
         Q, K, V, SegStart, SegLen,
+        Table, TValid,  # HAS_TABLE: token t of segment s lives at slot Table[s, t], used if TValid[s, t]
         Out, Lse,  # stage-1 output: final [S, G, D] / [S, G] when SINGLE, else workspaces
         stride_qs, stride_qg, stride_qd,
         stride_kt, stride_kd,
         stride_vt, stride_vd,
+        stride_ts, stride_vs,
         stride_os, stride_og, stride_oj, stride_od,
         stride_ls, stride_lg, stride_lj,
         G, D, chunk, qk_scale,
         G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
         USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_FP32: tl.constexpr, SINGLE: tl.constexpr,
+        HAS_TABLE: tl.constexpr,
     ):
         s = tl.program_id(0)
         j = tl.program_id(1)
@@ -137,7 +140,12 @@ if HAS_TRITON:
         for n0 in range(lo, hi, BLOCK_N):
             pos = n0 + offs_n
             mask_n = pos < hi
-            slot = seg_start + pos  # int64: T * D can exceed 2**31
+            if HAS_TABLE:
+                row = s.to(tl.int64)
+                slot = tl.load(Table + row * stride_ts + pos, mask=mask_n, other=0).to(tl.int64)
+                mask_n = mask_n & (tl.load(TValid + row * stride_vs + pos, mask=mask_n, other=0) != 0)
+            else:
+                slot = seg_start + pos  # int64: T * D can exceed 2**31
             kv_mask = mask_n[:, None] & mask_d[None, :]
             k = tl.load(K + slot[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
             if USE_DOT:
@@ -148,8 +156,11 @@ if HAS_TRITON:
                 qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
             qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))  # [G_PAD, BLOCK_N], log2 units
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
+            # A tile (or a table's run of unused entries) with nothing valid so far leaves m at
+            # -inf: shift by 0 there so exp2 gives 0, not exp2(-inf + inf) = NaN.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_shift)
+            p = tl.exp2(qk - m_shift[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(V + slot[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
             if USE_DOT:
@@ -205,7 +216,9 @@ if HAS_TRITON:
             jj = j0 + offs_j
             lse = tl.load(lse_base + jj * stride_lj, mask=jj < n_valid, other=float("-inf"))
             m_vec = tl.maximum(m_vec, lse)
+        # Every split empty (a table that selected nothing): shift by 0, not -inf, so weights are 0.
         m = tl.max(m_vec, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)
         # Pass 2: weighted sum of the partial outputs (masked splits weigh exp2(-inf) = 0).
         l_vec = tl.zeros([BLOCK_SP], tl.float32)
         acc = tl.zeros([BLOCK_SP, D_PAD], tl.float32)
@@ -218,7 +231,7 @@ if HAS_TRITON:
             l_vec += w
             acc += w[:, None] * o
         l = tl.sum(l_vec, axis=0)
-        nonempty = n_valid > 0
+        nonempty = l > 0.0  # no split stored, or (table) every split attended nothing
         out = tl.sum(acc, axis=0) / tl.where(nonempty, l, 1.0)
         lse_out = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(Out + s.to(tl.int64) * stride_os + g * stride_og + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=mask_d)
@@ -240,8 +253,15 @@ def ragged_decode_attention_triton(
     use_dot: bool | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    slot_table: torch.Tensor | None = None,
+    table_valid: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Split-K flash-decoding of each segment's ``G`` query heads over its own KV slots.
+
+    With ``slot_table`` (int64 ``[S, N]``) and ``table_valid`` (bool ``[S, N]``), segment ``s``
+    attends to the slots ``slot_table[s, t]`` where ``table_valid[s, t]`` instead of a contiguous
+    range (a per-step selection such as Quest's pages: a page table); ``seg_start`` is then
+    ignored and ``seg_len`` must be ``N`` for every segment.
 
     Args:
         q: ``[S, G, D]`` queries, fp16/bf16/fp32 (any strides).
@@ -328,16 +348,22 @@ def ragged_decode_attention_triton(
         pl_strides = (part_lse.stride(0), part_lse.stride(1), part_lse.stride(2))
 
     extra = {} if num_stages is None else {"num_stages": num_stages}
+    has_table = slot_table is not None
+    table = slot_table if has_table else seg_start  # any tensor: unused without HAS_TABLE
+    tvalid = table_valid.view(torch.uint8) if has_table else seg_start
     _split_kernel[(S, num_splits)](
         q, k_buf, v_buf, seg_start, seg_len,
+        table, tvalid,
         part_o, part_lse,
         q.stride(0), q.stride(1), q.stride(2),
         k_buf.stride(0), k_buf.stride(1),
         v_buf.stride(0), v_buf.stride(1),
+        table.stride(0), tvalid.stride(0),
         *po_strides, *pl_strides,
         G, D, chunk, qk_scale,
         G_PAD=G_PAD, D_PAD=D_PAD, BLOCK_N=block_n,
         USE_DOT=bool(use_dot), DOT_PREC=dot_prec, DOT_FP32=dot_fp32, SINGLE=single,
+        HAS_TABLE=has_table,
         num_warps=num_warps, **extra,
     )
     if not single:
@@ -351,3 +377,45 @@ def ragged_decode_attention_triton(
             num_warps=4,
         )
     return (out, lse) if return_lse else out
+
+
+def table_decode_attention_triton(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    slot_table: torch.Tensor,
+    table_valid: torch.Tensor,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+    **kwargs,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of each segment's ``G`` query heads over the slots a table names.
+
+    Args:
+        q: ``[S, G, D]``; k_buf, v_buf: ``[T, D]``.
+        slot_table: int64 ``[S, N]`` slot of each segment's t-th selected token (any order).
+        table_valid: bool ``[S, N]``: which entries are used (a segment with none gets zeros).
+        num_splits: splits of the N entries (default from ``choose_num_splits``; launch shape from
+            ``N`` alone, a host value, so no sync).
+        **kwargs: as ``ragged_decode_attention_triton`` (``return_lse``, ``block_n``, ...).
+
+    Raises:
+        ValueError: a table of another shape, dtype or device.
+    """
+    S = q.shape[0]
+    if slot_table.dim() != 2 or slot_table.shape[0] != S or table_valid.shape != slot_table.shape:
+        raise ValueError(f"slot_table and table_valid must both be [{S}, N], got "
+                         f"{tuple(slot_table.shape)} and {tuple(table_valid.shape)}")
+    if slot_table.dtype != torch.int64 or table_valid.dtype != torch.bool:
+        raise ValueError(f"slot_table must be int64 and table_valid bool, got {slot_table.dtype}, {table_valid.dtype}")
+    N = slot_table.shape[1]
+    dev = q.device
+    seg_start = torch.zeros(S, dtype=torch.int64, device=dev)
+    seg_len = torch.full((S,), N, dtype=torch.int64, device=dev)
+    if num_splits is None:
+        num_splits = choose_num_splits(N, S * N, _num_sms(dev))
+    return ragged_decode_attention_triton(
+        q, k_buf, v_buf, seg_start, seg_len, scale, num_splits=num_splits, max_len=N,
+        slot_table=slot_table.contiguous(), table_valid=table_valid.contiguous(), **kwargs,
+    )
