@@ -33,12 +33,22 @@ from transformers.cache_utils import Cache
 from .architectures import check_architecture
 from .attention import ATTENTION_NAME
 from .cache import FullKVCache, RaggedCache, SnapKVCache
-from .policies import CAKEPolicy, FullKVPolicy, H2OPolicy, PyramidKVPolicy, QuestPolicy, SnapKVPolicy, StreamingLLMPolicy
+from .policies import (
+    CAKEPolicy,
+    FullKVPolicy,
+    H2OPolicy,
+    OmniKVPolicy,
+    PyramidKVPolicy,
+    QuestPolicy,
+    SnapKVPolicy,
+    StreamingLLMPolicy,
+)
 
 __all__ = [
     "CAKECache",
     "H2OCache",
     "Method",
+    "OmniKVCache",
     "PyramidKVCache",
     "QuestCache",
     "StreamingLLMCache",
@@ -119,6 +129,25 @@ class QuestCache(_PolicyCache):
     """
 
     policy_class = QuestPolicy
+
+
+class OmniKVCache(_PolicyCache):
+    """OmniKV: every token kept; at each decode step a few filter layers choose the context tokens
+    their query attends to most, and the layers behind each filter layer attend only to those
+    (Hao et al., ICLR 2025, https://openreview.net/forum?id=ulCAPXYXfa). Saves bandwidth per step;
+    with ``offload=True`` also the device memory of the sparse layers' context.
+
+    Args:
+        budget: share of each row's context read by the sparse layers per step, in (0, 1]
+            (default 0.067, the reference's ``num_of_selected_tokens``).
+        **policy_kwargs: ``budget_tokens``, ``filter_layers``, ``dense_after_filter``, ``scores``,
+            ``offload`` (see ``OmniKVPolicy``).
+    """
+
+    policy_class = OmniKVPolicy
+
+    def __init__(self, budget: float | None = 0.067, block_size: int = 64, reserve: int = 128, **policy_kwargs):
+        super().__init__(budget, block_size, reserve, **policy_kwargs)
 
 
 # -------------------------------------------------------------------------------------- registry
@@ -397,4 +426,11 @@ register_method(
     "(Tang et al. 2024)",
     cache_class=QuestCache,
     policy_class=QuestPolicy,
+)
+register_method(
+    "omnikv",
+    description="every token kept; per decode step filter layers choose the context tokens the layers behind "
+    "them attend to, optionally fetched from host memory (Hao et al. 2025)",
+    cache_class=OmniKVCache,
+    policy_class=OmniKVPolicy,
 )

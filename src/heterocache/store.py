@@ -161,7 +161,8 @@ class RaggedKVStore:
         Args:
             key, value: ``[B, H, L, D]``.
             keep: bool ``[B, H, L]``: which tokens each (row, head) keeps.
-            positions: int ``[L]``: logical position of each of the L tokens.
+            positions: int ``[L]``: logical position of each of the L tokens (or ``[B * H, L]``,
+                one row per segment, when segments hold different tokens at a column).
         """
         B, H, L, D = key.shape
         if (B, H, D) != (self.num_rows, self.num_heads, self.head_dim) or keep.shape != (B, H, L):

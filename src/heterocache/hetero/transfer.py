@@ -1,4 +1,5 @@
-"""Moving refreshed satellite KV from host memory into the device store.
+"""Moving KV from host memory to the device: refreshed satellites into the store (``write``),
+or tokens a step attends besides the store's (``fetch``, OmniKV's offloaded layers).
 
 Without CUDA the copy is a plain synchronous write (the path CI exercises). On CUDA it is issued
 on a side stream, after the main stream's work so far (so the store is not overwritten while the
@@ -62,6 +63,29 @@ class RefreshTransfer:
         self._in_flight.append((end, (k_host, v_host, k_dev, v_dev, slots)))
         self._timed.append((start, end))
         self._in_flight = [(e, keep) for e, keep in self._in_flight if not e.query()]
+
+    def fetch(self, layer_idx: int, *host: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Copy host tensors (pinned, for an asynchronous copy) to fresh device tensors, on the side
+        stream on CUDA; ``wait(layer_idx)`` makes the main stream wait for them before they are read.
+
+        Returns:
+            the device tensors, in order (plain synchronous copies without CUDA).
+        """
+        if not self.asynchronous:
+            return tuple(t.to(self.device) for t in host)
+        main = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.stream):
+            start.record(self.stream)
+            out = tuple(t.to(self.device, non_blocking=True) for t in host)
+            end.record(self.stream)
+        for t in out:
+            t.record_stream(main)  # allocated on the side stream, read on the main one
+        self._pending[layer_idx] = end
+        self._in_flight.append((end, host))
+        self._timed.append((start, end))
+        self._in_flight = [(e, keep) for e, keep in self._in_flight if not e.query()]
+        return out
 
     def wait(self, layer_idx: int) -> None:
         """Make the main stream wait for the layer's outstanding copies (no host blocking)."""

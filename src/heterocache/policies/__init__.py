@@ -6,9 +6,11 @@ from .cake import CAKEPolicy
 from .full import FullKVPolicy
 from .h2o import H2OPolicy
 from .pyramidkv import PyramidKVPolicy
+from .omnikv import OmniKVPolicy
 from .quest import QuestPolicy
 from .snapkv import SnapKVPolicy
 from .streamingllm import StreamingLLMPolicy
 
 __all__ = ["Policy", "PrefillContext", "FullKVPolicy", "SnapKVPolicy"]
-__all__ += ["BudgetedPolicy", "StreamingLLMPolicy", "H2OPolicy", "PyramidKVPolicy", "CAKEPolicy", "QuestPolicy"]
+__all__ += ["BudgetedPolicy", "StreamingLLMPolicy", "H2OPolicy", "PyramidKVPolicy", "CAKEPolicy", "QuestPolicy",
+            "OmniKVPolicy"]
