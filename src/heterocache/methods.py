@@ -33,7 +33,8 @@ from transformers.cache_utils import Cache
 from .architectures import check_architecture
 from .attention import ATTENTION_NAME
 from .cache import FullKVCache, RaggedCache, SnapKVCache
-from .policies import CAKEPolicy, FullKVPolicy, H2OPolicy, PyramidKVPolicy, QuestPolicy, SnapKVPolicy, StreamingLLMPolicy
+from .policies import (CAKEPolicy, FullKVPolicy, H2OPolicy, PyramidKVPolicy, QuestPolicy, ShadowKVPolicy, SnapKVPolicy,
+                       StreamingLLMPolicy)
 
 __all__ = [
     "CAKECache",
@@ -41,6 +42,7 @@ __all__ = [
     "Method",
     "PyramidKVCache",
     "QuestCache",
+    "ShadowKVCache",
     "StreamingLLMCache",
     "describe_methods",
     "get_method",
@@ -119,6 +121,22 @@ class QuestCache(_PolicyCache):
     """
 
     policy_class = QuestPolicy
+
+
+class ShadowKVCache(RaggedCache):
+    """ShadowKV: the prompt's pre-RoPE keys as low-rank factors and one landmark per chunk on the
+    device, outlier and local chunks exact, values in host memory (pinned on CUDA); each decode step
+    rebuilds the top chunks by landmark score (Sun et al. 2024, arXiv 2410.21465).
+
+    Args:
+        budget: per-step budget as a fraction of each row's prompt, in (0, 1]; default None, which
+            means ``budget_tokens`` (2048 when not given either: the reference's ``sparse_budget``).
+        **policy_kwargs: ``budget_tokens``, ``rank``, ``rank_dims``, ``chunk_size``, ``outlier_chunks``,
+            ``local_chunks`` (see ``ShadowKVPolicy``).
+    """
+
+    def __init__(self, budget: float | None = None, block_size: int = 64, reserve: int = 128, **policy_kwargs):
+        super().__init__(ShadowKVPolicy(budget=budget, **policy_kwargs), block_size, reserve)
 
 
 # -------------------------------------------------------------------------------------- registry
@@ -397,4 +415,11 @@ register_method(
     "(Tang et al. 2024)",
     cache_class=QuestCache,
     policy_class=QuestPolicy,
+)
+register_method(
+    "shadowkv",
+    description="pre-RoPE keys as low-rank factors + chunk landmarks on the device, values in host memory; each "
+    "decode step rebuilds the top chunks by landmark score (Sun et al. 2024)",
+    cache_class=ShadowKVCache,
+    policy_class=ShadowKVPolicy,
 )
