@@ -245,7 +245,7 @@ class RaggedCache(Cache):
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
             valid = _key_validity(attention_mask, key)
-            self._fill(layer, query, key, value, valid, positions, scaling, config)
+            self._fill(layer, query, key, value, valid, positions, scaling, config, kwargs.get("position_ids"))
             return out, None
         window, idx = layer.sliding_window, layer.policy_idx
         if window is None:
@@ -276,7 +276,9 @@ class RaggedCache(Cache):
                 f"padding among the new tokens of a later turn on sliding-window layer {layer.layer_idx} is not "
                 "supported (only left padding of the first prompt)"
             )
-        out = extend_attention(layer.store, query, key, value, new_valid, scaling, window=window, positions=positions)
+        extra = None if window is not None else self.policy.extend_extra(idx, layer.store, query, scaling, new_valid)
+        out = extend_attention(layer.store, query, key, value, new_valid, scaling, window=window, positions=positions,
+                               extra=extra)
         layer.store.append(key, value, positions, new_valid)
         if window is None:
             self.policy.on_extend(idx, layer.store, query, scaling)
@@ -297,7 +299,8 @@ class RaggedCache(Cache):
             layer.policy_idx = self.architecture.policy_index(layer.layer_idx)
         layer.configured = True
 
-    def ingest_prefill(self, layer_idx: int, query, key, value, valid, scaling: float, config=None) -> None:
+    def ingest_prefill(self, layer_idx: int, query, key, value, valid, scaling: float, config=None,
+                       position_ids=None) -> None:
         """Fill an empty layer from a prefill attended elsewhere (what ``attend`` does at prefill,
         without computing the attention output): lets one forward pass fill several caches.
 
@@ -307,6 +310,8 @@ class RaggedCache(Cache):
             valid: bool ``[B, L]`` real tokens, or None (no padding).
             scaling: the layer's softmax scale.
             config: the model's config (policies read the layer count from it).
+            position_ids: the RoPE positions the model used, int ``[B or 1, L]`` (default ``0 .. L-1``;
+                methods that undo RoPE read them).
 
         Raises:
             ValueError: the layer already holds tokens.
@@ -319,9 +324,10 @@ class RaggedCache(Cache):
         self._configure(layer, config)
         layer.update(key, value)
         positions = torch.arange(key.shape[-2], device=key.device)
-        self._fill(layer, query, key, value, valid, positions, scaling, config)
+        self._fill(layer, query, key, value, valid, positions, scaling, config, position_ids)
 
-    def _fill(self, layer: RaggedLayer, query, key, value, valid, positions, scaling, config=None) -> None:
+    def _fill(self, layer: RaggedLayer, query, key, value, valid, positions, scaling, config=None,
+              position_ids=None) -> None:
         B, H, L, D = key.shape
         if valid is None:
             valid = torch.ones(B, L, dtype=torch.bool, device=key.device)
@@ -333,7 +339,7 @@ class RaggedCache(Cache):
         else:
             num_layers = getattr(config, "num_hidden_layers", None)
         ctx = PrefillContext(layer.policy_idx, query, key, value, valid, scaling, num_layers, config,
-                             model_layer=layer.layer_idx)
+                             model_layer=layer.layer_idx, position_ids=position_ids)
         plan = self.policy.plan(ctx)
         keep = self.policy.select(ctx, plan)
         kept = keep.sum(-1)

@@ -40,6 +40,7 @@ from .policies import (
     OmniKVPolicy,
     PyramidKVPolicy,
     QuestPolicy,
+    ShadowKVPolicy,
     SnapKVPolicy,
     StreamingLLMPolicy,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "OmniKVCache",
     "PyramidKVCache",
     "QuestCache",
+    "ShadowKVCache",
     "StreamingLLMCache",
     "describe_methods",
     "get_method",
@@ -148,6 +150,22 @@ class OmniKVCache(_PolicyCache):
 
     def __init__(self, budget: float | None = 0.067, block_size: int = 64, reserve: int = 128, **policy_kwargs):
         super().__init__(budget, block_size, reserve, **policy_kwargs)
+
+
+class ShadowKVCache(RaggedCache):
+    """ShadowKV: the prompt's pre-RoPE keys as low-rank factors and one landmark per chunk on the
+    device, outlier and local chunks exact, values in host memory (pinned on CUDA); each decode step
+    rebuilds the top chunks by landmark score (Sun et al. 2024, arXiv 2410.21465).
+
+    Args:
+        budget: per-step budget as a fraction of each row's prompt, in (0, 1]; default None, which
+            means ``budget_tokens`` (2048 when not given either: the reference's ``sparse_budget``).
+        **policy_kwargs: ``budget_tokens``, ``rank``, ``rank_dims``, ``chunk_size``, ``outlier_chunks``,
+            ``local_chunks`` (see ``ShadowKVPolicy``).
+    """
+
+    def __init__(self, budget: float | None = None, block_size: int = 64, reserve: int = 128, **policy_kwargs):
+        super().__init__(ShadowKVPolicy(budget=budget, **policy_kwargs), block_size, reserve)
 
 
 # -------------------------------------------------------------------------------------- registry
@@ -433,4 +451,11 @@ register_method(
     "them attend to, optionally fetched from host memory (Hao et al. 2025)",
     cache_class=OmniKVCache,
     policy_class=OmniKVPolicy,
+)
+register_method(
+    "shadowkv",
+    description="pre-RoPE keys as low-rank factors + chunk landmarks on the device, values in host memory; each "
+    "decode step rebuilds the top chunks by landmark score (Sun et al. 2024)",
+    cache_class=ShadowKVCache,
+    policy_class=ShadowKVPolicy,
 )

@@ -320,6 +320,7 @@ def extend_attention(
     scaling: float,
     window: int | None = None,
     positions: torch.Tensor | None = None,
+    extra: tuple | None = None,
 ) -> torch.Tensor:
     """Attention of q new tokens over the stored tokens plus themselves (causal).
 
@@ -331,6 +332,9 @@ def extend_attention(
         scaling: softmax scale.
         window: a sliding layer's ``W``: query at position ``p`` sees positions ``> p - W`` only.
         positions: int ``[q]`` logical positions of the new tokens (needed with ``window``).
+        extra: optional past tokens kept outside the store (``Policy.extend_extra``): ``(key
+            [S, M, D], value [S, M, D], valid bool [S, M])``, visible to every new token (full
+            layers only).
 
     Returns:
         ``[B, q, Hq, D]``.
@@ -339,6 +343,14 @@ def extend_attention(
     H = store.num_heads
     G = Hq // H
     k_old, v_old, valid_old, pos_old = store.padded()
+    if extra is not None:
+        if window is not None:
+            raise ValueError("extra past tokens are for full-attention layers only")
+        ek, ev, evalid = extra
+        M = ek.shape[1]
+        k_old = torch.cat([k_old, ek.reshape(B, H, M, D).to(k_old.dtype)], dim=2)
+        v_old = torch.cat([v_old, ev.reshape(B, H, M, D).to(v_old.dtype)], dim=2)
+        valid_old = torch.cat([valid_old, evalid.reshape(B, H, M)], dim=2)
     k_all = torch.cat([k_old.to(key.dtype), key], dim=2)
     v_all = torch.cat([v_old.to(value.dtype), value], dim=2)
     ar = torch.arange(q_len, device=query.device)

@@ -64,6 +64,7 @@ class _FanOutCache(RaggedCache):
         if valid is None:  # one tensor for every target, so that shared scores can be recognised
             valid = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
         config = getattr(module, "config", None)
+        pos = kwargs.get("position_ids")  # the RoPE positions, for methods that undo RoPE
         # e.g. H2O at several budgets and both modes: its prompt scores computed once, the context's
         # recorded on the way (longest targets first)
         with shared_scores(prefixes={t.tokens for t in self.targets}):
@@ -71,7 +72,8 @@ class _FanOutCache(RaggedCache):
                 n = target.tokens
                 q, k, v = query[:, :, :n], key[:, :, :n], value[:, :, :n]
                 if isinstance(target.cache, RaggedCache):
-                    target.cache.ingest_prefill(module.layer_idx, q, k, v, valid[:, :n], scaling, config)
+                    target.cache.ingest_prefill(module.layer_idx, q, k, v, valid[:, :n], scaling, config,
+                                                None if pos is None else pos[..., :n])
                 else:
                     target.cache.update(k, v, module.layer_idx)
         return out, None

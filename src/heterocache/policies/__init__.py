@@ -8,9 +8,10 @@ from .h2o import H2OPolicy
 from .pyramidkv import PyramidKVPolicy
 from .omnikv import OmniKVPolicy
 from .quest import QuestPolicy
+from .shadowkv import ShadowKVPolicy
 from .snapkv import SnapKVPolicy
 from .streamingllm import StreamingLLMPolicy
 
 __all__ = ["Policy", "PrefillContext", "FullKVPolicy", "SnapKVPolicy"]
 __all__ += ["BudgetedPolicy", "StreamingLLMPolicy", "H2OPolicy", "PyramidKVPolicy", "CAKEPolicy", "QuestPolicy",
-            "OmniKVPolicy"]
+            "OmniKVPolicy", "ShadowKVPolicy"]

@@ -26,6 +26,9 @@ class PrefillContext:
         scaling: the layer's softmax scale.
         config: the model's config (transformers ``PretrainedConfig``) when known.
         model_layer: the layer's index in the model (default: ``layer_idx``).
+        position_ids: the RoPE positions the model rotated the prompt with, int ``[B or 1, L]``
+            (the attention call's ``position_ids``: with ``generate()`` and left padding, each row's
+            real tokens count from 0); None when the call gave none (then ``0 .. L-1``).
     """
 
     layer_idx: int
@@ -37,10 +40,25 @@ class PrefillContext:
     num_layers: int | None = None
     config: object | None = None
     model_layer: int | None = None
+    position_ids: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.model_layer is None:
             self.model_layer = self.layer_idx
+
+    def rope_positions(self) -> torch.Tensor:
+        """RoPE position of every prompt token, int64 ``[B, L]`` on the keys' device.
+
+        Raises:
+            NotImplementedError: multi-axis positions (``[3, B, L]``, M-RoPE).
+        """
+        B, L = self.key.shape[0], self.key.shape[2]
+        if self.position_ids is None:
+            return torch.arange(L, device=self.key.device).expand(B, L)
+        pos = torch.as_tensor(self.position_ids, device=self.key.device).long()
+        if pos.dim() != 2 or pos.shape[-1] != L:
+            raise NotImplementedError(f"position_ids of shape {tuple(pos.shape)} for {L} tokens (expected [B, L])")
+        return pos.expand(B, L)
 
     @property
     def num_groups(self) -> int:
@@ -108,6 +126,19 @@ class Policy:
     def before_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         """Called before several new tokens (a later turn) are attended: the store holds the earlier
         tokens only; ``query`` as in :meth:`on_extend`. Runs before :meth:`before_attention`."""
+
+    def extend_extra(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float,
+                     valid: torch.Tensor | None = None):
+        """Tokens kept outside the store that a later turn's new tokens attend to besides the stored
+        ones, all in their past (e.g. ShadowKV's rebuilt chunks): ``(key [S, M, D], value [S, M, D],
+        valid bool [S, M])``, or None (default: the store alone). Called after
+        :meth:`before_attention`, before the turn is attended.
+
+        Args:
+            query: ``[B, Hq, q, D]`` the new tokens' queries.
+            valid: bool ``[B, q]``: which new tokens are real (None: all).
+        """
+        return None
 
     def on_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         """Called after several new tokens (a later turn of a conversation) were attended and appended.
