@@ -71,7 +71,7 @@ class _FanOutCache(RaggedCache):
                 n = target.tokens
                 q, k, v = query[:, :, :n], key[:, :, :n], value[:, :, :n]
                 if isinstance(target.cache, RaggedCache):
-                    target.cache.ingest_prefill(module.layer_idx, q, k, v, valid[:, :n], scaling, config)
+                    target.cache.ingest_prefill(module.layer_idx, q, k, v, valid[:, :n], scaling, config, module)
                 else:
                     target.cache.update(k, v, module.layer_idx)
         return out, None
