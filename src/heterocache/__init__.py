@@ -24,6 +24,8 @@ _EXPORTS = {
     "RaggedCache": "cache",
     "SnapKVCache": "cache",
     "MemoryReport": "memory",
+    "KVShard": "parallel",
+    "TensorParallelError": "parallel",
     "CAKEPolicy": "policies",
     "FullKVPolicy": "policies",
     "H2OPolicy": "policies",

@@ -26,6 +26,7 @@ from . import attention as _attention
 from .architectures import ArchitectureSpec, check_architecture, check_attention_call
 from .budget import check_budget
 from .memory import MemoryReport, build_memory_report
+from .parallel import KVShard, TensorParallelError, kv_head_shard
 from .policies import FullKVPolicy, Policy, PrefillContext, SnapKVPolicy
 from .ragged_attention import (DecodePlanner, decode_attention, decode_step, extend_attention,
                                selected_decode_attention)
@@ -172,6 +173,9 @@ class RaggedCache(Cache):
         self.decode_step = decode_step
         self.architecture: ArchitectureSpec | None = None  # from the config of the model met
         self._architecture_of = None
+        #: The global KV heads this process holds (tensor parallel); found at the first prefill
+        #: (``heterocache.parallel.kv_head_shard``) unless set before.
+        self.kv_shard: KVShard | None = None
 
     # ------------------------------------------------------------------ transformers Cache API
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -245,7 +249,8 @@ class RaggedCache(Cache):
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
             valid = _key_validity(attention_mask, key)
-            self._fill(layer, query, key, value, valid, positions, scaling, config, kwargs.get("position_ids"))
+            self._fill(layer, query, key, value, valid, positions, scaling, config, kwargs.get("position_ids"),
+                       module)
             return out, None
         window, idx = layer.sliding_window, layer.policy_idx
         if window is None:
@@ -300,7 +305,7 @@ class RaggedCache(Cache):
         layer.configured = True
 
     def ingest_prefill(self, layer_idx: int, query, key, value, valid, scaling: float, config=None,
-                       position_ids=None) -> None:
+                       position_ids=None, module=None) -> None:
         """Fill an empty layer from a prefill attended elsewhere (what ``attend`` does at prefill,
         without computing the attention output): lets one forward pass fill several caches.
 
@@ -312,6 +317,8 @@ class RaggedCache(Cache):
             config: the model's config (policies read the layer count from it).
             position_ids: the RoPE positions the model used, int ``[B or 1, L]`` (default ``0 .. L-1``;
                 methods that undo RoPE read them).
+            module: the attention module, when at hand (under tensor parallelism its key projection
+                says which KV heads this process holds).
 
         Raises:
             ValueError: the layer already holds tokens.
@@ -324,11 +331,32 @@ class RaggedCache(Cache):
         self._configure(layer, config)
         layer.update(key, value)
         positions = torch.arange(key.shape[-2], device=key.device)
-        self._fill(layer, query, key, value, valid, positions, scaling, config, position_ids)
+        self._fill(layer, query, key, value, valid, positions, scaling, config, position_ids, module)
+
+    def _resolve_shard(self, key, config=None, module=None) -> KVShard:
+        """The global KV heads this process holds: found once (at the first layer filled) from
+        the attention module's key projection, the config and ``torch.distributed``
+        (``heterocache.parallel.kv_head_shard``), or set by the user before; given to the policy.
+
+        Raises:
+            TensorParallelError: the shard cannot be told, or a layer holds another number of heads.
+        """
+        local = key.shape[1]
+        if self.kv_shard is None:
+            self.kv_shard = kv_head_shard(module, config=config, local_heads=local)
+        elif self.kv_shard.num_local != local:
+            raise TensorParallelError(
+                f"layer keys hold {local} KV heads, but this cache's shard holds {self.kv_shard.num_local} "
+                f"(heads {self.kv_shard.start}..{self.kv_shard.stop - 1} of {self.kv_shard.num_heads})"
+            )
+        if self.policy.kv_shard is not self.kv_shard:
+            self.policy.bind_kv_shard(self.kv_shard)
+        return self.kv_shard
 
     def _fill(self, layer: RaggedLayer, query, key, value, valid, positions, scaling, config=None,
-              position_ids=None) -> None:
+              position_ids=None, module=None) -> None:
         B, H, L, D = key.shape
+        self._resolve_shard(key, config, module)
         if valid is None:
             valid = torch.ones(B, L, dtype=torch.bool, device=key.device)
         if layer.sliding_window is not None:
@@ -386,13 +414,25 @@ class RaggedCache(Cache):
             )
 
     # ------------------------------------------------------------------ inspection
-    def memory_report(self) -> MemoryReport:
+    def memory_report(self, aggregate: bool = False) -> MemoryReport:
         """Bytes held on the accelerator and in host memory, per layer and per head role, next to
-        what a DynamicCache would hold for the same tokens."""
-        return build_memory_report(self)
+        what a DynamicCache would hold for the same tokens.
+
+        Args:
+            aggregate: under tensor parallelism, the whole model's report: every rank's layers
+                merged (bytes summed, heads in global order). A collective: every rank must call
+                it. Without sharding the same as False.
+        """
+        return build_memory_report(self, aggregate=aggregate)
+
+    @property
+    def kv_heads(self) -> range | None:
+        """Global indices of the KV heads this process stores (None before the first prefill)."""
+        return None if self.kv_shard is None else self.kv_shard.heads
 
     def stored_tokens(self) -> list[torch.Tensor]:
-        """Stored tokens per layer: int64 ``[B, H]`` each."""
+        """Stored tokens per layer: int64 ``[B, H]`` each (``H``: this process's heads,
+        ``kv_heads``)."""
         return [layer.store.lengths().clone() for layer in self.layers if layer.store is not None]
 
     def sliding_windows(self) -> list[int | None]:

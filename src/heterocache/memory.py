@@ -1,4 +1,9 @@
-"""Memory accounting of a ragged cache: what sits where, against a DynamicCache of the same tokens."""
+"""Memory accounting of a ragged cache: what sits where, against a DynamicCache of the same tokens.
+
+Under tensor parallelism each rank's report covers the KV heads it holds (``LayerMemory.kv_heads``,
+global indices); ``build_memory_report(cache, aggregate=True)`` gathers every rank's and merges
+them into the whole model's (:func:`merge_reports`).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ class LayerMemory:
         dynamic_bytes: what transformers' DynamicCache holds for the same tokens.
         stored_tokens: tokens per (row, head), ``[B][H]``.
         roles: role name of each KV head ("sliding" for a sliding-window layer's).
+        kv_heads: the global index of each of those heads (``0..H-1`` without tensor parallelism).
+        device: the device the layer's store lives on (e.g. "cuda:1" under ``device_map``).
     """
 
     layer_idx: int
@@ -27,13 +34,21 @@ class LayerMemory:
     dynamic_bytes: int
     stored_tokens: list[list[int]]
     roles: list[str]
+    kv_heads: list[int] = field(default_factory=list)
+    device: str = ""
 
 
 @dataclass
 class MemoryReport:
-    """Bytes of a cache per layer and per head role (see ``RaggedCache.memory_report``)."""
+    """Bytes of a cache per layer and per head role (see ``RaggedCache.memory_report``).
+
+    Attributes:
+        layers: one ``LayerMemory`` per filled layer.
+        ranks: how many tensor-parallel ranks the report covers (1: this process alone).
+    """
 
     layers: list[LayerMemory] = field(default_factory=list)
+    ranks: int = 1
 
     @property
     def device_bytes(self) -> int:
@@ -68,6 +83,13 @@ class MemoryReport:
                     out[role]["bytes"] += tokens * per_token
         return dict(out)
 
+    def by_device(self) -> dict[str, int]:
+        """Device bytes allocated per device (layers spread over several with ``device_map``)."""
+        out: dict[str, int] = defaultdict(int)
+        for layer in self.layers:
+            out[layer.device] += layer.device_bytes
+        return dict(out)
+
     def to_dict(self) -> dict:
         return {
             "device_bytes": self.device_bytes,
@@ -75,14 +97,17 @@ class MemoryReport:
             "host_bytes": self.host_bytes,
             "dynamic_cache_bytes": self.dynamic_bytes,
             "ratio_to_dynamic_cache": self.ratio,
+            "ranks": self.ranks,
             "by_role": self.by_role(),
+            "by_device": self.by_device(),
             "layers": [vars(layer) for layer in self.layers],
         }
 
     def __str__(self) -> str:
         mib = 1 / 2**20
+        scope = f" over {self.ranks} tensor-parallel ranks" if self.ranks > 1 else ""
         lines = [
-            f"KV cache: {self.device_bytes * mib:.2f} MiB on device ({self.device_used_bytes * mib:.2f} MiB of "
+            f"KV cache{scope}: {self.device_bytes * mib:.2f} MiB on device ({self.device_used_bytes * mib:.2f} MiB of "
             f"keys/values), {self.host_bytes * mib:.2f} MiB on host; DynamicCache would hold "
             f"{self.dynamic_bytes * mib:.2f} MiB (ratio {self.ratio:.3f})",
         ]
@@ -91,12 +116,49 @@ class MemoryReport:
         return "\n".join(lines)
 
 
-def build_memory_report(cache) -> MemoryReport:
-    """Walk a ``RaggedCache``'s layers (and any host copies its policy keeps)."""
+def merge_reports(reports: list[MemoryReport]) -> MemoryReport:
+    """One report of the whole model from the reports of its tensor-parallel ranks (each holding
+    a slice of every layer's KV heads): bytes summed per layer, heads (stored tokens, roles,
+    global indices) concatenated in global head order.
+
+    Raises:
+        ValueError: the ranks filled different layers.
+    """
+    if len(reports) == 1:
+        return reports[0]
+    layer_sets = {tuple(layer.layer_idx for layer in r.layers) for r in reports}
+    if len(layer_sets) != 1:
+        raise ValueError(f"the ranks' reports cover different layers: {sorted(layer_sets)}")
+    merged = MemoryReport(ranks=sum(r.ranks for r in reports))
+    for parts in zip(*(r.layers for r in reports)):
+        parts = sorted(parts, key=lambda layer: layer.kv_heads[0] if layer.kv_heads else 0)
+        rows = len(parts[0].stored_tokens)
+        merged.layers.append(LayerMemory(
+            layer_idx=parts[0].layer_idx,
+            device_bytes=sum(p.device_bytes for p in parts),
+            device_used_bytes=sum(p.device_used_bytes for p in parts),
+            host_bytes=sum(p.host_bytes for p in parts),
+            dynamic_bytes=sum(p.dynamic_bytes for p in parts),
+            stored_tokens=[[t for p in parts for t in p.stored_tokens[b]] for b in range(rows)],
+            roles=[role for p in parts for role in p.roles],
+            kv_heads=[h for p in parts for h in p.kv_heads],
+            device=",".join(dict.fromkeys(p.device for p in parts)),
+        ))
+    return merged
+
+
+def build_memory_report(cache, aggregate: bool = False) -> MemoryReport:
+    """Walk a ``RaggedCache``'s layers (and any host copies its policy keeps).
+
+    Args:
+        aggregate: merge the reports of every tensor-parallel rank (a collective: all ranks must
+            call it); a no-op without sharding.
+    """
     report = MemoryReport()
     host_by_layer = getattr(cache.policy, "host_bytes_per_layer", lambda: {})()
     # Device tensors a policy keeps beside the store (e.g. Quest's page summaries).
     extra_by_layer = getattr(cache.policy, "device_extra_bytes_per_layer", lambda: {})()
+    shard = getattr(cache, "kv_shard", None)
     for layer in cache.layers:
         store = layer.store
         if store is None:
@@ -111,6 +173,7 @@ def build_memory_report(cache) -> MemoryReport:
             roles = cache.policy.head_roles(idx, store.num_heads)
         else:
             roles = ["sliding"] * store.num_heads
+        heads = list(shard.heads) if shard is not None else list(range(store.num_heads))
         report.layers.append(
             LayerMemory(
                 layer_idx=layer.layer_idx,
@@ -118,8 +181,12 @@ def build_memory_report(cache) -> MemoryReport:
                 device_used_bytes=store.bytes_used(),
                 host_bytes=int(host_by_layer.get(idx, 0)) if window is None else 0,
                 dynamic_bytes=dynamic,
-                stored_tokens=store.lengths().tolist(),
+                stored_tokens=store.lengths_host().tolist(),
                 roles=roles,
+                kv_heads=heads,
+                device=str(store.device),
             )
         )
+    if aggregate and shard is not None and shard.sharded:
+        return merge_reports(shard.all_gather_object(report))
     return report

@@ -105,7 +105,9 @@ def plan_decode(store: RaggedKVStore, strategy: str) -> DecodePlan:
 def plan_key(store: RaggedKVStore, strategy: str) -> tuple:
     """What a plan depends on: the capacity layout (device strategies read lengths on the device)
     and, for the CPU strategies, the lengths too."""
-    key = (strategy, store.num_rows, store.num_heads, store.cap_h.tobytes())
+    # The device too: under device_map layers of one layout live on different devices, whose plans
+    # may differ (SM count, kernel backend).
+    key = (strategy, str(store.device), store.num_rows, store.num_heads, store.cap_h.tobytes())
     return key if strategy in _CAPACITY_KEYED else key + (store.length_h.tobytes(),)
 
 

@@ -73,7 +73,7 @@ class _FanOutCache(RaggedCache):
                 q, k, v = query[:, :, :n], key[:, :, :n], value[:, :, :n]
                 if isinstance(target.cache, RaggedCache):
                     target.cache.ingest_prefill(module.layer_idx, q, k, v, valid[:, :n], scaling, config,
-                                                None if pos is None else pos[..., :n])
+                                                None if pos is None else pos[..., :n], module=module)
                 else:
                     target.cache.update(k, v, module.layer_idx)
         return out, None

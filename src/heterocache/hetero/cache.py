@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 from ..cache import RaggedCache
 from ..memory import build_memory_report
@@ -44,22 +45,42 @@ class HeteroCache(RaggedCache):
     def profile(self) -> HeadProfile:
         return self.policy.profile
 
-    def stats(self) -> dict:
+    def stats(self, aggregate: bool = False) -> dict:
         """Refreshes per layer and pivot, checks, tokens and bytes moved, copy time (GPU), and bytes
-        on device and host by role."""
+        on device and host by role.
+
+        Args:
+            aggregate: under tensor parallelism, the whole model's numbers (counts and bytes
+                summed over the ranks; a pivot's refreshes are counted on its own rank, keyed by
+                its global KV head). A collective: every rank must call it.
+        """
         policy = self.policy
         policy.synchronize()
-        report = build_memory_report(self)
+        report = build_memory_report(self, aggregate=aggregate)
         s = policy.stats
-        return {
+        mine = {
             "drift_checks": s.checks,
-            "refreshes": sum(s.refreshes.values()),
-            "refreshes_per_layer_pivot": {f"{layer}:{pivot}": n for (layer, pivot), n in sorted(s.refreshes.items())},
+            "refreshes": dict(s.refreshes),
             "satellite_refills": s.satellite_refills,
             "tokens_moved": s.tokens_moved,
             "bytes_moved": s.bytes_moved,
-            "copy_seconds": policy._transfer.copy_seconds() if policy._transfer is not None else 0.0,
+            "copy_seconds": policy.copy_seconds(),
+        }
+        shard = self.kv_shard
+        parts = shard.all_gather_object(mine) if aggregate and shard is not None and shard.sharded else [mine]
+        refreshes = Counter()
+        for part in parts:
+            refreshes.update(part["refreshes"])
+        return {
+            "drift_checks": sum(p["drift_checks"] for p in parts),
+            "refreshes": sum(refreshes.values()),
+            "refreshes_per_layer_pivot": {f"{layer}:{pivot}": n for (layer, pivot), n in sorted(refreshes.items())},
+            "satellite_refills": sum(p["satellite_refills"] for p in parts),
+            "tokens_moved": sum(p["tokens_moved"] for p in parts),
+            "bytes_moved": sum(p["bytes_moved"] for p in parts),
+            "copy_seconds": sum(p["copy_seconds"] for p in parts),
             "device_bytes_by_role": {role: r["bytes"] for role, r in report.by_role().items()},
             "device_bytes": report.device_bytes,
             "host_bytes": report.host_bytes,
+            "ranks": len(parts),
         }

@@ -10,6 +10,15 @@ Per KV head, from the profile:
   prompt keys; if the median overlap of their top-k sets with its reference set falls below
   ``drift_threshold``, the reference set moves to the newest step's and the pivot's satellites get
   their prompt slots refilled, from host memory, with the positions the pivot now attends to most.
+
+Tensor parallel (``heterocache.parallel``): each rank holds a contiguous slice of every layer's KV
+heads. The budget plan is the whole model's, each rank keeping its heads' columns; a pivot is
+scored on its rank, a satellite refilled on its own. A profile's clusters may cross the shards
+(the profiler never sees the tensor-parallel layout): then the pivot's rank computes the refill
+indices of its satellites elsewhere, and one all-reduce per drift check of such a layer carries
+the layer's drift flags and those indices to every rank (``_ClusterLayout``). The ranks together
+then store exactly what one process stores; layers whose clusters stay within a shard exchange
+nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import torch
 
 from ..architectures import check_architecture
 from ..budget import check_budget
+from ..parallel import KVShard, TensorParallelError
 from ..policies.base import Policy, PrefillContext
 from ..policies.scoring import pool_scores, reduce_gqa, topk_keep, window_attention_scores
 from ..profile import HeadProfile, Role
@@ -51,8 +61,11 @@ class _LayerState:
         plan: int64 ``[B, H]`` prompt tokens kept per head (host).
         prompt_tokens, base, k: int64 ``[B]`` (host): real prompt tokens, per-head base budget,
             size of the drift check's top-k sets; ``k_dev`` the latter on the device.
-        pivots: the layer's pivot heads; ``satellites`` all its satellites, ``sat_pivot`` the index
-            (into ``pivots``) of each one's pivot, ``sat_tokens`` int64 ``[B, Ns]`` their prompt slots.
+        pivots: the pivot heads this process scores (indices into its store's heads; all the
+            layer's pivots in one process); ``satellites`` the satellites it stores (store
+            indices, the host store's order), ``sat_pivot`` the index of each one's pivot among
+            the layer's pivots (``layout.pivots``), ``sat_tokens`` int64 ``[B, Ns]`` their prompt
+            slots. ``layout``/``index``: which rank decides what (``_ClusterLayout``).
         prompt_pos: int64 ``[B, Lmax]`` logical position of each row's j-th real prompt token (host).
         reference: bool ``[B, P, Lmax]`` device: each pivot's reference top-k set as a map.
         queries: buffered decode queries ``[B, Hq, D]`` (device).
@@ -64,12 +77,19 @@ class _LayerState:
     def __init__(self, plan: np.ndarray, prompt_tokens: np.ndarray, base: np.ndarray, k: np.ndarray):
         self.plan, self.prompt_tokens, self.base, self.k = plan, prompt_tokens, base, k
         self.model_layer = 0  # the layer's index in the model (the policy's index may differ)
+        self.active = False  # takes part in drift checks (holds a pivot or satellite, or exchanges)
         self.k_dev: torch.Tensor | None = None
         self.pivots: list[int] = []
         self.satellites: list[int] = []
         self.sat_pivot: list[int] = []
         self.sat_tokens = np.zeros((len(plan), 0), np.int64)
         self.sat_tokens_dev: torch.Tensor | None = None
+        # Tensor parallel layout (``_ClusterLayout``); in one process pivots, targets and
+        # satellites are the layer's own, in the profile's order.
+        self.layout: _ClusterLayout | None = None
+        self.index: _LayoutIndex | None = None
+        self.sat_tokens_all = np.zeros((len(plan), 0), np.int64)  # every satellite of the layer (global)
+        self.target_tokens_dev: torch.Tensor | None = None
         self.prompt_pos = np.zeros((len(plan), 0), np.int64)
         self.reference: torch.Tensor | None = None
         self.queries: list[torch.Tensor] = []
@@ -120,6 +140,92 @@ def _even_spacing(first: np.ndarray, length: int, store: RaggedKVStore) -> tuple
     if not np.array_equal(first, expected) or int(first.max()) + length > store.k.shape[0]:
         return None
     return int(first[0, 0]), row_step, pivot_step
+
+
+@dataclass
+class _ClusterLayout:
+    """Who decides and who refills, for one layer's clusters (host values built at prefill from
+    the profile and the ``KVShard``; the same lists on every rank).
+
+    A pivot's drift check runs on the rank holding the pivot (its queries and full prompt keys
+    are there); a satellite's refill runs on the rank holding the satellite (its host copy and
+    store slots are there). When the two differ (a *cross* satellite: the profile clustered
+    heads that tensor parallelism put on different ranks) the decision travels: after each check
+    every rank sums over the shards one buffer with the drift flag of every pivot of the layer
+    and the refill indices of every cross satellite, each written by its pivot's rank and zero
+    elsewhere (one all-reduce of ``B * (P + Nx * nmax)`` int64 per checked layer). Each rank then
+    refills exactly what one process would.
+
+    Attributes:
+        pivots: global heads of the layer's pivots (the profile's order).
+        satellites: global heads of its satellites (pivot after pivot, ascending); ``sat_pivot``
+            the index of each one's pivot in ``pivots``.
+        own: indices (into ``pivots``) of the pivots this rank holds: the ones it scores.
+        targets: indices (into ``satellites``) of the satellites whose pivot this rank holds (it
+            computes their refill indices); ``target_pivot`` the index (into ``own``) of that pivot.
+        local: indices (into ``satellites``) of the satellites this rank stores.
+        cross: indices (into ``satellites``) of the satellites on another rank than their pivot;
+            empty in one process or when the profile's clusters stay within the shards.
+        local_src: each local satellite's row in ``cat([target refills, cross refills])``; None
+            when the local satellites are exactly the targets (no exchange).
+        cross_src, cross_dst: the targets that are cross satellites, as rows of the target refills
+            and of the cross refills.
+    """
+
+    pivots: list[int]
+    satellites: list[int]
+    sat_pivot: list[int]
+    own: list[int]
+    targets: list[int]
+    target_pivot: list[int]
+    local: list[int]
+    cross: list[int]
+    local_src: list[int] | None
+    cross_src: list[int]
+    cross_dst: list[int]
+
+    @property
+    def exchange(self) -> bool:
+        """Whether the layer's decisions cross the ranks (every rank then joins its collective)."""
+        return bool(self.cross)
+
+    @classmethod
+    def build(cls, clusters: dict[int, list[int]], shard: KVShard) -> "_ClusterLayout":
+        pivots = list(clusters)
+        satellites, sat_pivot = [], []
+        for i, p in enumerate(pivots):
+            satellites.extend(clusters[p])
+            sat_pivot.extend([i] * len(clusters[p]))
+        own = [i for i, p in enumerate(pivots) if shard.owns(p)]
+        own_index = {i: n for n, i in enumerate(own)}
+        targets = [j for j, i in enumerate(sat_pivot) if i in own_index]
+        local = [j for j, s in enumerate(satellites) if shard.owns(s)]
+        cross = [j for j, s in enumerate(satellites) if shard.rank_of(s) != shard.rank_of(pivots[sat_pivot[j]])]
+        t_index = {j: n for n, j in enumerate(targets)}
+        x_index = {j: n for n, j in enumerate(cross)}
+        local_src = None if local == targets else [t_index[j] if j in t_index else len(targets) + x_index[j]
+                                                   for j in local]
+        return cls(pivots, satellites, sat_pivot, own, targets, [own_index[sat_pivot[j]] for j in targets], local,
+                   cross, local_src, [t_index[j] for j in cross if j in t_index],
+                   [x_index[j] for j in cross if j in t_index])
+
+
+@dataclass
+class _LayoutIndex:
+    """A ``_ClusterLayout``'s index lists as device tensors (built once per prefill, so a check
+    copies no index to the device)."""
+
+    own: torch.Tensor
+    target_pivot: torch.Tensor
+    local_src: torch.Tensor | None
+    cross_src: torch.Tensor
+    cross_dst: torch.Tensor
+
+    @classmethod
+    def of(cls, layout: _ClusterLayout, device: torch.device) -> "_LayoutIndex":
+        return cls(to_device(layout.own, device), to_device(layout.target_pivot, device),
+                   None if layout.local_src is None else to_device(layout.local_src, device),
+                   to_device(layout.cross_src, device), to_device(layout.cross_dst, device))
 
 
 #: Steps between a decode-time drift check and the host acting on it. The check runs after the
@@ -220,7 +326,9 @@ class HeteroCachePolicy(Policy):
         self._set_compressible(range(self.profile.num_layers))
         self.stats = RefreshStats()
         self._layers: dict[int, _LayerState] = {}
-        self._transfer: RefreshTransfer | None = None
+        self._transfers: dict[str, RefreshTransfer] = {}  # one per device (device_map spreads layers)
+        self._layer_transfer: dict[int, RefreshTransfer] = {}
+        self._plans: dict[int, torch.Tensor] = {}  # plan_for memo, by prompt length
         self._checked_fit = False
         self._stores: dict[int, RaggedKVStore] = {}
         self._step = 0  # forward passes seen (counted at the first layer)
@@ -231,12 +339,36 @@ class HeteroCachePolicy(Policy):
     def _set_compressible(self, model_layers) -> None:
         self.model_layers = list(model_layers)
         self._plan_full, self._plan_ratios = self.full[self.model_layers], self.ratios[self.model_layers]
+        self._plans = {}
         if self.budget_tokens is None:  # a fraction at or below the full heads' share never fits
             check_budget_above_floor(self._plan_full, self.budget)
 
+    def bind_kv_shard(self, shard: KVShard) -> None:
+        """Tensor parallel: this process holds the KV heads ``shard.heads`` of every layer. The
+        plan stays the whole model's (each rank keeps its slice of it); clusters whose pivot and
+        satellites sit on different ranks exchange their drift decisions (``_ClusterLayout``).
+
+        Raises:
+            TensorParallelError: the profile describes another number of KV heads per layer.
+        """
+        if shard.sharded and shard.num_heads != self.profile.num_kv_heads:  # one process: validate_for says
+            raise TensorParallelError(
+                f"the profile describes {self.profile.num_kv_heads} KV heads per layer, the model has "
+                f"{shard.num_heads} (this process holds {shard.num_local} of them: "
+                f"heads {shard.start}..{shard.stop - 1})"
+            )
+        super().bind_kv_shard(shard)
+
+    @property
+    def kv_heads(self) -> range:
+        """Global KV heads this process holds (all the profile's without tensor parallelism)."""
+        return self._shard().heads
+
     def head_roles(self, layer_idx: int, num_heads: int) -> list[str]:
-        """Roles of a compressible layer's heads (``layer_idx``: the policy's index of the layer)."""
-        return [Role(int(r)).label for r in self.profile.roles[self.model_layers[layer_idx]]]
+        """Roles of the heads of a compressible layer that this process holds (``layer_idx``:
+        the policy's index of the layer)."""
+        heads = self.kv_heads
+        return [Role(int(r)).label for r in self.profile.roles[self.model_layers[layer_idx], heads.start:heads.stop]]
 
     def row_budget(self, prompt_tokens: int) -> float:
         if self.budget_tokens is not None:
@@ -247,12 +379,19 @@ class HeteroCachePolicy(Policy):
         """Prompt tokens every KV head keeps for a row of ``prompt_tokens`` real tokens:
         int64 ``[layers, kv_heads]`` over the compressible layers (``model_layers``; all the
         profile's layers unless the model has sliding-window layers, which keep their window and
-        are not counted in the budget)."""
-        return plan_tokens(self._plan_full, self._plan_ratios, self.row_budget(prompt_tokens), prompt_tokens)
+        are not counted in the budget). The whole model's plan, also under tensor parallelism
+        (each rank keeps its heads' columns), so the ranks together keep exactly what one process
+        would. Memoised per prompt length (read it, do not modify it)."""
+        plan = self._plans.get(int(prompt_tokens))
+        if plan is None:
+            plan = plan_tokens(self._plan_full, self._plan_ratios, self.row_budget(prompt_tokens), prompt_tokens)
+            self._plans[int(prompt_tokens)] = plan
+        return plan
 
     def plan(self, ctx: PrefillContext) -> torch.Tensor:
         self._check_fit(ctx)
-        rows = [self.plan_for(n)[ctx.layer_idx] for n in ctx.prompt_tokens.tolist()]
+        heads = self.kv_heads
+        rows = [self.plan_for(n)[ctx.layer_idx, heads.start:heads.stop] for n in ctx.prompt_tokens.tolist()]
         return torch.stack(rows).to(ctx.key.device)
 
     def _check_fit(self, ctx: PrefillContext) -> None:
@@ -264,8 +403,9 @@ class HeteroCachePolicy(Policy):
             self._set_compressible(check_architecture(ctx.config).compressible_layers)
         else:
             self.profile.validate_for(
-                {"num_hidden_layers": self.profile.num_layers, "num_attention_heads": ctx.query.shape[1],
-                 "num_key_value_heads": H, "head_dim": D}
+                {"num_hidden_layers": self.profile.num_layers,
+                 "num_attention_heads": ctx.query.shape[1] * self._shard().world,
+                 "num_key_value_heads": H * self._shard().world, "head_dim": D}
             )
         self._checked_fit = True
 
@@ -288,34 +428,65 @@ class HeteroCachePolicy(Policy):
         if not self._layers or layer_idx < min(self._layers):
             self._first_layer = layer_idx
         self._layers[layer_idx] = state
-        roles = self.profile.roles[ctx.model_layer]
-        satellites = [h for h in range(len(roles)) if roles[h] == Role.SATELLITE]
-        if not (self.offload and satellites):
+        if not self.offload:
             return
-        state.host = SatelliteHostStore(ctx.key, ctx.value, ctx.valid, satellites, pin=store.device.type == "cuda")
-        if self._transfer is None:
-            self._transfer = RefreshTransfer(store.device, self.asynchronous)
-        clusters = self.profile.clusters(ctx.model_layer)
-        state.pivots = list(clusters)
-        for i, p in enumerate(state.pivots):
-            for sat in clusters[p]:
-                state.satellites.append(sat)
-                state.sat_pivot.append(i)
-        state.sat_tokens = plan[:, state.satellites].copy()
-        state.sat_tokens_dev = to_device(state.sat_tokens, store.device)
-        state.k_dev = to_device(k, store.device)
+        shard = self._shard()
+        layout = _ClusterLayout.build(self.profile.clusters(ctx.model_layer), shard)
+        if not (layout.own or layout.local or layout.exchange):
+            return  # no cluster here, and none whose decisions cross the ranks
+        state.active, state.layout = True, layout
+        dev = store.device
+        # Store indices of what this process holds; pivots of the layer by their global index.
+        state.pivots = [shard.local(layout.pivots[i]) for i in layout.own]
+        state.satellites = [shard.local(layout.satellites[j]) for j in layout.local]
+        state.sat_pivot = [layout.sat_pivot[j] for j in layout.local]
+        # Prompt slots of every satellite of the layer, from the whole model's plan (the refill
+        # indices of a satellite on another rank are computed here when its pivot is).
+        rows = [self.plan_for(int(n))[layer_idx] for n in prompt]
+        state.sat_tokens_all = (np.stack([r[layout.satellites].numpy() for r in rows]) if rows
+                                else np.zeros((0, len(layout.satellites)), np.int64)).astype(np.int64)
+        state.sat_tokens = state.sat_tokens_all[:, layout.local].copy()
+        if not np.array_equal(state.sat_tokens, plan[:, state.satellites]):
+            raise RuntimeError(f"layer {layer_idx}: stored satellite tokens differ from the model's plan")
+        state.index = _LayoutIndex.of(layout, dev)
+        self._to_device(state, dev)
+        if state.satellites:  # host copies and the copy stream of the layer's own device
+            state.host = SatelliteHostStore(ctx.key, ctx.value, ctx.valid, state.satellites, pin=dev.type == "cuda")
+            self._transfers_for(layer_idx, dev)
         valid = ctx.valid.cpu().numpy()
         Lmax = int(prompt.max()) if B else 0
         state.prompt_pos = np.zeros((B, Lmax), np.int64)
         for b in range(B):
             real = np.nonzero(valid[b])[0]
             state.prompt_pos[b, : len(real)] = real
+        if not state.pivots:
+            return
         # Reference sets: what each pivot's last prompt query attends to.
         G = ctx.num_groups
         q = ctx.query[:, :, -1, :].reshape(B, store.num_heads, G, -1)[:, state.pivots]  # [B, P, G, D]
         scores = self._pivot_scores(state, store, q.unsqueeze(2), ctx.scaling)[:, :, 0]
         tops, in_set = topk_sets(scores, state.k_dev, int(k.max()))
         state.reference = membership(tops, in_set, Lmax)
+
+    def _to_device(self, state: _LayerState, dev: torch.device) -> None:
+        """The device copies of the per-row host values (after prefill and row changes)."""
+        state.k_dev = to_device(state.k, dev)
+        state.sat_tokens_dev = to_device(state.sat_tokens, dev)
+        state.target_tokens_dev = to_device(state.sat_tokens_all[:, state.layout.targets], dev)
+
+    def _shard(self) -> KVShard:
+        """The KV heads this process holds (every head of the profile when no shard was bound)."""
+        if self.kv_shard is None:
+            return KVShard.single(self.profile.num_kv_heads)
+        return self.kv_shard
+
+    def _transfers_for(self, layer_idx: int, device: torch.device) -> RefreshTransfer:
+        """The refresh transfer of a layer: one per device (layers may live on several)."""
+        key = str(device)
+        if key not in self._transfers:
+            self._transfers[key] = RefreshTransfer(device, self.asynchronous)
+        self._layer_transfer[layer_idx] = self._transfers[key]
+        return self._transfers[key]
 
     def _pivot_scores(self, state: _LayerState, store: RaggedKVStore, queries: torch.Tensor, scaling: float):
         """``pivot_scores`` of queries ``[B, P, T, G, D]`` over the pivots' prompt keys in the store."""
@@ -336,12 +507,13 @@ class HeteroCachePolicy(Policy):
         if layer_idx == self._first_layer:
             self._step += 1
             self._act_on_due_decisions()
-        if self._transfer is not None:
-            self._transfer.wait(layer_idx)
+        transfer = self._layer_transfer.get(layer_idx)
+        if transfer is not None:
+            transfer.wait(layer_idx)
 
     def on_decode(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         state = self._layers.get(layer_idx)
-        if state is None or state.host is None or not self.refresh:
+        if state is None or not state.active or not self.refresh:
             return
         state.queries.append(query[:, :, -1, :])
         if len(state.queries) >= self.refresh_interval:
@@ -364,7 +536,7 @@ class HeteroCachePolicy(Policy):
         turn's own tokens are appended. Not a decode step: acted on at once (host reads allowed);
         decisions of earlier decode steps still in flight are superseded."""
         state = self._layers.get(layer_idx)
-        if state is None or state.host is None or not self.refresh:
+        if state is None or not state.active or not self.refresh:
             return
         state.pending.clear()
         state.queries.clear()
@@ -382,6 +554,11 @@ class HeteroCachePolicy(Policy):
         reference sets of drifted pivots move on the device too. The decision and the satellites'
         refill indices then go to the host in one copy.
 
+        Under tensor parallelism each rank scores the pivots it holds; where a satellite sits on
+        another rank than its pivot, one all-reduce per check carries the layer's drift flags and
+        those satellites' refill indices (``_ClusterLayout``). Every rank must then run the check
+        of that layer at the same step, which it does: the step counts are the same everywhere.
+
         Args:
             force: refresh as if every pivot had drifted (testing, stress runs, a new turn).
             defer: the decode step's mode: the copy is non-blocking (pinned memory and an event on
@@ -389,7 +566,8 @@ class HeteroCachePolicy(Policy):
                 the device. False: act now (reads the device; returns what was refreshed).
 
         Returns:
-            ``[(row, pivot), ...]`` refreshed (empty when deferred).
+            ``[(row, pivot), ...]`` refreshed by this process (pivots by their global KV head;
+            empty when deferred).
         """
         state = self._layers[layer_idx]
         if not state.queries:
@@ -398,37 +576,72 @@ class HeteroCachePolicy(Policy):
         state.queries.clear()
         T, B, Hq, D = Q.shape
         P, G = len(state.pivots), Hq // store.num_heads
-        if P == 0:
+        layout = state.layout
+        if P == 0 and not layout.exchange:
             return []
-        q = Q.view(T, B, store.num_heads, G, D)[:, :, state.pivots].permute(1, 2, 0, 3, 4)  # [B, P, T, G, D]
-        scores = self._pivot_scores(state, store, q, scaling)  # [B, P, T, Lmax]
-        tops, in_set = topk_sets(scores, state.k_dev, int(state.k.max()))
-        self.stats.checks += B * P
-        drifted = set_overlap(tops, in_set, state.reference, state.k_dev).median(-1).values < self.drift_threshold
-        if force:
-            drifted = torch.ones_like(drifted)
-        newest = membership(tops[:, :, -1], in_set[:, :, -1], state.reference.shape[-1])
-        state.reference = torch.where(drifted[..., None], newest, state.reference)
-        last = scores[:, :, -1]  # [B, P, Lmax]
-        refill, nmax = self._refill_indices(state, last)
-        packed = torch.cat([drifted.long().reshape(-1), refill.reshape(-1)])
+        Lmax = int(state.prompt_tokens.max()) if B else 0
+        nmax = int(min(state.sat_tokens_all.max(), Lmax)) if state.sat_tokens_all.size else 0
+        if P:
+            q = Q.view(T, B, store.num_heads, G, D)[:, :, state.pivots].permute(1, 2, 0, 3, 4)  # [B, P, T, G, D]
+            scores = self._pivot_scores(state, store, q, scaling)  # [B, P, T, Lmax]
+            tops, in_set = topk_sets(scores, state.k_dev, int(state.k.max()))
+            self.stats.checks += B * P
+            drifted = set_overlap(tops, in_set, state.reference, state.k_dev).median(-1).values < self.drift_threshold
+            if force:
+                drifted = torch.ones_like(drifted)
+            newest = membership(tops[:, :, -1], in_set[:, :, -1], state.reference.shape[-1])
+            state.reference = torch.where(drifted[..., None], newest, state.reference)
+            last = scores[:, :, -1]  # [B, P, Lmax]
+            refill = self._refill_indices(state, last, nmax)  # [B, targets, nmax]
+            drifted = drifted.long()
+        else:  # this rank holds none of the layer's pivots, only satellites of pivots elsewhere
+            last = None
+            drifted = torch.zeros(B, 0, dtype=torch.long, device=store.device)
+            refill = torch.zeros(B, 0, nmax, dtype=torch.long, device=store.device)
+        if len(layout.own) != len(layout.pivots):  # the layer's drift flags, ours filled in
+            drifted = torch.zeros(B, len(layout.pivots), dtype=torch.long,
+                                  device=store.device).index_copy_(1, state.index.own, drifted)
+        if layout.exchange:
+            drifted, refill = self._exchange(state, drifted, refill, nmax)
+        packed = torch.cat([drifted.reshape(-1), refill.reshape(-1)])
         decision = self._send_to_host(packed, last, nmax, store.device)
         if defer:
             state.pending.append(decision)
             return []
         return self._refill(layer_idx, store, state, decision)
 
-    def _refill_indices(self, state: _LayerState, last: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Prompt indices each satellite would be refilled with: the top ``sat_tokens`` of its
-        pivot's newest scores, ascending, padded with ``Lmax``: int64 ``[B, Ns, nmax]``."""
-        Lmax = last.shape[-1]
-        nmax = int(min(state.sat_tokens.max(), Lmax)) if state.sat_tokens.size else 0
-        if nmax == 0:
-            return last.new_zeros(last.shape[0], len(state.satellites), 0, dtype=torch.long), 0
-        sat_scores = last[:, state.sat_pivot]  # [B, Ns, Lmax]
+    def _refill_indices(self, state: _LayerState, last: torch.Tensor, nmax: int) -> torch.Tensor:
+        """Prompt indices each satellite whose pivot this process holds (``layout.targets``)
+        would be refilled with: the top ``sat_tokens`` of its pivot's newest scores, ascending,
+        padded with ``Lmax``: int64 ``[B, targets, nmax]`` (``nmax``: the most prompt slots of
+        any satellite of the layer, the same on every rank)."""
+        B, Lmax = last.shape[0], last.shape[-1]
+        targets = len(state.layout.targets)
+        if nmax == 0 or targets == 0:
+            return last.new_zeros(B, targets, nmax, dtype=torch.long)
+        sat_scores = last.index_select(1, state.index.target_pivot)  # [B, targets, Lmax]
         top = sat_scores.topk(nmax, dim=-1).indices
-        keep = torch.arange(nmax, device=top.device) < state.sat_tokens_dev[:, :, None]
-        return torch.where(keep, top, Lmax).sort(-1).values, nmax
+        keep = torch.arange(nmax, device=top.device) < state.target_tokens_dev[:, :, None]
+        return torch.where(keep, top, Lmax).sort(-1).values
+
+    def _exchange(self, state: _LayerState, drifted: torch.Tensor, refill: torch.Tensor,
+                  nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tensor parallel: sum over the shards the layer's drift flags ``[B, P]`` (each rank's
+        own pivots filled in) and the refill indices of the satellites held by another rank than
+        their pivot (written by the pivot's rank): one all-reduce of ``B * (P + Nx * nmax)``
+        int64. Returns the layer's drift flags and the refill indices of this rank's satellites
+        ``[B, Ns, nmax]``."""
+        layout, index = state.layout, state.index
+        B, P, Nx = drifted.shape[0], drifted.shape[1], len(layout.cross)
+        buf = torch.zeros(B, P + Nx * nmax, dtype=torch.long, device=drifted.device)
+        buf[:, :P] = drifted
+        cross = buf[:, P:].view(B, Nx, nmax)
+        if len(layout.cross_src):
+            cross.index_copy_(1, index.cross_dst, refill.index_select(1, index.cross_src))
+        self.kv_shard.all_reduce_sum_(buf)
+        if index.local_src is None:  # this rank's satellites all have their pivot here
+            return buf[:, :P], refill
+        return buf[:, :P], torch.cat([refill, cross], 1).index_select(1, index.local_src)
 
     def _send_to_host(self, packed: torch.Tensor, last, nmax: int, device) -> _Decision:
         """Copy ``packed`` into host memory without blocking (pinned + event on CUDA)."""
@@ -460,19 +673,22 @@ class HeteroCachePolicy(Policy):
 
     def _refill(self, layer_idx: int, store: RaggedKVStore, state: _LayerState, decision: _Decision) -> list:
         """Refill the satellites of the drifted pivots with their pivot's current top positions:
-        one host gather and one (asynchronous on CUDA) copy for the whole layer."""
+        one host gather and one (asynchronous on CUDA) copy for the whole layer. Refreshes are
+        counted where the pivot is (under tensor parallelism: once over the ranks)."""
         if decision.event is not None and not decision.event.query():
             self.stats.late_decisions += 1
             decision.event.synchronize()
-        B, P, Ns = len(state.prompt_tokens), len(state.pivots), len(state.satellites)
+        layout = state.layout
+        B, P, Ns = len(state.prompt_tokens), len(layout.pivots), len(state.satellites)
         drifted = decision.view[: B * P].reshape(B, P).astype(bool)
         idx = decision.view[B * P :].reshape(B, Ns, decision.nmax)
         refreshed = []
-        for b, i in zip(*np.nonzero(drifted)):
-            b, p = int(b), state.pivots[int(i)]
+        for b, n in zip(*np.nonzero(drifted[:, layout.own])):
+            b, i = int(b), int(n)
+            p = layout.pivots[layout.own[i]]  # the pivot's global KV head
             refreshed.append((b, p))
             self.stats.refreshes[(state.model_layer, p)] += 1
-            self.last_pivot_scores[(b, p)] = decision.scores[b, int(i), : int(state.prompt_tokens[b])]
+            self.last_pivot_scores[(b, p)] = decision.scores[b, i, : int(state.prompt_tokens[b])]
         # Satellites of a drifted pivot that do not already hold their whole prompt.
         due = drifted[:, state.sat_pivot] & (state.sat_tokens < state.prompt_tokens[:, None])  # [B, Ns]
         rows_h, sat_h = np.nonzero(due)
@@ -484,8 +700,8 @@ class HeteroCachePolicy(Policy):
         k_host, v_host = state.host.gather_batch(rows_h, heads_h, picks_h, counts_h)
         slots = segment_ranges_host(store.start_h[rows_h * store.num_heads + heads_h], counts_h)
         positions = state.prompt_pos[np.repeat(rows_h, counts_h), picks_h]
-        self._transfer.write(layer_idx, store, to_device(slots, store.device), k_host, v_host,
-                             to_device(positions, store.device, torch.int32))
+        self._layer_transfer[layer_idx].write(layer_idx, store, to_device(slots, store.device), k_host, v_host,
+                                              to_device(positions, store.device, torch.int32))
         self.stats.satellite_refills += len(rows_h)
         self.stats.tokens_moved += int(counts_h.sum())
         self.stats.bytes_moved += k_host.numel() * k_host.element_size() * 2
@@ -495,21 +711,32 @@ class HeteroCachePolicy(Policy):
     def host_bytes_per_layer(self) -> dict[int, int]:
         return {i: s.host.nbytes() for i, s in self._layers.items() if s.host is not None}
 
+    @property
+    def transfers(self) -> dict[str, RefreshTransfer]:
+        """The refresh transfers by device (one per device holding satellites)."""
+        return dict(self._transfers)
+
     def synchronize(self) -> None:
-        if self._transfer is not None:
-            self._transfer.synchronize()
+        for transfer in self._transfers.values():
+            transfer.synchronize()
+
+    def copy_seconds(self) -> float:
+        """GPU time spent in refresh copies so far, over every device (0 without CUDA)."""
+        return sum(t.copy_seconds() for t in self._transfers.values())
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.flush()
         rows_h = np.asarray(torch.as_tensor(rows).cpu(), np.int64).reshape(-1)
-        for state in self._layers.values():
+        for layer_idx, state in self._layers.items():
             state.plan, state.prompt_tokens = state.plan[rows_h], state.prompt_tokens[rows_h]
             state.base, state.k = state.base[rows_h], state.k[rows_h]
             state.sat_tokens, state.prompt_pos = state.sat_tokens[rows_h], state.prompt_pos[rows_h]
-            if state.reference is not None:
-                dev = state.reference.device
-                state.reference = state.reference[to_device(rows_h, dev)]
-                state.k_dev, state.sat_tokens_dev = to_device(state.k, dev), to_device(state.sat_tokens, dev)
+            state.sat_tokens_all = state.sat_tokens_all[rows_h]
+            if state.active:
+                dev = self._stores[layer_idx].device
+                if state.reference is not None:
+                    state.reference = state.reference[to_device(rows_h, dev)]
+                self._to_device(state, dev)
             state.queries = [q.index_select(0, to_device(rows_h, q.device)) for q in state.queries]
             state._pivot_index = None
             if state.host is not None:
@@ -521,7 +748,7 @@ class HeteroCachePolicy(Policy):
         self._stores.clear()
         self.last_pivot_scores.clear()
         self.stats = RefreshStats()
-        self._transfer = None
+        self._transfers.clear()
+        self._layer_transfer.clear()
         self._step = 0
         self._first_layer = None
-

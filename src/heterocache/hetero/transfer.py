@@ -22,8 +22,11 @@ from ..store import RaggedKVStore
 class RefreshTransfer:
     """Writes host KV into store slots, asynchronously on CUDA.
 
+    One per device: layers spread over several devices (``device_map``) each use the transfer,
+    side stream and events of their own device.
+
     Args:
-        device: the store's device.
+        device: the stores' device.
         asynchronous: use a side stream on CUDA (default True; False = synchronous copies).
     """
 
@@ -39,6 +42,8 @@ class RefreshTransfer:
     def write(self, layer_idx: int, store: RaggedKVStore, slots: torch.Tensor, k_host, v_host, pos=None) -> None:
         """Write ``k_host, v_host [n, D]`` into ``store`` slots ``slots`` (int64 ``[n]``, device),
         and the slots' logical positions ``pos`` (int32 ``[n]`` device, optional) with them."""
+        if store.device != self.device:
+            raise ValueError(f"a transfer for {self.device} cannot write into a store on {store.device}")
         if not self.asynchronous:
             store.k[slots] = k_host.to(store.device, store.dtype)
             store.v[slots] = v_host.to(store.device, store.dtype)
@@ -48,7 +53,8 @@ class RefreshTransfer:
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(self.stream):
+        # On the store's device, whichever is current (device_map spreads layers over devices).
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             start.record(self.stream)
             k_dev = k_host.to(self.device, non_blocking=True)
             v_dev = v_host.to(self.device, non_blocking=True)

@@ -24,6 +24,7 @@ IEEE (not TF32) dot products.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -351,31 +352,34 @@ def ragged_decode_attention_triton(
     has_table = slot_table is not None
     table = slot_table if has_table else seg_start  # any tensor: unused without HAS_TABLE
     tvalid = table_valid.view(torch.uint8) if has_table else seg_start
-    _split_kernel[(S, num_splits)](
-        q, k_buf, v_buf, seg_start, seg_len,
-        table, tvalid,
-        part_o, part_lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_buf.stride(0), k_buf.stride(1),
-        v_buf.stride(0), v_buf.stride(1),
-        table.stride(0), tvalid.stride(0),
-        *po_strides, *pl_strides,
-        G, D, chunk, qk_scale,
-        G_PAD=G_PAD, D_PAD=D_PAD, BLOCK_N=block_n,
-        USE_DOT=bool(use_dot), DOT_PREC=dot_prec, DOT_FP32=dot_fp32, SINGLE=single,
-        HAS_TABLE=has_table,
-        num_warps=num_warps, **extra,
-    )
-    if not single:
-        _merge_kernel[(S, G)](
-            part_o, part_lse, seg_len, out, lse,
+    # Triton launches on the current device: under device_map a layer's tensors may live on another.
+    guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        _split_kernel[(S, num_splits)](
+            q, k_buf, v_buf, seg_start, seg_len,
+            table, tvalid,
+            part_o, part_lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_buf.stride(0), k_buf.stride(1),
+            v_buf.stride(0), v_buf.stride(1),
+            table.stride(0), tvalid.stride(0),
             *po_strides, *pl_strides,
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1),
-            D, chunk,
-            D_PAD=D_PAD, BLOCK_SP=min(32, _next_pow2(num_splits)),
-            num_warps=4,
+            G, D, chunk, qk_scale,
+            G_PAD=G_PAD, D_PAD=D_PAD, BLOCK_N=block_n,
+            USE_DOT=bool(use_dot), DOT_PREC=dot_prec, DOT_FP32=dot_fp32, SINGLE=single,
+            HAS_TABLE=has_table,
+            num_warps=num_warps, **extra,
         )
+        if not single:
+            _merge_kernel[(S, G)](
+                part_o, part_lse, seg_len, out, lse,
+                *po_strides, *pl_strides,
+                out.stride(0), out.stride(1), out.stride(2),
+                lse.stride(0), lse.stride(1),
+                D, chunk,
+                D_PAD=D_PAD, BLOCK_SP=min(32, _next_pow2(num_splits)),
+                num_warps=4,
+            )
     return (out, lse) if return_lse else out
 
 

@@ -81,6 +81,16 @@ class Policy:
     name = "base"
     #: Whether ``crop`` can restore the cache exactly (False for methods that evict while decoding).
     croppable = True
+    #: The KV heads this process holds (``heterocache.parallel.KVShard``), given by the cache
+    #: before the first prefill; None until then (one process: every head).
+    kv_shard = None
+
+    def bind_kv_shard(self, shard) -> None:
+        """Called by the cache with the ``KVShard`` of the model it serves, before the first
+        ``plan``. A policy whose decisions span several heads of a layer or the whole model
+        (layer budgets, clusters) reduces over the shards with it so that every rank decides
+        what one process would."""
+        self.kv_shard = shard
 
     @property
     def is_compileable(self):

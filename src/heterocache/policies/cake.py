@@ -122,6 +122,12 @@ class CAKEPolicy(BudgetedPolicy):
         mask = earlier[:, None, :]
         dispersion = torch.where(mask, entropy.double(), 0.0).sum((1, 2))
         shift = torch.where(mask, var, 0.0).sum((1, 2))
+        if self.kv_shard is not None and self.kv_shard.sharded:
+            # The sums run over the layer's query heads; under tensor parallelism this process
+            # holds a slice of them: sum the slices so every rank has the whole layer's statistics
+            # (and so the same budgets). One all-reduce of 2 x B float64 per layer, at prefill.
+            both = self.kv_shard.all_reduce_sum_(torch.stack([dispersion, shift]))
+            dispersion, shift = both[0], both[1]
         preference = dispersion ** (1.0 / float(self.tau1)) * shift ** (1.0 / float(self.tau2))
         indicator = torch.where(mask, mean + float(self.gamma) * var, 0.0).float()
         indicator = reduce_gqa(pool_scores(indicator, self.kernel, self.pooling), H, self.gqa_reduce)
@@ -137,15 +143,17 @@ class CAKEPolicy(BudgetedPolicy):
         if layer != len(self._prefs):
             raise RuntimeError(f"CAKE expects layers to be prefilled in order; got layer {layer} after {len(self._prefs)}")
         preference, indicator = self.preference_and_indicator(ctx)
-        self._prefs.append(preference)
-        w, c, cap = self._split(ctx)
+        # Layer budgets are split on the host (prefill: reads are fine): the layers' statistics may
+        # come from different devices (device_map), and a budget is a host decision anyway.
+        self._prefs.append(preference.cpu())
+        w, c, cap = (t.cpu() for t in self._split(ctx))
         if self.cascade or layer == m - 1:
             alloc = self._allocate(m * c, torch.stack(self._prefs, -1), cap)
         else:  # not cascading: every layer keeps its whole prompt until the last one is prefilled
             alloc = cap[:, None] if self._alloc is None else torch.cat([self._alloc, cap[:, None]], -1)
         self._alloc = alloc
         self._pending = (ctx, indicator, w)
-        return per_segment(w + alloc[:, layer], H)
+        return per_segment(w + alloc[:, layer], H).to(ctx.key.device)
 
     def _allocate(self, total: torch.Tensor, prefs: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
         """Integer budgets beyond the window for layers ``0..l``: the total split by preference with
@@ -183,8 +191,8 @@ class CAKEPolicy(BudgetedPolicy):
         self._stores[layer_idx] = store
         protect = per_segment(w, H)
         for j, earlier in self._stores.items():
-            limit = per_segment(w + self._alloc[:, j], H)
-            if j != layer_idx and bool((earlier.lengths() > limit).any()):
+            limit = per_segment(w + self._alloc[:, j], H)  # host: each layer's store on its own device
+            if j != layer_idx and bool((torch.from_numpy(earlier.lengths_host()) > limit).any()):
                 idx, _ = earlier.padded_index()
                 evict_to_limit(earlier, limit, earlier.slot_buffer(SCORE_BUFFER)[idx], protect_last=protect)
                 earlier.shrink()
