@@ -434,3 +434,17 @@ def test_shadowkv_is_registered_with_the_published_defaults():
     assert cache.policy.budget_chunks(np.array([100])).tolist() == [8]  # ceil(0.3 * 100 / 4)
     assert make_cache("shadowkv", None, budget_tokens=1024).policy.budget_tokens == 1024
     assert not cache.is_croppable
+
+
+def test_tensor_parallel_shadowkv_says_it_factors_each_ranks_heads_alone():
+    from heterocache.parallel import KVShard
+    from heterocache.policies import ShadowKVPolicy
+
+    policy = ShadowKVPolicy()
+    with pytest.warns(UserWarning, match="factors the keys of this rank's 2 KV heads alone"):
+        policy.bind_kv_shard(KVShard.contiguous(1, 2, 4))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ShadowKVPolicy().bind_kv_shard(KVShard.single(4))  # one process: nothing to say

@@ -30,6 +30,8 @@ CASES = [
     ("pyramidkv", "pyramidkv", {"budget": 0.4, "window": 8, "beta": 4.0}),
     ("cake", "cake", {"budget": 0.4, "window": 8}),
     ("quest", "quest", {"budget": 0.3, "page_size": 4, "dense_layers": 1, "min_pages": 2}),
+    ("omnikv", "omnikv", {"budget": 0.3, "filter_layers": [1], "dense_after_filter": 0}),
+    ("omnikv-offload", "omnikv", {"budget": 0.3, "filter_layers": [1], "dense_after_filter": 0, "offload": True}),
     # Drift checks every 2 steps with a high threshold: refreshes while decoding (deferred
     # decisions) and at the second turn (acted on at once), on clusters that cross the shards.
     ("heterocache", "heterocache", {"budget": 0.6, "refresh_interval": 2, "drift_threshold": 0.9}),

@@ -113,6 +113,15 @@ class KVShard:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
 
+    def all_reduce_max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Maximum of ``tensor`` over the shards, in place (nothing in one process); called by every
+        rank in the same order. Stays on the device: no host read."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return tensor
+
     def all_gather_object(self, obj) -> list:
         """``obj`` of every rank, in rank order (``[obj]`` in one process). For reports, not
         for decode steps: it pickles and reads the host."""

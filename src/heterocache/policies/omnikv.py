@@ -343,6 +343,11 @@ class OmniKVPolicy(Policy):
         if self.scores == "probs":
             scores = torch.softmax(scores, -1).masked_fill(outside, float("-inf"))
         row = scores.view(B, Hq, C).amax(1)  # the maximum over every query head of the row
+        if self.kv_shard is not None and self.kv_shard.sharded:
+            # Tensor parallel: a rank holds some heads; the row's choice is the maximum over all of
+            # them, so every rank picks what one process would (one all-reduce of [B, C] fp32 per
+            # filter layer and step).
+            row = self.kv_shard.all_reduce_max_(row.contiguous())
         top = row.topk(group.k_max, dim=-1).indices  # [B, k_max]
         keep = group.rank[None, :] < group.k[:, None]  # a row's own k (shorter contexts, fewer)
         top = torch.where(keep, top, C).sort(-1).values  # by position, unused entries last

@@ -148,6 +148,21 @@ class ShadowKVPolicy(Policy):
         self._rotary: dict[tuple, Rotary] = {}
 
     # ------------------------------------------------------------------ sizes
+    def bind_kv_shard(self, shard) -> None:
+        super().bind_kv_shard(shard)
+        if shard is not None and shard.sharded:
+            import warnings
+
+            # One process factors all KV heads of a layer side by side; a rank sees only its own.
+            # Reproducing the joint factors would need the other ranks' keys (an all-gather of the
+            # prompt's keys per layer), so each rank factors its heads alone: close to, not equal
+            # to, the single-process cache (docs/scaling.md).
+            warnings.warn(
+                f"ShadowKV under tensor parallelism (rank {shard.rank} of {shard.world}) factors the keys of "
+                f"this rank's {shard.num_local} KV heads alone: its low-rank keys are not the single-process ones",
+                stacklevel=2,
+            )
+
     def budget_chunks(self, prompt_tokens) -> np.ndarray:
         """Chunks rebuilt per step for rows of ``prompt_tokens`` real tokens (host int64 ``[B]``)."""
         n = np.asarray(prompt_tokens, np.int64)
