@@ -222,3 +222,52 @@ def test_selected_attention_with_extra_tokens_equals_attention_over_the_union():
         v = torch.cat([store.v[slots[s][valid[s]]], ev[s][evalid[s]]])
         p = torch.softmax(query[s, :, 0] @ k.T * 0.4, -1)
         torch.testing.assert_close(out[s, 0], p @ v, rtol=1e-5, atol=1e-6)
+
+
+def test_per_query_head_selection_equals_the_naive_oracle():
+    store, _, _ = _store([9, 13], H=1, D=8)
+    g = torch.Generator().manual_seed(8)
+    query = torch.randn(2, 3, 1, 8, generator=g)  # G = 3: rows s * 3 + g
+    within = torch.stack([torch.randperm(9, generator=g)[:4] for _ in range(6)])
+    valid = torch.ones(6, 4, dtype=torch.bool)
+    valid[4, 2:] = False
+    slots = store.start.repeat_interleave(3)[:, None] + within
+    out = selected_decode_attention(store, query, 0.3, SlotSelection(slots, valid))
+    for s in range(2):
+        for h in range(3):
+            r = s * 3 + h
+            idx = slots[r][valid[r]]
+            p = torch.softmax(query[s, h, 0] @ store.k[idx].T * 0.3, -1)
+            torch.testing.assert_close(out[s, 0, h], p @ store.v[idx], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one per KV head"):
+        selected_decode_attention(store, query, 0.3, SlotSelection(slots[:5], valid[:5]))
+
+
+def test_gqa_none_gives_each_query_head_its_own_top_pages():
+    policy = QuestPolicy(budget_tokens=8, page_size=4, dense_layers=0, min_pages=1, gqa_reduce="none")
+    store, key, keep = _store([20], H=1)
+    policy.on_prefill_done(0, store, None)
+    _append(store, torch.randn(1, 4, generator=torch.Generator().manual_seed(5)))
+    query = torch.randn(1, 2, 1, 4, generator=torch.Generator().manual_seed(9))
+    selection = policy.decode_selection(0, store, query, 0.5)
+    assert selection.slots.shape[0] == 2  # a selection per query head
+    summaries = policy._summaries[0]
+    for g in range(2):
+        bounds = [float(torch.maximum(query[0, g, 0] * summaries.kmin[0, p], query[0, g, 0] * summaries.kmax[0, p]).sum())
+                  for p in range(5)]
+        best = max(range(5), key=lambda p: bounds[p])
+        pages = sorted({int(s) // 4 for s, ok in zip(selection.slots[g], selection.valid[g]) if ok})
+        assert pages == sorted({5, best})
+
+
+def test_gqa_none_generates_and_equals_dynamic_cache_at_full_budget():
+    model = tiny_model("llama", **SHAPE)
+    ref_model = tiny_model("llama", attn="sdpa", **SHAPE)
+    ids = torch.randint(1, 256, (2, 70), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    ref = ref_model.generate(ids, past_key_values=DynamicCache(), **kw)
+    assert torch.equal(model.generate(ids, past_key_values=QuestCache(budget=1.0, gqa_reduce="none"), **kw), ref)
+    out = model.generate(ids, past_key_values=QuestCache(budget=0.2, page_size=4, gqa_reduce="none"), **kw)
+    assert out.shape == ref.shape

@@ -199,7 +199,8 @@ class SlotSelection:
 
     Attributes:
         slots: int64 ``[S, N]`` flat slot indices into the store's buffers (``N`` fixed for the
-            step from host values, so shapes never depend on device values).
+            step from host values, so shapes never depend on device values); or ``[S * G, N]``:
+            one selection per query head (row ``s * G + g`` for query head ``g`` of segment ``s``).
         valid: bool ``[S, N]``: False for entries that pad a segment's choice (never attended).
         extra_key, extra_value: optional ``[S, M, D]`` tokens attended besides the store's (keys
             rebuilt from a compressed form, values fetched from host memory: ShadowKV, offloaded
@@ -229,9 +230,14 @@ def selected_decode_attention(store: RaggedKVStore, query: torch.Tensor, scaling
     """
     B, Hq, _, D = query.shape
     S, G = store.num_segments, Hq // store.num_heads
+    R = selection.slots.shape[0]
+    if R == S * G and G > 1:
+        G = 1  # one selection per query head (row s * G + g): each query head reads its own slots
+    elif R != S:
+        raise ValueError(f"a selection has {S} rows (one per KV head) or {S * G} (one per query head), got {R}")
     if selection.extra_key is None and kernels.resolve_backend(store.device) == "triton":
         # The Triton kernel reads the chosen slots in place through the table (no gather copy).
-        q = query.reshape(S, G, D).to(store.dtype)
+        q = query.reshape(R, G, D).to(store.dtype)
         out = kernels.triton_decode.table_decode_attention_triton(
             q, store.k, store.v, selection.slots, selection.valid, scaling)
         return out.to(query.dtype).view(B, 1, Hq, D)
@@ -240,10 +246,10 @@ def selected_decode_attention(store: RaggedKVStore, query: torch.Tensor, scaling
         k = torch.cat([k, selection.extra_key.to(store.dtype)], 1)
         v = torch.cat([v, selection.extra_value.to(store.dtype)], 1)
         valid = torch.cat([valid, selection.extra_valid], 1)
-    k, v = k.unsqueeze(1), v.unsqueeze(1)  # [S, 1, N (+ M), D]
-    q = query.reshape(S, 1, G, D).to(store.dtype)  # the G query heads of a segment as its rows
-    mask = valid[:, None, None, :]  # [S, 1, 1, N], broadcast over the G rows
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)  # [S, 1, G, D]
+    k, v = k.unsqueeze(1), v.unsqueeze(1)  # [R, 1, N (+ M), D]
+    q = query.reshape(R, 1, G, D).to(store.dtype)  # the G query heads of a row as its query rows
+    mask = valid[:, None, None, :]  # [R, 1, 1, N], broadcast over the G rows
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)  # [R, 1, G, D]
     return out.to(query.dtype).view(B, 1, Hq, D)
 
 

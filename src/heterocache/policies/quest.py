@@ -36,11 +36,11 @@ class QuestPolicy(Policy):
         page_size: tokens per page (default 16, the paper's).
         dense_layers: the first layers attend to every token (default 2, as the reference code).
         min_pages: pages attended at least (default 3, as the reference code).
-        gqa_reduce: how the query heads of a GQA group combine their page scores into the one page
-            set their KV head reads: "max" (default: a page critical to any query head of the
-            group is read) or "mean". The reference code repeats KV per query head (MHA models),
-            which reads a page set per query head; one set per KV head keeps the ragged store's
-            one-read-per-group and costs at most the union's reach.
+        gqa_reduce: how the query heads of a GQA group choose pages: "max" (default: one page set
+            per KV head, ranked by the best of its query heads' bounds, so a group's K/V pages are
+            read once) or "mean" (ranked by their mean), or "none": a page set per query head, as the
+            reference code does on its MHA models (it repeats KV per query head): G times the page
+            reads of a KV-head set, each query head's own top pages.
 
     When the budget covers every page, the layer attends densely: exactly FullKV's result.
     """
@@ -67,8 +67,8 @@ class QuestPolicy(Policy):
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
         if self.dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
-        if self.gqa_reduce not in ("max", "mean"):
-            raise ValueError(f"gqa_reduce must be 'max' or 'mean', got {self.gqa_reduce!r}")
+        if self.gqa_reduce not in ("max", "mean", "none"):
+            raise ValueError(f"gqa_reduce must be 'max', 'mean' or 'none', got {self.gqa_reduce!r}")
         self._summaries: dict[int, PageSummaries] = {}
 
     # ------------------------------------------------------------------ roles and memory
@@ -112,9 +112,9 @@ class QuestPolicy(Policy):
             return None  # the budget covers every page: dense, exactly FullKV
         B, Hq, _, D = query.shape
         q = query.reshape(store.num_segments, Hq // store.num_heads, D)
-        scores = summaries.scores(q, store, self.gqa_reduce)  # [S, P], +inf on the newest page
+        scores = summaries.scores(q, store, self.gqa_reduce)  # [S, P] or [S, G, P]; +inf: the newest page
         k = min(k, scores.shape[-1])
-        pages = scores.topk(k, dim=-1).indices  # [S, k]
+        pages = scores.topk(k, dim=-1).indices  # [S, k] or [S, G, k]
         chosen_valid = scores.gather(-1, pages) > float("-inf")
         return summaries.slots_of(pages, chosen_valid, store)
 
@@ -187,16 +187,23 @@ class PageSummaries:
         qf = q.float()
         # sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min
         s = torch.bmm(qf.clamp(min=0), self.kmax.transpose(1, 2)) + torch.bmm(qf.clamp(max=0), self.kmin.transpose(1, 2))
-        s = s.amax(1) if gqa_reduce == "max" else s.mean(1)  # [S, P]
+        if gqa_reduce == "none":
+            extra = (slice(None), None, None)  # keep the query-head axis: [S, G, P]
+        else:
+            s = s.amax(1) if gqa_reduce == "max" else s.mean(1)  # [S, P]
+            extra = (slice(None), None)
         used = (store.length + self.page_size - 1) // self.page_size  # pages holding tokens
         p = torch.arange(s.shape[-1], device=s.device)
-        s = s.masked_fill(p[None, :] >= used[:, None], float("-inf"))
-        return s.masked_fill(p[None, :] == (used - 1)[:, None], float("inf"))
+        s = s.masked_fill(p >= used[extra], float("-inf"))
+        return s.masked_fill(p == (used - 1)[extra], float("inf"))
 
     def slots_of(self, pages: torch.Tensor, chosen_valid: torch.Tensor, store: RaggedKVStore) -> SlotSelection:
-        """The slots of the chosen pages ``[S, k]``: a ``SlotSelection`` of ``[S, k * page_size]``."""
-        S, k = pages.shape
-        within = pages[:, :, None] * self.page_size + torch.arange(self.page_size, device=pages.device)
-        valid = chosen_valid[:, :, None] & (within < store.length[:, None, None])
-        slots = torch.where(valid, store.start[:, None, None] + within, torch.zeros_like(within))
-        return SlotSelection(slots.reshape(S, k * self.page_size), valid.reshape(S, k * self.page_size))
+        """The slots of the chosen pages ``[S, k]`` (or ``[S, G, k]``, per query head): a
+        ``SlotSelection`` of ``[S, k * page_size]`` (or ``[S * G, k * page_size]``)."""
+        k = pages.shape[-1]
+        lead = (slice(None),) + (None,) * (pages.dim() - 1)  # broadcast [S] over the other axes
+        within = pages[..., None] * self.page_size + torch.arange(self.page_size, device=pages.device)
+        valid = chosen_valid[..., None] & (within < store.length[lead + (None,)])
+        slots = torch.where(valid, store.start[lead + (None,)] + within, torch.zeros_like(within))
+        rows = pages.numel() // k
+        return SlotSelection(slots.reshape(rows, k * self.page_size), valid.reshape(rows, k * self.page_size))
