@@ -216,3 +216,60 @@ def test_bad_recovery_parameters_are_rejected():
         HeteroCachePolicy(profile=toy_profile(), turn_reselect="own", offload=False)
     with pytest.raises(ValueError, match="page_size"):
         HeteroCachePolicy(profile=toy_profile(), page_size=0)
+
+
+def test_summary_drift_rechooses_a_drifted_head_with_the_top_pages_of_its_decode_queries():
+    model = toy_model()
+    reference = DynamicCache()
+    with torch.no_grad():
+        model(_ids(), past_key_values=reference)
+    cache = HeteroCache(toy_profile(), summary_drift=True, refresh_interval=3, **OWN)
+    _two_turns(model, cache, B=1)
+    policy, g = cache.policy, torch.Generator().manual_seed(5)
+    checked = 0
+    for layer_idx, state in policy._layers.items():
+        if not state.reselect:
+            continue
+        store = cache.layers[layer_idx].store
+        steps = [torch.randn(1, 8, D, generator=g) for _ in range(3)]
+        state.summ_queries = list(steps)
+        state.summ_reference = torch.zeros_like(state.summ_reference)  # nothing kept: every head drifted
+        policy.check_summary_drift(layer_idx, store, defer=False)
+        K = reference.layers[layer_idx].keys[0]
+        q = torch.stack(steps, 2)[0]  # [Hq, T, D]
+        for head in state.reselect:
+            n = int(state.plan[0, head])
+            picks = _expected_picks(K[head], q[head * G:(head + 1) * G], n, policy.page_size, 3)
+            k, _, pos = store.segment(head)
+            assert torch.equal(pos[:n].long(), picks)
+            torch.testing.assert_close(k[:n], K[head, picks], rtol=0, atol=0)
+            checked += 1
+    assert checked == int(policy.summarised_for(120).sum())
+    assert policy.stats.summary_refreshes == checked
+
+
+def test_summary_drift_during_generation_is_deferred_and_keeps_heads_equal_to_their_host_copies():
+    model = toy_model()
+    cache = HeteroCache(toy_profile(), summary_drift=True, refresh_interval=2, drift_threshold=1.0, **OWN)
+    out = model.generate(_ids(), past_key_values=cache, max_new_tokens=4, do_sample=False)
+    model.generate(torch.cat([out, _ids(L=12, seed=3)], 1), past_key_values=cache, max_new_tokens=9, do_sample=False)
+    policy = cache.policy
+    policy.flush()
+    policy.synchronize()
+    stats = policy.stats
+    assert stats.summary_checks > 0 and stats.summary_refreshes > 0
+    assert stats.satellite_refills == 0  # every satellite is re-chosen on its own at this budget
+    for layer_idx, state in policy._layers.items():
+        store = cache.layers[layer_idx].store
+        for head in state.reselect:
+            n = int(state.plan[0, head])
+            k, v, pos = store.segment(head)
+            assert bool((pos[:n].diff() > 0).all()) and int(pos[n - 1]) < 120
+            k_host, v_host = state.host.gather(0, head, pos[:n].long())
+            torch.testing.assert_close(k[:n], k_host, rtol=0, atol=0)
+            torch.testing.assert_close(v[:n], v_host, rtol=0, atol=0)
+
+
+def test_summary_drift_needs_turn_reselect_own():
+    with pytest.raises(ValueError, match="summary_drift"):
+        HeteroCachePolicy(profile=toy_profile(), summary_drift=True)

@@ -53,7 +53,9 @@ class RefreshStats:
     tokens_moved: int = 0
     bytes_moved: int = 0
     late_decisions: int = 0  # deferred decisions whose copy had not landed when due (host waited)
-    reselected_heads: int = 0  # (row, head) prompt-slot re-selections at new turns (turn_reselect="own")
+    reselected_heads: int = 0  # (row, head) prompt-slot re-selections (turn_reselect="own"), turns and drift
+    summary_checks: int = 0  # (row, head) drift checks from page summaries (summary_drift)
+    summary_refreshes: int = 0  # of which drifted (re-chosen during decoding)
 
 
 class _LayerState:
@@ -106,6 +108,13 @@ class _LayerState:
         self.summ_min: torch.Tensor | None = None
         self.summ_max: torch.Tensor | None = None
         self.summarised = np.zeros(plan.shape, bool)
+        self.summarised_dev: torch.Tensor | None = None  # [B, Nr] bool: summarised[:, reselect]
+        self.prompt_dev: torch.Tensor | None = None  # [B] prompt tokens (device)
+        self.reselect_counts_dev: torch.Tensor | None = None  # [B, Nr] prompt slots (0: not re-chosen)
+        self.reselect_nmax = 0
+        self.summ_reference: torch.Tensor | None = None  # bool [B, Nr, pages]: page set of the last choice
+        self.summ_queries: list[torch.Tensor] = []  # summary_drift: buffered decode queries [B, Hq, D]
+        self.summ_pending: list[_Decision] = []
         # (layout_version, idx [B, P, Lmax], valid [B, P, Lmax], strides or None)
         self._pivot_index = None
 
@@ -319,6 +328,15 @@ class HeteroCachePolicy(Policy):
             tokens, no summaries, and the "pivot" behaviour). The device bytes (store + summaries)
             then equal the plan's. False: the plan is unchanged and the summaries are extra device
             bytes (reported, as Quest's).
+        summary_drift: during decoding, also watch each re-chosen head's own drift from its page
+            summaries (default False; needs ``turn_reselect="own"``): every ``refresh_interval``
+            steps its buffered queries bound its pages; a head whose new page set keeps less than
+            ``drift_threshold`` of the one it was last chosen with is re-chosen from host memory
+            (deferred like a pivot's decision; ``check_summary_drift``). Anchors and satellites
+            whose pivot is a poor proxy are so refreshed too; re-chosen satellites then skip their
+            pivot's refills. Cost per check and layer: a ``[G*T, D] x [D, pages]`` bound product
+            per head, a sort of its pages and of its prompt's token indices, and one device-to-host
+            copy of ``B * Nr * (1 + nmax)`` int64, without blocking.
     """
 
     profile: HeadProfile = None
@@ -338,6 +356,7 @@ class HeteroCachePolicy(Policy):
     anchor_offload: bool | None = None
     page_size: int = 16
     summaries_in_budget: bool = True
+    summary_drift: bool = False
     name = "heterocache"
 
     def __post_init__(self):
@@ -365,6 +384,8 @@ class HeteroCachePolicy(Policy):
             raise ValueError("turn_reselect='own' re-chooses tokens from host copies: it needs offload=True")
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.summary_drift and self.turn_reselect != "own":
+            raise ValueError("summary_drift watches the heads turn_reselect='own' re-chooses: set turn_reselect='own'")
         if self.anchor_offload is None:  # on when the cache is meant for further turns
             self.anchor_offload = self.turn_reselect == "own"
         self.anchor_offload = bool(self.anchor_offload) and self.offload
@@ -587,6 +608,18 @@ class HeteroCachePolicy(Policy):
         state.summ_min, state.summ_max = kmin.to(dev), kmax.to(dev)
         state.reselect = chosen
         state.reselect_dev = to_device(chosen, dev)
+        self._reselect_to_device(state, dev)
+        # The reference page sets: what the last prompt query chooses (the prefill's own choice).
+        T = min(self.refresh_interval, ctx.query.shape[2])
+        state.summ_reference = self._reselect_picks(state, store, ctx.query[:, :, -T:, :])[1].to(dev)
+
+    def _reselect_to_device(self, state: _LayerState, dev: torch.device) -> None:
+        marks = state.summarised[:, state.reselect]
+        counts = np.where(marks, state.plan[:, state.reselect], 0)
+        state.summarised_dev = to_device(marks, dev, torch.bool)
+        state.prompt_dev = to_device(state.prompt_tokens, dev)
+        state.reselect_counts_dev = to_device(counts, dev)
+        state.reselect_nmax = int(counts.max()) if counts.size else 0
 
     def _to_device(self, state: _LayerState, dev: torch.device) -> None:
         """The device copies of the per-row host values (after prefill and row changes)."""
@@ -633,11 +666,19 @@ class HeteroCachePolicy(Policy):
 
     def on_decode(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         state = self._layers.get(layer_idx)
-        if state is None or not state.active or not self.refresh:
+        if state is None:
+            return
+        if self.summary_drift and state.reselect:
+            state.summ_queries.append(query[:, :, -1, :])
+            if len(state.summ_queries) >= self.refresh_interval:
+                self.check_summary_drift(layer_idx, store)
+        if not state.active or not self.refresh:
             return
         state.queries.append(query[:, :, -1, :])
         if len(state.queries) >= self.refresh_interval:
-            self.check_drift(layer_idx, store, scaling, defer=True)
+            # Satellites whose own drift is watched (summary_drift) are not refilled from their pivot's.
+            skip = state.summarised[:, state.satellites] if self.summary_drift else None
+            self.check_drift(layer_idx, store, scaling, defer=True, skip=skip)
 
     def before_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         if self.turn_reselect == "own":
@@ -662,31 +703,51 @@ class HeteroCachePolicy(Policy):
         state = self._layers.get(layer_idx)
         if state is None or not state.reselect:
             return np.zeros((0, 0, 0), np.int64)
-        B, Hq, q_len, D = query.shape
+        state.summ_queries.clear()
+        state.summ_pending.clear()  # decode decisions still in flight are superseded
+        T = min(self.refresh_interval, query.shape[2])
+        picks, member = self._reselect_picks(state, store, query[:, :, -T:, :])
+        state.summ_reference = member
+        picks = picks.cpu().numpy()
+        self._write_picks(layer_idx, store, state, picks, state.summarised[:, state.reselect])
+        return picks
+
+    def _reselect_picks(self, state: _LayerState, store: RaggedKVStore,
+                        query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device half of a re-selection for queries ``[B, Hq, T, D]``: int64 ``[B, Nr, nmax]``
+        the prompt indices each re-chosen head would hold (ascending, padded with ``Lmax``), and
+        bool ``[B, Nr, pages]`` the pages they come from (its page set). No host read."""
+        B, Hq, T, D = query.shape
         H, Nr, ps = store.num_heads, len(state.reselect), self.page_size
-        G, T = Hq // H, min(self.refresh_interval, q_len)
-        Lmax = state.prompt_pos.shape[1]
-        q = query[:, :, q_len - T:, :].reshape(B, H, G * T, D).index_select(1, state.reselect_dev)
+        G, Lmax = Hq // H, state.prompt_pos.shape[1]
+        q = query.reshape(B, H, G * T, D).index_select(1, state.reselect_dev)
         bounds = page_bounds(q.reshape(B * Nr, G * T, D), state.summ_min, state.summ_max).amax(1)  # [B*Nr, P]
         pages = bounds.shape[-1]
         bounds = bounds.view(B, Nr, pages)
         dev = bounds.device
-        n_prompt = to_device(state.prompt_tokens, dev)  # [B]
+        n_prompt = state.prompt_dev  # [B]
         used = (n_prompt + ps - 1) // ps
         bounds = bounds.masked_fill(torch.arange(pages, device=dev) >= used[:, None, None], float("-inf"))
         order = bounds.argsort(dim=-1, descending=True, stable=True)  # pages best first
         tokens = (order[..., None] * ps + torch.arange(ps, device=dev)).flatten(2)  # [B, Nr, pages * ps]
         real = tokens < n_prompt[:, None, None]
-        marks = state.summarised[:, state.reselect]  # [B, Nr] host
-        counts = np.where(marks, state.plan[:, state.reselect], 0)  # prompt slots re-filled
-        nmax = int(counts.max()) if counts.size else 0
-        if nmax == 0:
-            return np.full((B, Nr, 0), Lmax, np.int64)
-        counts_dev = to_device(counts, dev)
-        keep = real & (real.cumsum(-1) <= counts_dev[..., None])
-        picks = torch.where(keep, tokens, Lmax).sort(-1).values[..., :nmax].cpu().numpy()
-        rows_h, sel_h = np.nonzero(marks)
-        counts_h = counts[rows_h, sel_h]
+        keep = real & (real.cumsum(-1) <= state.reselect_counts_dev[..., None])
+        picks = torch.where(keep, tokens, Lmax).sort(-1).values[..., : state.reselect_nmax]
+        member = torch.zeros(B, Nr, pages + 1, dtype=torch.bool, device=dev)
+        member.scatter_(-1, torch.where(picks < Lmax, picks // ps, pages), True)
+        return picks, member[..., :pages]
+
+    def _write_picks(self, layer_idx: int, store: RaggedKVStore, state: _LayerState, picks: np.ndarray,
+                     due: np.ndarray) -> None:
+        """Host half: copy the picked prompt tokens ``picks [B, Nr, nmax]`` (host) of the
+        re-chosen heads marked in ``due [B, Nr]`` from host memory into their prompt slots, in
+        order (one host gather and one copy for the layer)."""
+        due = due & state.summarised[:, state.reselect]
+        rows_h, sel_h = np.nonzero(due)
+        if not len(rows_h):
+            return
+        H, nmax = store.num_heads, picks.shape[-1]
+        counts_h = state.plan[rows_h, np.asarray(state.reselect, np.int64)[sel_h]]
         heads_h = np.asarray(state.reselect, np.int64)[sel_h]
         picks_h = picks[rows_h, sel_h][np.arange(nmax)[None, :] < counts_h[:, None]]  # row after row
         k_host, v_host = state.host.gather_batch(rows_h, heads_h, picks_h, counts_h)
@@ -697,7 +758,43 @@ class HeteroCachePolicy(Policy):
         self.stats.reselected_heads += len(rows_h)
         self.stats.tokens_moved += int(counts_h.sum())
         self.stats.bytes_moved += k_host.numel() * k_host.element_size() * 2
-        return picks
+
+    def check_summary_drift(self, layer_idx: int, store: RaggedKVStore, defer: bool = True) -> None:
+        """``summary_drift``: the buffered decode queries of every re-chosen head bound its pages
+        (max over the queries and the group's query heads, as at a turn); a head whose new page set
+        keeps less than ``drift_threshold`` of its reference set (the one of its last
+        re-selection) drifted: its reference moves to the new set and its prompt slots are
+        re-chosen from host memory. All on the device for the layer; the drift flags and picks go
+        to the host in one non-blocking copy and are acted on ``DECISION_LAG`` steps later
+        (``defer``), as a pivot's decision."""
+        state = self._layers[layer_idx]
+        if not state.summ_queries:
+            return
+        Q = torch.stack(state.summ_queries, 2)  # [B, Hq, T, D]
+        state.summ_queries.clear()
+        picks, member = self._reselect_picks(state, store, Q)
+        ref = state.summ_reference
+        kept = (member & ref).sum(-1).float() / ref.sum(-1).clamp(min=1).float()  # [B, Nr]
+        drifted = (kept < self.drift_threshold) & state.summarised_dev
+        state.summ_reference = torch.where(drifted[..., None], member, ref)
+        self.stats.summary_checks += int(state.summarised[:, state.reselect].sum())
+        packed = torch.cat([drifted.long().reshape(-1), picks.reshape(-1)])
+        decision = self._send_to_host(packed, None, picks.shape[-1], store.device)
+        state.summ_pending.append(decision)
+        if not defer:
+            self._act_on_summary_decisions(layer_idx, state, everything=True)
+
+    def _act_on_summary_decisions(self, layer_idx: int, state: _LayerState, everything: bool = False) -> None:
+        store = self._stores[layer_idx]
+        B, Nr = len(state.prompt_tokens), len(state.reselect)
+        while state.summ_pending and (everything or state.summ_pending[0].due <= self._step):
+            decision = state.summ_pending.pop(0)
+            if decision.event is not None and not decision.event.query():
+                self.stats.late_decisions += 1
+                decision.event.synchronize()
+            drifted = decision.view[: B * Nr].reshape(B, Nr).astype(bool)
+            self.stats.summary_refreshes += int(drifted.sum())
+            self._write_picks(layer_idx, store, state, decision.view[B * Nr:].reshape(B, Nr, decision.nmax), drifted)
 
     def on_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         if self.turn_refresh == "after":
@@ -843,6 +940,8 @@ class HeteroCachePolicy(Policy):
         for layer_idx, state in self._layers.items():
             while state.pending and state.pending[0].due <= self._step:
                 self._refill(layer_idx, self._stores[layer_idx], state, state.pending.pop(0))
+            if state.summ_pending:
+                self._act_on_summary_decisions(layer_idx, state)
 
     def flush(self) -> None:
         """Act on every decision still in flight now (waits for the device): tests, inspection,
@@ -850,6 +949,7 @@ class HeteroCachePolicy(Policy):
         for layer_idx, state in self._layers.items():
             while state.pending:
                 self._refill(layer_idx, self._stores[layer_idx], state, state.pending.pop(0))
+            self._act_on_summary_decisions(layer_idx, state, everything=True)
 
     def _refill(self, layer_idx: int, store: RaggedKVStore, state: _LayerState, decision: _Decision) -> list:
         """Refill the satellites of the drifted pivots with their pivot's current top positions:
@@ -932,6 +1032,9 @@ class HeteroCachePolicy(Policy):
                 sel = to_device(rows_h, state.summ_min.device)
                 state.summ_min = state.summ_min.view(-1, Nr, *shape[1:])[sel].reshape(-1, *shape[1:])
                 state.summ_max = state.summ_max.view(-1, Nr, *shape[1:])[sel].reshape(-1, *shape[1:])
+                state.summ_reference = state.summ_reference[sel]
+                state.summ_queries = [q[sel] for q in state.summ_queries]
+                self._reselect_to_device(state, state.summ_min.device)
             state._pivot_index = None
             if state.host is not None:
                 state.host.select_rows(torch.from_numpy(rows_h))
