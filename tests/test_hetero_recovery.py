@@ -273,3 +273,11 @@ def test_summary_drift_during_generation_is_deferred_and_keeps_heads_equal_to_th
 def test_summary_drift_needs_turn_reselect_own():
     with pytest.raises(ValueError, match="summary_drift"):
         HeteroCachePolicy(profile=toy_profile(), summary_drift=True)
+
+
+def test_a_budget_that_cannot_pay_for_any_summaries_warns_and_keeps_the_plan():
+    policy = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="own", page_size=4)
+    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5)
+    with pytest.warns(UserWarning, match="summaries_in_budget=False"):
+        plan = policy.plan_for(120)
+    assert torch.equal(plan, plain.plan_for(120)) and not bool(policy.summarised_for(120).any())

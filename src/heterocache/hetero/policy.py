@@ -23,6 +23,7 @@ nothing.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -470,8 +471,17 @@ class HeteroCachePolicy(Policy):
                 pages = self.summary_pages(n)
                 summarised = self._plan_copy & (plan < n)
                 if self.summaries_in_budget:
+                    wanted = bool(summarised.any())
                     summarised &= plan - pages >= self.page_size
                     plan = torch.where(summarised, plan - pages, plan)
+                    if wanted and not bool(summarised.any()):
+                        # n - ceil(L / p) >= p has no page size p when n < 2 * sqrt(L).
+                        warnings.warn(
+                            f"turn_reselect='own': no compressed head of a {n}-token prompt can pay for its page "
+                            f"summaries inside the budget ({pages} pages of {self.page_size} tokens cost more than "
+                            "its slots); no head is re-chosen from its own queries. Use summaries_in_budget=False "
+                            "(summaries as extra device bytes), a larger page_size or a larger budget",
+                            stacklevel=2)
             self._plans[n], self._summarised_plans[n] = plan, summarised
         return plan
 
