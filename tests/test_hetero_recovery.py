@@ -281,3 +281,17 @@ def test_a_budget_that_cannot_pay_for_any_summaries_warns_and_keeps_the_plan():
     with pytest.warns(UserWarning, match="summaries_in_budget=False"):
         plan = policy.plan_for(120)
     assert torch.equal(plan, plain.plan_for(120)) and not bool(policy.summarised_for(120).any())
+
+
+def test_summary_drift_checks_in_decode_steps_read_no_more_device_values_than_dynamic_cache(monkeypatch):
+    from heterocache.diagnostics import count_decode_steps
+
+    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", "device")
+    model = toy_model()
+    dynamic = count_decode_steps(model, _ids(B=2), DynamicCache(), steps=6)
+    # A summary drift check and a re-selection decision at every step: the worst case for the host.
+    cache = HeteroCache(toy_profile(), summary_drift=True, refresh_interval=1, drift_threshold=1.0, **OWN)
+    result = count_decode_steps(model, _ids(B=2), cache, steps=6)
+    assert result["host_reads"] <= dynamic["host_reads"] + 1, result["reads_by_kind"]
+    cache.policy.flush()
+    assert cache.policy.stats.summary_checks > 0 and cache.policy.stats.summary_refreshes > 0
