@@ -21,7 +21,8 @@ class HeteroCache(RaggedCache):
         block_size, reserve: store layout (see ``RaggedCache``).
         **params: the policy's parameters (``budget_tokens``, ``window``, ``kernel``,
             ``refresh_interval``, ``drift_threshold``, ``drift_topk``, ``refresh``, ``offload``,
-            ``inverse_stability``, ``asynchronous``; see ``HeteroCachePolicy``).
+            ``inverse_stability``, ``asynchronous``, ``turn_refresh``, ``turn_reselect``,
+            ``anchor_offload``, ``page_size``, ``summaries_in_budget``; see ``HeteroCachePolicy``).
 
     Example::
 
@@ -62,6 +63,7 @@ class HeteroCache(RaggedCache):
             "drift_checks": s.checks,
             "refreshes": dict(s.refreshes),
             "satellite_refills": s.satellite_refills,
+            "reselected_heads": s.reselected_heads,
             "tokens_moved": s.tokens_moved,
             "bytes_moved": s.bytes_moved,
             "copy_seconds": policy.copy_seconds(),
@@ -76,6 +78,7 @@ class HeteroCache(RaggedCache):
             "refreshes": sum(refreshes.values()),
             "refreshes_per_layer_pivot": {f"{layer}:{pivot}": n for (layer, pivot), n in sorted(refreshes.items())},
             "satellite_refills": sum(p["satellite_refills"] for p in parts),
+            "reselected_heads": sum(p["reselected_heads"] for p in parts),
             "tokens_moved": sum(p["tokens_moved"] for p in parts),
             "bytes_moved": sum(p["bytes_moved"] for p in parts),
             "copy_seconds": sum(p["copy_seconds"] for p in parts),

@@ -23,6 +23,7 @@ nothing.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ import torch
 
 from ..architectures import check_architecture
 from ..budget import check_budget
+from ..page_summaries import page_bounds, page_minmax
 from ..parallel import KVShard, TensorParallelError
 from ..policies.base import Policy, PrefillContext
 from ..policies.scoring import pool_scores, reduce_gqa, topk_keep, window_attention_scores
@@ -52,6 +54,9 @@ class RefreshStats:
     tokens_moved: int = 0
     bytes_moved: int = 0
     late_decisions: int = 0  # deferred decisions whose copy had not landed when due (host waited)
+    reselected_heads: int = 0  # (row, head) prompt-slot re-selections (turn_reselect="own"), turns and drift
+    summary_checks: int = 0  # (row, head) drift checks from page summaries (summary_drift)
+    summary_refreshes: int = 0  # of which drifted (re-chosen during decoding)
 
 
 class _LayerState:
@@ -95,6 +100,22 @@ class _LayerState:
         self.queries: list[torch.Tensor] = []
         self.host: SatelliteHostStore | None = None
         self.pending: list[_Decision] = []
+        # turn_reselect="own": the heads (store indices) whose prompt slots a new turn re-chooses,
+        # their page summaries ``[B * Nr, pages, D]`` (KV dtype, device) and, per row, which of
+        # them are re-chosen (``summarised`` bool ``[B, H]`` host: planned below the prompt, and,
+        # with the summaries inside the budget, able to pay for them).
+        self.reselect: list[int] = []
+        self.reselect_dev: torch.Tensor | None = None
+        self.summ_min: torch.Tensor | None = None
+        self.summ_max: torch.Tensor | None = None
+        self.summarised = np.zeros(plan.shape, bool)
+        self.summarised_dev: torch.Tensor | None = None  # [B, Nr] bool: summarised[:, reselect]
+        self.prompt_dev: torch.Tensor | None = None  # [B] prompt tokens (device)
+        self.reselect_counts_dev: torch.Tensor | None = None  # [B, Nr] prompt slots (0: not re-chosen)
+        self.reselect_nmax = 0
+        self.summ_reference: torch.Tensor | None = None  # bool [B, Nr, pages]: page set of the last choice
+        self.summ_queries: list[torch.Tensor] = []  # summary_drift: buffered decode queries [B, Hq, D]
+        self.summ_pending: list[_Decision] = []
         # (layout_version, idx [B, P, Lmax], valid [B, P, Lmax], strides or None)
         self._pivot_index = None
 
@@ -247,6 +268,7 @@ class _Decision:
     event: object  # CUDA event recorded after the copy (None off CUDA)
     scores: torch.Tensor  # float32 [B, P, Lmax] each pivot's newest scores (device)
     nmax: int
+    skip: np.ndarray | None = None  # bool [B, Ns]: satellites not to refill (re-chosen on their own)
 
 
 @dataclass
@@ -281,6 +303,41 @@ class HeteroCachePolicy(Policy):
             after the turn was attended (its tokens and the answer's first token then still see
             the satellites chosen at prefill). One refresh per turn; decoding keeps the
             drift-triggered refresh. (The paper decodes a single turn.)
+        turn_reselect: how a new turn re-chooses the compressed heads' prompt slots. "pivot"
+            (default, the behaviour above): only satellites, with what their pivot attends to;
+            anchors keep their prefill choice for good. "own": before the turn is attended, every
+            compressed head with a host copy (satellites, and anchors with ``anchor_offload``)
+            re-chooses its prompt slots with the turn's own queries of that head: its last
+            ``refresh_interval`` queries (every query head of the group) bound each page of the
+            head's full prompt keys by Quest's ``sum_d max(q_d min_d, q_d max_d)`` (max over those
+            queries), pages are taken best first, their tokens in order, until the head's prompt
+            slots are filled (the last page taken may be cut), and those tokens, ascending, are
+            copied from host memory into the slots (one host gather and one copy per layer, as a
+            satellite refill). The satellites so re-chosen skip the pivot's turn refill; decoding
+            keeps the pivot-driven refresh. The page summaries (per page channel min and max of
+            the head's full prompt keys, built at prefill before compression, in the KV dtype)
+            stay on the device. Requires ``offload``.
+        anchor_offload: keep the anchors' full prompt KV in host memory too (counted in the memory
+            report's host bytes). Default None: on exactly when the cache is meant for further
+            turns, i.e. with ``turn_reselect="own"``; True/False to force it.
+        page_size: tokens per page of the re-selection summaries (default 16, Quest's).
+        summaries_in_budget: count the summaries inside the budget (default True): a re-chosen
+            head's summaries (``ceil(prompt / page_size)`` pages of a min and a max key, in the KV
+            dtype) cost exactly as many bytes as that many prompt tokens (a key and a value), so
+            its planned prompt tokens ``n`` become ``n - pages``, and a head is re-chosen only when
+            ``n - pages >= page_size`` (at least one page of slots; otherwise it keeps its ``n``
+            tokens, no summaries, and the "pivot" behaviour). The device bytes (store + summaries)
+            then equal the plan's. False: the plan is unchanged and the summaries are extra device
+            bytes (reported, as Quest's).
+        summary_drift: during decoding, also watch each re-chosen head's own drift from its page
+            summaries (default False; needs ``turn_reselect="own"``): every ``refresh_interval``
+            steps its buffered queries bound its pages; a head whose new page set keeps less than
+            ``drift_threshold`` of the one it was last chosen with is re-chosen from host memory
+            (deferred like a pivot's decision; ``check_summary_drift``). Anchors and satellites
+            whose pivot is a poor proxy are so refreshed too; re-chosen satellites then skip their
+            pivot's refills. Cost per check and layer: a ``[G*T, D] x [D, pages]`` bound product
+            per head, a sort of its pages and of its prompt's token indices, and one device-to-host
+            copy of ``B * Nr * (1 + nmax)`` int64, without blocking.
     """
 
     profile: HeadProfile = None
@@ -296,6 +353,11 @@ class HeteroCachePolicy(Policy):
     inverse_stability: bool = True
     asynchronous: bool = True
     turn_refresh: str = "always"
+    turn_reselect: str = "pivot"
+    anchor_offload: bool | None = None
+    page_size: int = 16
+    summaries_in_budget: bool = True
+    summary_drift: bool = False
     name = "heterocache"
 
     def __post_init__(self):
@@ -317,10 +379,23 @@ class HeteroCachePolicy(Policy):
             raise ValueError(f"turn_refresh must be 'after', 'before' or 'always', got {self.turn_refresh!r}")
         if self.drift_topk is not None and self.drift_topk < 1:
             raise ValueError(f"drift_topk must be >= 1, got {self.drift_topk}")
+        if self.turn_reselect not in ("pivot", "own"):
+            raise ValueError(f"turn_reselect must be 'pivot' or 'own', got {self.turn_reselect!r}")
+        if self.turn_reselect == "own" and not self.offload:
+            raise ValueError("turn_reselect='own' re-chooses tokens from host copies: it needs offload=True")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.summary_drift and self.turn_reselect != "own":
+            raise ValueError("summary_drift watches the heads turn_reselect='own' re-chooses: set turn_reselect='own'")
+        if self.anchor_offload is None:  # on when the cache is meant for further turns
+            self.anchor_offload = self.turn_reselect == "own"
+        self.anchor_offload = bool(self.anchor_offload) and self.offload
         roles = self.profile.roles
         self.full = (roles == Role.VOLATILE) | (roles == Role.PIVOT)
         ratios = torch.nan_to_num(self.profile.budget_ratios, nan=1.0)
         self.ratios = ratios if self.inverse_stability else torch.ones_like(ratios)
+        # Compressed heads with a host copy of their full prompt KV (the ones a turn can re-choose).
+        self.host_copy = ((roles == Role.SATELLITE) & self.offload) | ((roles == Role.ANCHOR) & self.anchor_offload)
         # The layers this policy compresses (model indices) and the plan's inputs restricted to them:
         # every layer until the model's config says some are sliding (their KV is outside the budget).
         self._set_compressible(range(self.profile.num_layers))
@@ -339,7 +414,9 @@ class HeteroCachePolicy(Policy):
     def _set_compressible(self, model_layers) -> None:
         self.model_layers = list(model_layers)
         self._plan_full, self._plan_ratios = self.full[self.model_layers], self.ratios[self.model_layers]
+        self._plan_copy = self.host_copy[self.model_layers]
         self._plans = {}
+        self._summarised_plans: dict[int, torch.Tensor] = {}
         if self.budget_tokens is None:  # a fraction at or below the full heads' share never fits
             check_budget_above_floor(self._plan_full, self.budget)
 
@@ -381,12 +458,44 @@ class HeteroCachePolicy(Policy):
         profile's layers unless the model has sliding-window layers, which keep their window and
         are not counted in the budget). The whole model's plan, also under tensor parallelism
         (each rank keeps its heads' columns), so the ranks together keep exactly what one process
-        would. Memoised per prompt length (read it, do not modify it)."""
-        plan = self._plans.get(int(prompt_tokens))
+        would. Memoised per prompt length (read it, do not modify it).
+
+        With ``turn_reselect="own"`` and ``summaries_in_budget``, a re-chosen head's tokens are
+        reduced by its summaries' pages (``summarised_for``)."""
+        n = int(prompt_tokens)
+        plan = self._plans.get(n)
         if plan is None:
-            plan = plan_tokens(self._plan_full, self._plan_ratios, self.row_budget(prompt_tokens), prompt_tokens)
-            self._plans[int(prompt_tokens)] = plan
+            plan = plan_tokens(self._plan_full, self._plan_ratios, self.row_budget(n), n)
+            summarised = torch.zeros_like(plan, dtype=torch.bool)
+            if self.turn_reselect == "own":
+                pages = self.summary_pages(n)
+                summarised = self._plan_copy & (plan < n)
+                if self.summaries_in_budget:
+                    wanted = bool(summarised.any())
+                    summarised &= plan - pages >= self.page_size
+                    plan = torch.where(summarised, plan - pages, plan)
+                    if wanted and not bool(summarised.any()):
+                        # n - ceil(L / p) >= p has no page size p when n < 2 * sqrt(L).
+                        warnings.warn(
+                            f"turn_reselect='own': no compressed head of a {n}-token prompt can pay for its page "
+                            f"summaries inside the budget ({pages} pages of {self.page_size} tokens cost more than "
+                            "its slots); no head is re-chosen from its own queries. Use summaries_in_budget=False "
+                            "(summaries as extra device bytes), a larger page_size or a larger budget",
+                            stacklevel=2)
+            self._plans[n], self._summarised_plans[n] = plan, summarised
         return plan
+
+    def summarised_for(self, prompt_tokens: int) -> torch.Tensor:
+        """bool ``[layers, kv_heads]``: the heads whose prompt slots a new turn re-chooses from
+        page summaries, for a row of ``prompt_tokens`` real tokens (``turn_reselect="own"``)."""
+        self.plan_for(prompt_tokens)
+        return self._summarised_plans[int(prompt_tokens)]
+
+    def summary_pages(self, prompt_tokens: int) -> int:
+        """Pages of a re-chosen head's summaries, ``ceil(prompt_tokens / page_size)``: also the
+        prompt tokens they cost inside the budget (a page's min and max key in the KV dtype weigh
+        what one token's key and value do)."""
+        return -(-int(prompt_tokens) // self.page_size)
 
     def plan(self, ctx: PrefillContext) -> torch.Tensor:
         self._check_fit(ctx)
@@ -431,11 +540,40 @@ class HeteroCachePolicy(Policy):
         if not self.offload:
             return
         shard = self._shard()
-        layout = _ClusterLayout.build(self.profile.clusters(ctx.model_layer), shard)
-        if not (layout.own or layout.local or layout.exchange):
-            return  # no cluster here, and none whose decisions cross the ranks
-        state.active, state.layout = True, layout
         dev = store.device
+        valid = ctx.valid.cpu().numpy()
+        Lmax = int(prompt.max()) if B else 0
+        state.prompt_pos = np.zeros((B, Lmax), np.int64)
+        for b in range(B):
+            real = np.nonzero(valid[b])[0]
+            state.prompt_pos[b, : len(real)] = real
+        layout = _ClusterLayout.build(self.profile.clusters(ctx.model_layer), shard)
+        if layout.own or layout.local or layout.exchange:  # a cluster here, or decisions crossing ranks
+            self._prefill_clusters(layer_idx, state, store, layout, prompt, plan)
+        # Host copies: the satellites (their order first), then the anchors when they keep one.
+        heads = list(state.satellites)
+        if self.anchor_offload:
+            roles = self.profile.roles[ctx.model_layer, shard.start:shard.stop]
+            heads += [h for h in range(store.num_heads) if int(roles[h]) == int(Role.ANCHOR)]
+        if heads:  # host copies and the copy stream of the layer's own device
+            state.host = SatelliteHostStore(ctx.key, ctx.value, ctx.valid, heads, pin=dev.type == "cuda")
+            self._transfers_for(layer_idx, dev)
+        if self.turn_reselect == "own" and heads:
+            self._build_summaries(layer_idx, state, store, ctx, heads)
+        if not state.pivots:
+            return
+        # Reference sets: what each pivot's last prompt query attends to.
+        G = ctx.num_groups
+        q = ctx.query[:, :, -1, :].reshape(B, store.num_heads, G, -1)[:, state.pivots]  # [B, P, G, D]
+        scores = self._pivot_scores(state, store, q.unsqueeze(2), ctx.scaling)[:, :, 0]
+        tops, in_set = topk_sets(scores, state.k_dev, int(k.max()))
+        state.reference = membership(tops, in_set, Lmax)
+
+    def _prefill_clusters(self, layer_idx: int, state: _LayerState, store: RaggedKVStore, layout: "_ClusterLayout",
+                          prompt: np.ndarray, plan: np.ndarray) -> None:
+        """The layer's pivots and satellites (what this process holds) and their index lists."""
+        shard = self._shard()
+        state.active, state.layout = True, layout
         # Store indices of what this process holds; pivots of the layer by their global index.
         state.pivots = [shard.local(layout.pivots[i]) for i in layout.own]
         state.satellites = [shard.local(layout.satellites[j]) for j in layout.local]
@@ -448,25 +586,50 @@ class HeteroCachePolicy(Policy):
         state.sat_tokens = state.sat_tokens_all[:, layout.local].copy()
         if not np.array_equal(state.sat_tokens, plan[:, state.satellites]):
             raise RuntimeError(f"layer {layer_idx}: stored satellite tokens differ from the model's plan")
-        state.index = _LayoutIndex.of(layout, dev)
-        self._to_device(state, dev)
-        if state.satellites:  # host copies and the copy stream of the layer's own device
-            state.host = SatelliteHostStore(ctx.key, ctx.value, ctx.valid, state.satellites, pin=dev.type == "cuda")
-            self._transfers_for(layer_idx, dev)
-        valid = ctx.valid.cpu().numpy()
-        Lmax = int(prompt.max()) if B else 0
-        state.prompt_pos = np.zeros((B, Lmax), np.int64)
-        for b in range(B):
-            real = np.nonzero(valid[b])[0]
-            state.prompt_pos[b, : len(real)] = real
-        if not state.pivots:
+        state.index = _LayoutIndex.of(layout, store.device)
+        self._to_device(state, store.device)
+
+    def _build_summaries(self, layer_idx: int, state: _LayerState, store: RaggedKVStore, ctx: PrefillContext,
+                         heads: list[int]) -> None:
+        """Page summaries of the full prompt keys (before compression) of the heads a new turn
+        re-chooses: the heads with a host copy that ``summarised_for`` marks in some row. Pages
+        cut the row's real tokens in order (the host copy's index), so page ``p`` holds prompt
+        tokens ``p * page_size ..`` of the host copy."""
+        shard = self._shard()
+        B, H = store.num_rows, store.num_heads
+        marks = np.zeros((B, H), bool)
+        for b, n in enumerate(state.prompt_tokens):
+            marks[b] = self.summarised_for(int(n))[layer_idx, shard.start:shard.stop].numpy()
+        chosen = [h for h in heads if marks[:, h].any()]
+        state.summarised = marks
+        if not chosen or state.prompt_pos.shape[1] == 0:
+            state.summarised[:] = False
             return
-        # Reference sets: what each pivot's last prompt query attends to.
-        G = ctx.num_groups
-        q = ctx.query[:, :, -1, :].reshape(B, store.num_heads, G, -1)[:, state.pivots]  # [B, P, G, D]
-        scores = self._pivot_scores(state, store, q.unsqueeze(2), ctx.scaling)[:, :, 0]
-        tops, in_set = topk_sets(scores, state.k_dev, int(k.max()))
-        state.reference = membership(tops, in_set, Lmax)
+        dev = store.device
+        L, D = state.prompt_pos.shape[1], ctx.key.shape[-1]
+        idx = to_device(state.prompt_pos, ctx.key.device)  # [B, Lmax]: the j-th real token
+        sel = to_device(chosen, ctx.key.device)
+        keys = ctx.key.index_select(1, sel).gather(2, idx[:, None, :, None].expand(B, len(chosen), L, D))
+        valid = torch.arange(L, device=ctx.key.device) < torch.as_tensor(state.prompt_tokens,
+                                                                          device=ctx.key.device)[:, None]
+        valid = valid[:, None, :].expand(B, len(chosen), L)
+        kmin, kmax = page_minmax(keys.reshape(B * len(chosen), L, D), valid.reshape(B * len(chosen), L),
+                                 self.page_size, dtype=store.dtype)
+        state.summ_min, state.summ_max = kmin.to(dev), kmax.to(dev)
+        state.reselect = chosen
+        state.reselect_dev = to_device(chosen, dev)
+        self._reselect_to_device(state, dev)
+        # The reference page sets: what the last prompt query chooses (the prefill's own choice).
+        T = min(self.refresh_interval, ctx.query.shape[2])
+        state.summ_reference = self._reselect_picks(state, store, ctx.query[:, :, -T:, :])[1].to(dev)
+
+    def _reselect_to_device(self, state: _LayerState, dev: torch.device) -> None:
+        marks = state.summarised[:, state.reselect]
+        counts = np.where(marks, state.plan[:, state.reselect], 0)
+        state.summarised_dev = to_device(marks, dev, torch.bool)
+        state.prompt_dev = to_device(state.prompt_tokens, dev)
+        state.reselect_counts_dev = to_device(counts, dev)
+        state.reselect_nmax = int(counts.max()) if counts.size else 0
 
     def _to_device(self, state: _LayerState, dev: torch.device) -> None:
         """The device copies of the per-row host values (after prefill and row changes)."""
@@ -513,15 +676,135 @@ class HeteroCachePolicy(Policy):
 
     def on_decode(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         state = self._layers.get(layer_idx)
-        if state is None or not state.active or not self.refresh:
+        if state is None:
+            return
+        if self.summary_drift and state.reselect:
+            state.summ_queries.append(query[:, :, -1, :])
+            if len(state.summ_queries) >= self.refresh_interval:
+                self.check_summary_drift(layer_idx, store)
+        if not state.active or not self.refresh:
             return
         state.queries.append(query[:, :, -1, :])
         if len(state.queries) >= self.refresh_interval:
-            self.check_drift(layer_idx, store, scaling, defer=True)
+            # Satellites whose own drift is watched (summary_drift) are not refilled from their pivot's.
+            skip = state.summarised[:, state.satellites] if self.summary_drift else None
+            self.check_drift(layer_idx, store, scaling, defer=True, skip=skip)
 
     def before_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
+        if self.turn_reselect == "own":
+            self.reselect_turn(layer_idx, store, query)
         if self.turn_refresh in ("before", "always"):
             self._check_turn(layer_idx, store, query, scaling, force=self.turn_refresh == "always")
+
+    def reselect_turn(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor) -> np.ndarray:
+        """``turn_reselect="own"``: every re-chosen head of the layer takes, for its prompt slots,
+        the best pages of its full prompt keys by its own queries of the turn (``query [B, Hq, q,
+        D]``, its last ``refresh_interval``), copied from host memory in order of position.
+
+        One batched computation for the layer on the device (page bounds, ranking, token picks for
+        every row and head), one copy of the picks to the host (a new turn, not a decode step),
+        one host gather and one (asynchronous on CUDA) copy into the store.
+
+        Returns:
+            int64 ``[B, Nr, nmax]`` (host): the prompt indices (the host copy's, i.e. the j-th
+            real token) each re-chosen head now holds, ascending, padded with ``Lmax``; heads not
+            re-chosen in a row hold ``Lmax`` only.
+        """
+        state = self._layers.get(layer_idx)
+        if state is None or not state.reselect:
+            return np.zeros((0, 0, 0), np.int64)
+        state.summ_queries.clear()
+        state.summ_pending.clear()  # decode decisions still in flight are superseded
+        T = min(self.refresh_interval, query.shape[2])
+        picks, member = self._reselect_picks(state, store, query[:, :, -T:, :])
+        state.summ_reference = member
+        picks = picks.cpu().numpy()
+        self._write_picks(layer_idx, store, state, picks, state.summarised[:, state.reselect])
+        return picks
+
+    def _reselect_picks(self, state: _LayerState, store: RaggedKVStore,
+                        query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device half of a re-selection for queries ``[B, Hq, T, D]``: int64 ``[B, Nr, nmax]``
+        the prompt indices each re-chosen head would hold (ascending, padded with ``Lmax``), and
+        bool ``[B, Nr, pages]`` the pages they come from (its page set). No host read."""
+        B, Hq, T, D = query.shape
+        H, Nr, ps = store.num_heads, len(state.reselect), self.page_size
+        G, Lmax = Hq // H, state.prompt_pos.shape[1]
+        q = query.reshape(B, H, G * T, D).index_select(1, state.reselect_dev)
+        bounds = page_bounds(q.reshape(B * Nr, G * T, D), state.summ_min, state.summ_max).amax(1)  # [B*Nr, P]
+        pages = bounds.shape[-1]
+        bounds = bounds.view(B, Nr, pages)
+        dev = bounds.device
+        n_prompt = state.prompt_dev  # [B]
+        used = (n_prompt + ps - 1) // ps
+        bounds = bounds.masked_fill(torch.arange(pages, device=dev) >= used[:, None, None], float("-inf"))
+        order = bounds.argsort(dim=-1, descending=True, stable=True)  # pages best first
+        tokens = (order[..., None] * ps + torch.arange(ps, device=dev)).flatten(2)  # [B, Nr, pages * ps]
+        real = tokens < n_prompt[:, None, None]
+        keep = real & (real.cumsum(-1) <= state.reselect_counts_dev[..., None])
+        picks = torch.where(keep, tokens, Lmax).sort(-1).values[..., : state.reselect_nmax]
+        member = torch.zeros(B, Nr, pages + 1, dtype=torch.bool, device=dev)
+        member.scatter_(-1, torch.where(picks < Lmax, picks // ps, pages), True)
+        return picks, member[..., :pages]
+
+    def _write_picks(self, layer_idx: int, store: RaggedKVStore, state: _LayerState, picks: np.ndarray,
+                     due: np.ndarray) -> None:
+        """Host half: copy the picked prompt tokens ``picks [B, Nr, nmax]`` (host) of the
+        re-chosen heads marked in ``due [B, Nr]`` from host memory into their prompt slots, in
+        order (one host gather and one copy for the layer)."""
+        due = due & state.summarised[:, state.reselect]
+        rows_h, sel_h = np.nonzero(due)
+        if not len(rows_h):
+            return
+        H, nmax = store.num_heads, picks.shape[-1]
+        counts_h = state.plan[rows_h, np.asarray(state.reselect, np.int64)[sel_h]]
+        heads_h = np.asarray(state.reselect, np.int64)[sel_h]
+        picks_h = picks[rows_h, sel_h][np.arange(nmax)[None, :] < counts_h[:, None]]  # row after row
+        k_host, v_host = state.host.gather_batch(rows_h, heads_h, picks_h, counts_h)
+        slots = segment_ranges_host(store.start_h[rows_h * H + heads_h], counts_h)
+        positions = state.prompt_pos[np.repeat(rows_h, counts_h), picks_h]
+        self._layer_transfer[layer_idx].write(layer_idx, store, to_device(slots, store.device), k_host, v_host,
+                                              to_device(positions, store.device, torch.int32))
+        self.stats.reselected_heads += len(rows_h)
+        self.stats.tokens_moved += int(counts_h.sum())
+        self.stats.bytes_moved += k_host.numel() * k_host.element_size() * 2
+
+    def check_summary_drift(self, layer_idx: int, store: RaggedKVStore, defer: bool = True) -> None:
+        """``summary_drift``: the buffered decode queries of every re-chosen head bound its pages
+        (max over the queries and the group's query heads, as at a turn); a head whose new page set
+        keeps less than ``drift_threshold`` of its reference set (the one of its last
+        re-selection) drifted: its reference moves to the new set and its prompt slots are
+        re-chosen from host memory. All on the device for the layer; the drift flags and picks go
+        to the host in one non-blocking copy and are acted on ``DECISION_LAG`` steps later
+        (``defer``), as a pivot's decision."""
+        state = self._layers[layer_idx]
+        if not state.summ_queries:
+            return
+        Q = torch.stack(state.summ_queries, 2)  # [B, Hq, T, D]
+        state.summ_queries.clear()
+        picks, member = self._reselect_picks(state, store, Q)
+        ref = state.summ_reference
+        kept = (member & ref).sum(-1).float() / ref.sum(-1).clamp(min=1).float()  # [B, Nr]
+        drifted = (kept < self.drift_threshold) & state.summarised_dev
+        state.summ_reference = torch.where(drifted[..., None], member, ref)
+        self.stats.summary_checks += int(state.summarised[:, state.reselect].sum())
+        packed = torch.cat([drifted.long().reshape(-1), picks.reshape(-1)])
+        decision = self._send_to_host(packed, None, picks.shape[-1], store.device)
+        state.summ_pending.append(decision)
+        if not defer:
+            self._act_on_summary_decisions(layer_idx, state, everything=True)
+
+    def _act_on_summary_decisions(self, layer_idx: int, state: _LayerState, everything: bool = False) -> None:
+        store = self._stores[layer_idx]
+        B, Nr = len(state.prompt_tokens), len(state.reselect)
+        while state.summ_pending and (everything or state.summ_pending[0].due <= self._step):
+            decision = state.summ_pending.pop(0)
+            if decision.event is not None and not decision.event.query():
+                self.stats.late_decisions += 1
+                decision.event.synchronize()
+            drifted = decision.view[: B * Nr].reshape(B, Nr).astype(bool)
+            self.stats.summary_refreshes += int(drifted.sum())
+            self._write_picks(layer_idx, store, state, decision.view[B * Nr:].reshape(B, Nr, decision.nmax), drifted)
 
     def on_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         if self.turn_refresh == "after":
@@ -541,10 +824,12 @@ class HeteroCachePolicy(Policy):
         state.pending.clear()
         state.queries.clear()
         state.queries.extend(query[:, :, -i, :] for i in range(min(self.refresh_interval, query.shape[2]), 0, -1))
-        self.check_drift(layer_idx, store, scaling, force=force)
+        # Satellites the turn re-chose on their own queries are not refilled from their pivot's.
+        skip = state.summarised[:, state.satellites] if self.turn_reselect == "own" else None
+        self.check_drift(layer_idx, store, scaling, force=force, skip=skip)
 
     def check_drift(self, layer_idx: int, store: RaggedKVStore, scaling: float, force: bool = False,
-                    defer: bool = False) -> list:
+                    defer: bool = False, skip: np.ndarray | None = None) -> list:
         """Score the buffered queries of every pivot and row at once; refresh the satellites of the
         pivots that drifted.
 
@@ -564,6 +849,7 @@ class HeteroCachePolicy(Policy):
             defer: the decode step's mode: the copy is non-blocking (pinned memory and an event on
                 CUDA) and the host acts on it ``DECISION_LAG`` steps later, so nothing waits for
                 the device. False: act now (reads the device; returns what was refreshed).
+            skip: bool ``[B, Ns]`` (host): satellites not to refill (a new turn re-chose them).
 
         Returns:
             ``[(row, pivot), ...]`` refreshed by this process (pivots by their global KV head;
@@ -605,6 +891,7 @@ class HeteroCachePolicy(Policy):
             drifted, refill = self._exchange(state, drifted, refill, nmax)
         packed = torch.cat([drifted.reshape(-1), refill.reshape(-1)])
         decision = self._send_to_host(packed, last, nmax, store.device)
+        decision.skip = skip
         if defer:
             state.pending.append(decision)
             return []
@@ -663,6 +950,8 @@ class HeteroCachePolicy(Policy):
         for layer_idx, state in self._layers.items():
             while state.pending and state.pending[0].due <= self._step:
                 self._refill(layer_idx, self._stores[layer_idx], state, state.pending.pop(0))
+            if state.summ_pending:
+                self._act_on_summary_decisions(layer_idx, state)
 
     def flush(self) -> None:
         """Act on every decision still in flight now (waits for the device): tests, inspection,
@@ -670,6 +959,7 @@ class HeteroCachePolicy(Policy):
         for layer_idx, state in self._layers.items():
             while state.pending:
                 self._refill(layer_idx, self._stores[layer_idx], state, state.pending.pop(0))
+            self._act_on_summary_decisions(layer_idx, state, everything=True)
 
     def _refill(self, layer_idx: int, store: RaggedKVStore, state: _LayerState, decision: _Decision) -> list:
         """Refill the satellites of the drifted pivots with their pivot's current top positions:
@@ -691,6 +981,8 @@ class HeteroCachePolicy(Policy):
             self.last_pivot_scores[(b, p)] = decision.scores[b, i, : int(state.prompt_tokens[b])]
         # Satellites of a drifted pivot that do not already hold their whole prompt.
         due = drifted[:, state.sat_pivot] & (state.sat_tokens < state.prompt_tokens[:, None])  # [B, Ns]
+        if decision.skip is not None:
+            due &= ~decision.skip
         rows_h, sat_h = np.nonzero(due)
         if not len(rows_h):
             return refreshed
@@ -710,6 +1002,11 @@ class HeteroCachePolicy(Policy):
     # ------------------------------------------------------------------ bookkeeping
     def host_bytes_per_layer(self) -> dict[int, int]:
         return {i: s.host.nbytes() for i, s in self._layers.items() if s.host is not None}
+
+    def device_extra_bytes_per_layer(self) -> dict[int, int]:
+        """The re-selection page summaries (``turn_reselect="own"``), allocated bytes."""
+        return {i: s.summ_min.numel() * s.summ_min.element_size() * 2
+                for i, s in self._layers.items() if s.summ_min is not None}
 
     @property
     def transfers(self) -> dict[str, RefreshTransfer]:
@@ -738,6 +1035,16 @@ class HeteroCachePolicy(Policy):
                     state.reference = state.reference[to_device(rows_h, dev)]
                 self._to_device(state, dev)
             state.queries = [q.index_select(0, to_device(rows_h, q.device)) for q in state.queries]
+            state.summarised = state.summarised[rows_h]
+            if state.summ_min is not None:
+                Nr = len(state.reselect)
+                shape = state.summ_min.shape
+                sel = to_device(rows_h, state.summ_min.device)
+                state.summ_min = state.summ_min.view(-1, Nr, *shape[1:])[sel].reshape(-1, *shape[1:])
+                state.summ_max = state.summ_max.view(-1, Nr, *shape[1:])[sel].reshape(-1, *shape[1:])
+                state.summ_reference = state.summ_reference[sel]
+                state.summ_queries = [q[sel] for q in state.summ_queries]
+                self._reselect_to_device(state, state.summ_min.device)
             state._pivot_index = None
             if state.host is not None:
                 state.host.select_rows(torch.from_numpy(rows_h))

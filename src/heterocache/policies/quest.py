@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..budget import check_budget
+from ..page_summaries import page_bounds, page_minmax
 from ..ragged_attention import SlotSelection
 from ..store import RaggedKVStore
 from .base import Policy, PrefillContext
@@ -134,19 +135,14 @@ class PageSummaries:
     @classmethod
     def build(cls, store: RaggedKVStore, page_size: int) -> "PageSummaries":
         """From the store's tokens (prefill or a later turn: not a decode step)."""
-        S, D = store.num_segments, store.head_dim
         pages = cls._page_capacity(store, page_size)
         j = np.arange(pages * page_size)
         idx = np.minimum(store.start_h[:, None] + j[None, :], store.k.shape[0] - 1)
         valid = j[None, :] < store.length_h[:, None]
         idx_d = torch.from_numpy(idx).to(store.device)
-        valid_d = torch.from_numpy(valid).to(store.device)[..., None]
-        keys = store.k[idx_d].float()  # [S, pages * page_size, D]
-        kmin = torch.where(valid_d, keys, float("inf")).view(S, pages, page_size, D).amin(2)
-        kmax = torch.where(valid_d, keys, float("-inf")).view(S, pages, page_size, D).amax(2)
-        empty = ~valid_d.view(S, pages, page_size).any(-1, keepdim=True)
-        return cls(kmin.masked_fill(empty, 0.0), kmax.masked_fill(empty, 0.0), page_size, store.num_heads,
-                   store.layout_version)
+        valid_d = torch.from_numpy(valid).to(store.device)
+        kmin, kmax = page_minmax(store.k[idx_d], valid_d, page_size)  # [S, pages, D]
+        return cls(kmin, kmax, page_size, store.num_heads, store.layout_version)
 
     @staticmethod
     def _page_capacity(store: RaggedKVStore, page_size: int) -> int:
@@ -184,9 +180,7 @@ class PageSummaries:
         """Upper bound of each page's best query-key product for queries ``q [S, G, D]``, reduced
         over the group: float32 ``[S, P]``; ``-inf`` for pages beyond a segment's tokens, ``+inf``
         for the page holding its newest token (always read)."""
-        qf = q.float()
-        # sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min
-        s = torch.bmm(qf.clamp(min=0), self.kmax.transpose(1, 2)) + torch.bmm(qf.clamp(max=0), self.kmin.transpose(1, 2))
+        s = page_bounds(q, self.kmin, self.kmax)  # sum_d max(q_d min_d, q_d max_d)
         if gqa_reduce == "none":
             extra = (slice(None), None, None)  # keep the query-head axis: [S, G, P]
         else:

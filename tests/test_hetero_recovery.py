@@ -1,0 +1,297 @@
+"""HeteroCache's token recovery at a new turn (``turn_reselect="own"``, ``anchor_offload``):
+every compressed head with a host copy re-chooses its prompt slots from page summaries of its
+full prompt keys with its own turn queries. Tiny random models, the toy profile."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import DynamicCache
+
+from heterocache.hetero import HeteroCache, HeteroCachePolicy
+from heterocache.profile import Role
+from heterocache.profile.testing import toy_profile
+
+TOY_SHAPE = dict(num_hidden_layers=3, hidden_size=128, num_attention_heads=8, num_key_value_heads=4, head_dim=16)
+G, D = 2, 16  # toy model: 8 query heads over 4 KV heads, head_dim 16
+OWN = dict(budget=0.75, turn_reselect="own", page_size=4)
+
+
+def toy_model():
+    return tiny_model("llama", **TOY_SHAPE)
+
+
+def _ids(B=1, L=120, seed=0):
+    return torch.randint(1, 256, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def _two_turns(model, cache, B=2, pad=20, L=120, q_len=12):
+    """Prefill ``L`` tokens (row 1 left-padded by ``pad``), then a question of ``q_len`` tokens;
+    returns the prompt's mask and the turn's query of every layer as the policy saw it."""
+    ids, mask = _ids(B=B, L=L), torch.ones(B, L, dtype=torch.long)
+    if B > 1:
+        mask[1, :pad] = 0
+    queries = {}
+    before = cache.policy.before_extend
+
+    def spy(layer_idx, store, query, scaling):
+        queries[layer_idx] = query.clone()
+        return before(layer_idx, store, query, scaling)
+
+    cache.policy.before_extend = spy
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+        turn_mask = torch.cat([mask, torch.ones(B, q_len, dtype=torch.long)], 1)
+        model(_ids(B=B, L=q_len, seed=3), attention_mask=turn_mask, past_key_values=cache)
+    cache.policy.synchronize()
+    return ids, mask, queries
+
+
+def _expected_picks(keys: torch.Tensor, query: torch.Tensor, n: int, page_size: int, T: int) -> torch.Tensor:
+    """Naive oracle: prompt indices (of the real tokens) a head holds after re-selection.
+    ``keys [N, D]`` its real prompt keys in order, ``query [G, q, D]`` its query heads' turn queries."""
+    N = keys.shape[0]
+    pages = math.ceil(N / page_size)
+    bounds = []
+    for p in range(pages):
+        page = keys[p * page_size:(p + 1) * page_size].float()
+        lo, hi = page.amin(0), page.amax(0)
+        best = max(float(torch.maximum(q * lo, q * hi).sum()) for q in query[:, -T:].reshape(-1, keys.shape[1]).float())
+        bounds.append(best)
+    picks = []
+    for p in sorted(range(pages), key=lambda p: (-bounds[p], p)):
+        picks.extend(range(p * page_size, min((p + 1) * page_size, N)))
+    return torch.tensor(sorted(picks[:n]))
+
+
+def test_reselected_heads_hold_the_top_pages_of_their_own_turn_queries_copied_from_host_in_order():
+    model = toy_model()
+    reference = DynamicCache()
+    ids, mask = _ids(B=2), torch.ones(2, 120, dtype=torch.long)
+    mask[1, :20] = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=reference)
+    cache = HeteroCache(toy_profile(), **OWN)
+    _, _, queries = _two_turns(model, cache)
+    policy = cache.policy
+    roles_seen = set()
+    for layer_idx, state in policy._layers.items():
+        store = cache.layers[layer_idx].store
+        K, V = reference.layers[layer_idx].keys, reference.layers[layer_idx].values  # [B, H, L, D]
+        for row in range(2):
+            real = torch.nonzero(mask[row]).flatten()
+            marks = policy.summarised_for(len(real))[layer_idx]
+            for head in range(store.num_heads):
+                if not marks[head]:
+                    continue
+                roles_seen.add(Role(int(toy_profile().roles[layer_idx, head])).label)
+                n = int(state.plan[row, head])
+                q = queries[layer_idx][row, head * G:(head + 1) * G]
+                picks = _expected_picks(K[row, head, real], q, n, policy.page_size, policy.refresh_interval)
+                k, v, pos = store.segment(row * store.num_heads + head)
+                assert torch.equal(pos[:n].long(), real[picks]), (layer_idx, row, head)  # in order of position
+                torch.testing.assert_close(k[:n], K[row, head, real[picks]], rtol=0, atol=0)
+                torch.testing.assert_close(v[:n], V[row, head, real[picks]], rtol=0, atol=0)
+                assert torch.equal(pos[n:].long(), torch.arange(120, 132))  # the turn's own tokens untouched
+    assert roles_seen == {"anchor", "satellite"}
+    assert cache.stats()["reselected_heads"] == sum(
+        int(policy.summarised_for(n).sum()) for n in (120, 100))
+
+
+def test_turn_reselect_own_replaces_the_pivot_refill_of_reselected_satellites_only():
+    model = toy_model()
+    cache = HeteroCache(toy_profile(), **OWN)
+    _two_turns(model, cache, B=1)
+    # Layer 0's pivot 0 has satellites 1 and 2, both re-chosen on their own: no pivot refill there;
+    # at B=1 every satellite of the toy profile at this budget is re-chosen (layer 2's too).
+    marks = cache.policy.summarised_for(120)
+    satellites = [(layer, head) for layer, head in toy_profile().heads("satellite")]
+    assert all(marks[layer, head] for layer, head in satellites)
+    assert cache.stats()["satellite_refills"] == 0 and cache.stats()["refreshes"] > 0
+
+
+def test_summaries_are_paid_for_inside_the_budget():
+    model = toy_model()
+    own = HeteroCache(toy_profile(), **OWN)
+    pivot = HeteroCache(toy_profile(), budget=OWN["budget"])
+    with torch.no_grad():
+        model(_ids(), past_key_values=own)
+        model(_ids(), past_key_values=pivot)
+    pages = math.ceil(120 / OWN["page_size"])
+    marks = own.policy.summarised_for(120)
+    base = pivot.policy.plan_for(120)
+    assert marks.any()
+    assert torch.equal(own.policy.plan_for(120), torch.where(marks, base - pages, base))
+    assert bool((own.policy.plan_for(120)[marks] >= OWN["page_size"]).all())
+    # Stored keys/values + summaries (one page's min and max weigh one token's key and value).
+    extra = sum(own.policy.device_extra_bytes_per_layer().values())
+    assert extra == int(marks.sum()) * pages * 2 * D * 4
+    assert own.memory_report().device_used_bytes + extra == pivot.memory_report().device_used_bytes
+
+
+def test_summaries_outside_the_budget_keep_the_plan_and_are_reported():
+    model = toy_model()
+    cache = HeteroCache(toy_profile(), summaries_in_budget=False, **OWN)
+    with torch.no_grad():
+        model(_ids(), past_key_values=cache)
+    plain = HeteroCachePolicy(profile=toy_profile(), budget=OWN["budget"])
+    assert torch.equal(cache.policy.plan_for(120), plain.plan_for(120))
+    compressed = torch.isin(toy_profile().roles, torch.tensor([int(Role.ANCHOR), int(Role.SATELLITE)]))
+    assert torch.equal(cache.policy.summarised_for(120), compressed & (plain.plan_for(120) < 120))
+    extra = sum(cache.policy.device_extra_bytes_per_layer().values())
+    assert extra == int(cache.policy.summarised_for(120).sum()) * math.ceil(120 / OWN["page_size"]) * 2 * D * 4
+    stores = sum(layer.store.bytes_allocated() for layer in cache.layers)
+    assert cache.memory_report().device_bytes == stores + extra  # reported as device bytes beside the store
+
+
+def test_budget_one_gives_the_tokens_of_dynamic_cache_over_two_turns():
+    model = toy_model()
+    question = _ids(L=12, seed=3)
+    outs = []
+    for cache in (DynamicCache(), HeteroCache(toy_profile(), budget=1.0, turn_reselect="own", page_size=4)):
+        out = model.generate(_ids(), past_key_values=cache, max_new_tokens=5, do_sample=False)
+        outs.append(model.generate(torch.cat([out, question], 1), past_key_values=cache, max_new_tokens=6,
+                                   do_sample=False))
+    assert torch.equal(outs[0], outs[1])
+
+
+# Two turns at budget 0.5 with the defaults, from the code before turn_reselect existed (commit e7254ef).
+GOLDEN = [183, 183, 183, 183, 115, 206, 17, 204, 38, 73, 56, 91, 226, 201, 167, 50, 155, 232, 110, 146, 10, 206,
+          183, 110, 146, 110]
+
+
+@pytest.mark.parametrize("params", [{}, dict(turn_reselect="pivot", anchor_offload=False)])
+def test_options_off_give_the_previous_default_tokens(params):
+    model = toy_model()
+    cache = HeteroCache(toy_profile(), budget=0.5, **params)
+    out = model.generate(_ids(), past_key_values=cache, max_new_tokens=6, do_sample=False)
+    out = model.generate(torch.cat([out, _ids(L=12, seed=3)], 1), past_key_values=cache, max_new_tokens=8,
+                         do_sample=False)
+    assert out[0, 120:].tolist() == GOLDEN
+    assert cache.stats()["reselected_heads"] == 0
+
+
+@pytest.mark.parametrize("params,copied", [
+    ({}, ("satellite",)),
+    (dict(anchor_offload=True), ("satellite", "anchor")),
+    (dict(turn_reselect="own"), ("satellite", "anchor")),  # on by default for a cache meant for further turns
+    (dict(turn_reselect="own", anchor_offload=False), ("satellite",)),
+])
+def test_host_bytes_include_the_anchors_copies_when_on(params, copied):
+    model = toy_model()
+    cache = HeteroCache(toy_profile(), budget=0.5, **params)
+    with torch.no_grad():
+        model(_ids(B=2, L=64), past_key_values=cache)
+    heads = sum(len(toy_profile().heads(role)) for role in copied)
+    assert cache.memory_report().host_bytes == 2 * heads * 64 * D * 4 * 2  # rows x heads x tokens x D x fp32 x KV
+
+
+def test_reselection_follows_row_changes():
+    model = toy_model()
+    cache = HeteroCache(toy_profile(), **OWN)
+    ids, mask = _ids(B=2), torch.ones(2, 120, dtype=torch.long)
+    mask[1, :20] = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+        cache.batch_select_indices(torch.tensor([1]))  # keep the padded row only
+        model(_ids(L=12, seed=3), attention_mask=torch.ones(1, 132, dtype=torch.long), past_key_values=cache)
+    policy = cache.policy
+    assert cache.stats()["reselected_heads"] == int(policy.summarised_for(100).sum())
+    for layer_idx, state in policy._layers.items():
+        store = cache.layers[layer_idx].store
+        for head in np.nonzero(state.summarised[0])[0]:
+            n = int(state.plan[0, head])
+            _, _, pos = store.segment(int(head))
+            assert bool((pos[:n] >= 20).all()) and bool((pos[:n].diff() > 0).all())
+
+
+def test_bad_recovery_parameters_are_rejected():
+    with pytest.raises(ValueError, match="turn_reselect"):
+        HeteroCachePolicy(profile=toy_profile(), turn_reselect="mine")
+    with pytest.raises(ValueError, match="offload"):
+        HeteroCachePolicy(profile=toy_profile(), turn_reselect="own", offload=False)
+    with pytest.raises(ValueError, match="page_size"):
+        HeteroCachePolicy(profile=toy_profile(), page_size=0)
+
+
+def test_summary_drift_rechooses_a_drifted_head_with_the_top_pages_of_its_decode_queries():
+    model = toy_model()
+    reference = DynamicCache()
+    with torch.no_grad():
+        model(_ids(), past_key_values=reference)
+    cache = HeteroCache(toy_profile(), summary_drift=True, refresh_interval=3, **OWN)
+    _two_turns(model, cache, B=1)
+    policy, g = cache.policy, torch.Generator().manual_seed(5)
+    checked = 0
+    for layer_idx, state in policy._layers.items():
+        if not state.reselect:
+            continue
+        store = cache.layers[layer_idx].store
+        steps = [torch.randn(1, 8, D, generator=g) for _ in range(3)]
+        state.summ_queries = list(steps)
+        state.summ_reference = torch.zeros_like(state.summ_reference)  # nothing kept: every head drifted
+        policy.check_summary_drift(layer_idx, store, defer=False)
+        K = reference.layers[layer_idx].keys[0]
+        q = torch.stack(steps, 2)[0]  # [Hq, T, D]
+        for head in state.reselect:
+            n = int(state.plan[0, head])
+            picks = _expected_picks(K[head], q[head * G:(head + 1) * G], n, policy.page_size, 3)
+            k, _, pos = store.segment(head)
+            assert torch.equal(pos[:n].long(), picks)
+            torch.testing.assert_close(k[:n], K[head, picks], rtol=0, atol=0)
+            checked += 1
+    assert checked == int(policy.summarised_for(120).sum())
+    assert policy.stats.summary_refreshes == checked
+
+
+def test_summary_drift_during_generation_is_deferred_and_keeps_heads_equal_to_their_host_copies():
+    model = toy_model()
+    cache = HeteroCache(toy_profile(), summary_drift=True, refresh_interval=2, drift_threshold=1.0, **OWN)
+    out = model.generate(_ids(), past_key_values=cache, max_new_tokens=4, do_sample=False)
+    model.generate(torch.cat([out, _ids(L=12, seed=3)], 1), past_key_values=cache, max_new_tokens=9, do_sample=False)
+    policy = cache.policy
+    policy.flush()
+    policy.synchronize()
+    stats = policy.stats
+    assert stats.summary_checks > 0 and stats.summary_refreshes > 0
+    assert stats.satellite_refills == 0  # every satellite is re-chosen on its own at this budget
+    for layer_idx, state in policy._layers.items():
+        store = cache.layers[layer_idx].store
+        for head in state.reselect:
+            n = int(state.plan[0, head])
+            k, v, pos = store.segment(head)
+            assert bool((pos[:n].diff() > 0).all()) and int(pos[n - 1]) < 120
+            k_host, v_host = state.host.gather(0, head, pos[:n].long())
+            torch.testing.assert_close(k[:n], k_host, rtol=0, atol=0)
+            torch.testing.assert_close(v[:n], v_host, rtol=0, atol=0)
+
+
+def test_summary_drift_needs_turn_reselect_own():
+    with pytest.raises(ValueError, match="summary_drift"):
+        HeteroCachePolicy(profile=toy_profile(), summary_drift=True)
+
+
+def test_a_budget_that_cannot_pay_for_any_summaries_warns_and_keeps_the_plan():
+    policy = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="own", page_size=4)
+    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5)
+    with pytest.warns(UserWarning, match="summaries_in_budget=False"):
+        plan = policy.plan_for(120)
+    assert torch.equal(plan, plain.plan_for(120)) and not bool(policy.summarised_for(120).any())
+
+
+def test_summary_drift_checks_in_decode_steps_read_no_more_device_values_than_dynamic_cache(monkeypatch):
+    from heterocache.diagnostics import count_decode_steps
+
+    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", "device")
+    model = toy_model()
+    dynamic = count_decode_steps(model, _ids(B=2), DynamicCache(), steps=6)
+    # A summary drift check and a re-selection decision at every step: the worst case for the host.
+    cache = HeteroCache(toy_profile(), summary_drift=True, refresh_interval=1, drift_threshold=1.0, **OWN)
+    result = count_decode_steps(model, _ids(B=2), cache, steps=6)
+    assert result["host_reads"] <= dynamic["host_reads"] + 1, result["reads_by_kind"]
+    cache.policy.flush()
+    assert cache.policy.stats.summary_checks > 0 and cache.policy.stats.summary_refreshes > 0
