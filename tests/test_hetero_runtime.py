@@ -85,7 +85,7 @@ def test_forced_refresh_refills_satellites_from_host_at_pivot_top_positions():
     before = {s: [t.clone() for t in store.segment(s)] for s in range(store.num_segments)}
     refreshed = policy.check_drift(layer, store, scaling=16**-0.5, force=True)
     assert refreshed == [(0, 0)]
-    scores = policy.last_pivot_scores[(0, 0)]
+    scores = policy.scores_at_refresh(layer, 0, 0)
     for sat in (1, 2):
         n = int(state.plan[0, sat])
         expected = scores.topk(n).indices.sort().values
@@ -369,3 +369,9 @@ def test_pivot_keys_read_as_a_view_equal_the_gathered_ones(B):
         torch.testing.assert_close(keys[valid], store.k[idx][valid], rtol=0, atol=0)
         viewed += spacing is not None
     assert viewed >= 1  # the view path ran (one pivot per row is always evenly spaced)
+
+
+def test_heterocache_refuses_crop_rather_than_keep_stale_drift_state():
+    model = toy_model()
+    cache = _prefilled(model, toy_profile(), _ids(L=40), budget=0.6)
+    assert not cache.is_croppable

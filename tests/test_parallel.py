@@ -121,3 +121,13 @@ def test_reports_of_different_layers_are_not_merged():
     other.layers[0].layer_idx = 1
     with pytest.raises(ValueError, match="different layers"):
         merge_reports([MemoryReport([_layer([0, 1], [[1, 2]], ["anchor", "pivot"])]), other])
+
+
+def test_unequal_or_misplaced_shards_are_refused():
+    from heterocache.parallel import KVShard, TensorParallelError
+
+    with pytest.raises(TensorParallelError, match="only equal contiguous shards"):
+        KVShard(0, 2, 0, 3, 4)  # 3 of 4 heads on rank 0
+    with pytest.raises(TensorParallelError, match="only equal contiguous shards"):
+        KVShard(1, 2, 0, 2, 4)  # rank 1 holding rank 0's heads
+    assert KVShard(1, 2, 2, 4, 4).num_local == 2

@@ -271,3 +271,13 @@ def test_gqa_none_generates_and_equals_dynamic_cache_at_full_budget():
     assert torch.equal(model.generate(ids, past_key_values=QuestCache(budget=1.0, gqa_reduce="none"), **kw), ref)
     out = model.generate(ids, past_key_values=QuestCache(budget=0.2, page_size=4, gqa_reduce="none"), **kw)
     assert out.shape == ref.shape
+
+
+def test_extra_tokens_must_match_the_selection_rows():
+    store, _, _ = _store([9, 13], H=1, D=8)
+    query = torch.randn(2, 3, 1, 8)
+    slots = store.start.repeat_interleave(3)[:, None] + torch.zeros(6, 2, dtype=torch.long)
+    valid = torch.ones(6, 2, dtype=torch.bool)
+    extra = torch.zeros(2, 1, 8)
+    with pytest.raises(ValueError, match="extra tokens must have the selection's 6 rows"):
+        selected_decode_attention(store, query, 0.3, SlotSelection(slots, valid, extra, extra, torch.ones(2, 1, dtype=torch.bool)))

@@ -89,6 +89,10 @@ class RaggedLayer(CacheLayerMixin):
         self.store = None
         self.seen = 0
         self.is_initialized = False
+        # The layout (sliding window, the policy's index of the layer) is read again from the next
+        # model's config: a reset cache may serve another model.
+        self.configured = False
+        self.sliding_window, self.policy_idx, self._oldest = None, self.layer_idx, None
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -260,15 +264,19 @@ class RaggedCache(Cache):
         if q_len == 1:
             # Host half (growth, mirror, plan: once per step and layout), then the device half.
             layer.store.begin_decode_append()
-            plan = self.planner.plan(layer.store, layer.seen)
             if window is None and self.policy.selects_per_step:
                 # A per-step selection (Quest, ...): append, let the policy choose the slots from
-                # the store with the new token in it, attend over those alone.
+                # the store with the new token in it, attend over those alone (planned only when
+                # the layer attends to everything).
                 layer.store.append_decode(key, value, positions)
                 selection = self.policy.decode_selection(idx, layer.store, query, scaling)
-                out = (decode_attention(layer.store, query, scaling, plan=plan) if selection is None
-                       else selected_decode_attention(layer.store, query, scaling, selection))
+                if selection is None:
+                    plan = self.planner.plan(layer.store, layer.seen)
+                    out = decode_attention(layer.store, query, scaling, plan=plan)
+                else:
+                    out = selected_decode_attention(layer.store, query, scaling, selection)
             else:
+                plan = self.planner.plan(layer.store, layer.seen)
                 out = self.decode_step(layer.store, key, value, positions, query, scaling, plan)
             if window is None:
                 self.policy.on_decode(idx, layer.store, query, scaling)

@@ -61,6 +61,13 @@ class KVShard:
     def __post_init__(self):
         if not (0 <= self.start < self.stop <= self.num_heads) or not (0 <= self.rank < self.world):
             raise TensorParallelError(f"invalid KV-head shard: {self}")
+        # rank_of and the cross-shard cluster layout assume transformers' equal contiguous shards.
+        per = self.num_heads // self.world
+        if self.num_heads % self.world or (self.start, self.stop) != (self.rank * per, (self.rank + 1) * per):
+            raise TensorParallelError(
+                f"KV-head shard {self.start}..{self.stop - 1} of {self.num_heads} on rank {self.rank} of {self.world}: "
+                "only equal contiguous shards (rank r holds heads [r*H/world, (r+1)*H/world)) are supported"
+            )
 
     @classmethod
     def single(cls, num_heads: int) -> "KVShard":

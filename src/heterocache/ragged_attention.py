@@ -201,10 +201,12 @@ class SlotSelection:
         slots: int64 ``[S, N]`` flat slot indices into the store's buffers (``N`` fixed for the
             step from host values, so shapes never depend on device values); or ``[S * G, N]``:
             one selection per query head (row ``s * G + g`` for query head ``g`` of segment ``s``).
-        valid: bool ``[S, N]``: False for entries that pad a segment's choice (never attended).
-        extra_key, extra_value: optional ``[S, M, D]`` tokens attended besides the store's (keys
+        valid: bool ``[R, N]`` (R the rows of ``slots``): False for entries that pad a row's choice
+            (never attended). Every row must have at least one valid entry (the PyTorch path
+            would give NaN, the kernel zeros).
+        extra_key, extra_value: optional ``[R, M, D]`` tokens attended besides the store's (keys
             rebuilt from a compressed form, values fetched from host memory: ShadowKV, offloaded
-            layers), with ``extra_valid`` bool ``[S, M]``.
+            layers), with ``extra_valid`` bool ``[R, M]``.
     """
 
     slots: torch.Tensor
@@ -235,6 +237,8 @@ def selected_decode_attention(store: RaggedKVStore, query: torch.Tensor, scaling
         G = 1  # one selection per query head (row s * G + g): each query head reads its own slots
     elif R != S:
         raise ValueError(f"a selection has {S} rows (one per KV head) or {S * G} (one per query head), got {R}")
+    if selection.extra_key is not None and selection.extra_key.shape[0] != R:
+        raise ValueError(f"extra tokens must have the selection's {R} rows, got {selection.extra_key.shape[0]}")
     if selection.extra_key is None and kernels.resolve_backend(store.device) == "triton":
         # The Triton kernel reads the chosen slots in place through the table (no gather copy).
         q = query.reshape(R, G, D).to(store.dtype)

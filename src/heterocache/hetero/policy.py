@@ -359,6 +359,9 @@ class HeteroCachePolicy(Policy):
     summaries_in_budget: bool = True
     summary_drift: bool = False
     name = "heterocache"
+    # crop() (assisted decoding) would leave buffered drift queries, decisions in flight and
+    # refilled satellites describing tokens that were rolled back: refused, not silently stale.
+    croppable = False
 
     def __post_init__(self):
         if not isinstance(self.profile, HeadProfile):
@@ -408,7 +411,8 @@ class HeteroCachePolicy(Policy):
         self._stores: dict[int, RaggedKVStore] = {}
         self._step = 0  # forward passes seen (counted at the first layer)
         self._first_layer: int | None = None
-        self.last_pivot_scores: dict[tuple[int, int], torch.Tensor] = {}  # (row, pivot) at last refresh
+        # model layer -> (scores [B, P_own, Lmax] device, the pivots' heads, prompt tokens) at its last refresh
+        self.last_pivot_scores: dict[int, tuple] = {}
 
     # ------------------------------------------------------------------ roles and plan
     def _set_compressible(self, model_layers) -> None:
@@ -714,7 +718,10 @@ class HeteroCachePolicy(Policy):
         if state is None or not state.reselect:
             return np.zeros((0, 0, 0), np.int64)
         state.summ_queries.clear()
-        state.summ_pending.clear()  # decode decisions still in flight are superseded
+        # Decode-time decisions still in flight (the heads' own and their pivots') were made on the
+        # queries before this turn: superseded, or they would overwrite what is chosen here.
+        state.summ_pending.clear()
+        state.pending.clear()
         T = min(self.refresh_interval, query.shape[2])
         picks, member = self._reselect_picks(state, store, query[:, :, -T:, :])
         state.summ_reference = member
@@ -953,6 +960,19 @@ class HeteroCachePolicy(Policy):
             if state.summ_pending:
                 self._act_on_summary_decisions(layer_idx, state)
 
+    def scores_at_refresh(self, layer: int, row: int, pivot: int) -> torch.Tensor:
+        """Pivot ``pivot``'s (its KV head) pooled prompt scores ``[prompt tokens]`` in row ``row``
+        at the latest drift check of model layer ``layer`` that refreshed satellites (inspection).
+
+        Raises:
+            KeyError: that layer never refreshed; ValueError: ``pivot`` is not one of its pivots.
+        """
+        scores, pivots, prompt = self.last_pivot_scores[layer]
+        i = int(np.nonzero(pivots == pivot)[0][0]) if (pivots == pivot).any() else None
+        if i is None:
+            raise ValueError(f"KV head {pivot} is not a pivot this process scores in layer {layer}")
+        return scores[row, i, : int(prompt[row])]
+
     def flush(self) -> None:
         """Act on every decision still in flight now (waits for the device): tests, inspection,
         row changes."""
@@ -972,13 +992,15 @@ class HeteroCachePolicy(Policy):
         B, P, Ns = len(state.prompt_tokens), len(layout.pivots), len(state.satellites)
         drifted = decision.view[: B * P].reshape(B, P).astype(bool)
         idx = decision.view[B * P :].reshape(B, Ns, decision.nmax)
-        refreshed = []
-        for b, n in zip(*np.nonzero(drifted[:, layout.own])):
-            b, i = int(b), int(n)
-            p = layout.pivots[layout.own[i]]  # the pivot's global KV head
-            refreshed.append((b, p))
-            self.stats.refreshes[(state.model_layer, p)] += 1
-            self.last_pivot_scores[(b, p)] = decision.scores[b, i, : int(state.prompt_tokens[b])]
+        # Host bookkeeping only (NumPy): which (row, pivot) drifted, counted per pivot.
+        rows_d, own_d = np.nonzero(drifted[:, layout.own])
+        pivots_d = np.asarray(layout.pivots, np.int64)[np.asarray(layout.own, np.int64)[own_d]]
+        refreshed = list(zip(rows_d.tolist(), pivots_d.tolist()))
+        heads, counts = np.unique(pivots_d, return_counts=True)
+        self.stats.refreshes.update({(state.model_layer, int(h)): int(c) for h, c in zip(heads, counts)})
+        if len(rows_d):  # the layer's scores once (device), for inspection: ``scores_at_refresh``
+            own_pivots = np.asarray(layout.pivots, np.int64)[np.asarray(layout.own, np.int64)]
+            self.last_pivot_scores[state.model_layer] = (decision.scores, own_pivots, state.prompt_tokens.copy())
         # Satellites of a drifted pivot that do not already hold their whole prompt.
         due = drifted[:, state.sat_pivot] & (state.sat_tokens < state.prompt_tokens[:, None])  # [B, Ns]
         if decision.skip is not None:

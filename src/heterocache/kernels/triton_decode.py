@@ -413,6 +413,11 @@ def table_decode_attention_triton(
                          f"{tuple(slot_table.shape)} and {tuple(table_valid.shape)}")
     if slot_table.dtype != torch.int64 or table_valid.dtype != torch.bool:
         raise ValueError(f"slot_table must be int64 and table_valid bool, got {slot_table.dtype}, {table_valid.dtype}")
+    if slot_table.device != q.device or table_valid.device != q.device:
+        raise ValueError(f"slot_table and table_valid must be on {q.device}, got {slot_table.device}, {table_valid.device}")
+    for name in ("max_len", "slot_table", "table_valid", "seg_start", "seg_len"):
+        if name in kwargs:
+            raise TypeError(f"table_decode_attention_triton sets {name} itself")
     N = slot_table.shape[1]
     dev = q.device
     seg_start = torch.zeros(S, dtype=torch.int64, device=dev)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..budget import check_budget
+from ..budget import check_budget, check_budget_tokens
 from ..page_summaries import page_bounds, page_minmax
 from ..ragged_attention import SlotSelection
 from ..store import RaggedKVStore
@@ -59,8 +59,7 @@ class QuestPolicy(Policy):
 
     def __post_init__(self):
         if self.budget_tokens is not None:
-            if isinstance(self.budget_tokens, bool) or not isinstance(self.budget_tokens, int) or self.budget_tokens < 1:
-                raise ValueError(f"budget_tokens must be a positive integer, got {self.budget_tokens!r}")
+            self.budget_tokens = check_budget_tokens(self.budget_tokens)
         else:
             self.budget = check_budget(self.budget)
         for field in ("page_size", "min_pages"):
@@ -98,7 +97,7 @@ class QuestPolicy(Policy):
     # ------------------------------------------------------------------ decode
     def pages_per_step(self, store: RaggedKVStore) -> int:
         """Pages each segment of the layer reads at this step (host values only)."""
-        longest = int(store.length_h.max()) if store.length_h.size else 0
+        longest = store.max_length()
         tokens = self.budget_tokens if self.budget_tokens is not None else math.ceil(self.budget * longest)
         return max(self.min_pages, -(-tokens // self.page_size))
 
@@ -108,7 +107,7 @@ class QuestPolicy(Policy):
             return None
         summaries.update(store)  # the token just appended
         k = self.pages_per_step(store)
-        longest = int(store.length_h.max())
+        longest = store.max_length()
         if k * self.page_size >= longest:
             return None  # the budget covers every page: dense, exactly FullKV
         B, Hq, _, D = query.shape
