@@ -24,11 +24,6 @@ def prompt_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float, ker
     return pool_scores(probs, kernel, "avg").amax(-2)
 
 
-def overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|A ∩ B| / k for index sets of equal size k: ``a [..., k]``, ``b [k]`` -> ``[...]``."""
-    return torch.isin(a, b).float().mean(-1)
-
-
 def pivot_scores(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float,
                  kernel: int) -> torch.Tensor:
     """``prompt_scores`` for every pivot and row of a layer at once.
