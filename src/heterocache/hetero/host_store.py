@@ -29,6 +29,9 @@ class SatelliteHostStore:
         B, _, L, D = key.shape
         self.heads = list(heads)
         self.slot = {h: i for i, h in enumerate(self.heads)}
+        # head -> its index here, as an array: batched look-ups without a loop (-1: not held)
+        self._slot_of = np.full(max(self.heads, default=-1) + 1, -1, np.int64)
+        self._slot_of[np.asarray(self.heads, np.int64)] = np.arange(len(self.heads))
         self.lengths = valid.sum(-1).cpu()
         Lmax = int(self.lengths.max()) if B else 0
         shape = (B, len(self.heads), Lmax, D)
@@ -61,7 +64,7 @@ class SatelliteHostStore:
         them for satellite ``(rows[i], heads[i])``), as ``k, v [sum(counts), D]`` in fresh (pinned,
         if the store is) memory that can be the source of an asynchronous copy."""
         B, nsat, Lmax, D = self.k.shape
-        slots = np.array([self.slot[int(h)] for h in heads], np.int64)
+        slots = self._slot_of[np.asarray(heads, np.int64)]
         base = np.repeat((np.asarray(rows, np.int64) * nsat + slots) * Lmax, counts)
         flat = torch.from_numpy(base + np.asarray(indices, np.int64))
         pin = self.k.is_pinned()
