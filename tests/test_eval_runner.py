@@ -248,3 +248,15 @@ def test_records_made_with_other_cache_settings_are_not_resumed_over(model, toke
         run_eval(small, tokenizer, config, tmp_path, make_cache=hetero("always"), progress=False, plots=False)
     again = run_eval(small, tokenizer, config, tmp_path, make_cache=hetero("after"), progress=False, plots=False)
     assert again.ran == 0
+
+
+def test_pairs_skipped_by_an_earlier_run_stay_explained(tmp_path):
+    from heterocache.eval.runner import _merged_skipped
+
+    earlier = {"method": "heterocache", "budget": 0.1, "reason": "budget 0.1 is too small"}
+    done = {"method": "snapkv", "budget": 0.1, "reason": "old"}
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {"skipped": [earlier, done]}}))
+    now = {"method": "quest", "budget": 0.05, "reason": "new"}
+    records = [{"method": "snapkv", "budget": 0.1}]  # measured since: no longer skipped
+    assert _merged_skipped(tmp_path / "results.json", [now], records) == [now, earlier]
+    assert _merged_skipped(tmp_path / "missing.json", [now], records) == [now]

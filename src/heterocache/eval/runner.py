@@ -254,6 +254,23 @@ def _feasible_pairs(pairs, factory: CacheFactory, model, prompt_tokens: int) -> 
     return kept, skipped
 
 
+def _merged_skipped(results_path: Path, skipped: list, records: list) -> list:
+    """This run's skipped (method, budget) pairs plus those an earlier run of the folder recorded
+    (a grid grows across runs; a pair skipped then stays explained), unless records now exist."""
+    try:
+        earlier = json.loads(results_path.read_text()).get("meta", {}).get("skipped", [])
+    except (OSError, ValueError):
+        earlier = []
+    have = {(r["method"], round(float(r["budget"]), 6)) for r in records}
+    out, seen = [], set()
+    for entry in [*skipped, *earlier]:
+        key = (entry["method"], round(float(entry["budget"]), 6))
+        if key not in seen and (entry in skipped or key not in have):
+            out.append(entry)
+            seen.add(key)
+    return out
+
+
 def _check_settings(log: RecordLog, settings: dict) -> None:
     """Refuse to resume over records of a (method, budget) made with other cache settings than the
     current ones (a changed default or option): they would be counted as if made with these.
@@ -524,6 +541,7 @@ def write_outputs(
     """Aggregate every record in ``log`` and (re)write ``results.json``, ``results.csv`` and plots."""
     records = list(log.records.values())
     cells = aggregate(records)
+    skipped = _merged_skipped(out_dir / "results.json", skipped or [], records)
     meta = {
         "model": model_name,
         "dtype": str(next(model.parameters()).dtype),
@@ -534,7 +552,7 @@ def write_outputs(
         "python": platform.python_version(),
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         "records": len(records),
-        "skipped": skipped or [],
+        "skipped": skipped,
     }
     files = [out_dir / "results.json", out_dir / "results.csv"]
     write_json(files[0], cells, config.to_dict(), meta)
