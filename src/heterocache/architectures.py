@@ -208,8 +208,9 @@ def check_attention_call(module, key, value, kwargs: dict, spec: ArchitectureSpe
         passed = kwargs.get("sliding_window")
         expected = spec.window(layer) if layer is not None else None
         if passed is not None and passed != expected:
+            kind = spec.layer_types[layer] if layer is not None and layer < spec.num_layers else "unknown"
             reason = (f"layer {layer} attends with sliding_window={passed}, but its config makes it "
-                      f"{spec.layer_types[layer] if layer < spec.num_layers else 'unknown'} (window {expected})")
+                      f"{kind} (window {expected})")
     if reason is not None:
         raise UnsupportedArchitectureError(
             f"{name} is not supported by the heterocache engine: its attention asks for {reason}, "

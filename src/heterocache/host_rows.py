@@ -92,6 +92,8 @@ class HostRows:
         self._alias = device_alias_of_pinned(self.host, self.device) if pin else None
         if self.device.type == "cpu":
             self.mode = "cpu"
+        elif self.host.numel() == 0:
+            self.mode = "empty"  # nothing to gather: no alias needed, nothing to warn about
         elif self._alias is not None:
             self.mode = "uva"
         else:
@@ -117,6 +119,8 @@ class HostRows:
             return self.host.index_select(0, index)
         if self.mode == "uva":
             return self._alias.index_select(0, index)
+        if self.mode == "empty":  # no rows: only an empty index can be asked for
+            return torch.empty((index.shape[0], *self.host.shape[1:]), dtype=self.host.dtype, device=self.device)
         self.sync_gathers += 1
         rows = self.host.index_select(0, index.cpu())
         return rows.pin_memory().to(self.device, non_blocking=True)

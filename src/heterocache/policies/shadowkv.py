@@ -31,6 +31,7 @@ exact; a layer where every row does so is plain full attention, token for token 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,8 +152,6 @@ class ShadowKVPolicy(Policy):
     def bind_kv_shard(self, shard) -> None:
         super().bind_kv_shard(shard)
         if shard is not None and shard.sharded:
-            import warnings
-
             # One process factors all KV heads of a layer side by side; a rank sees only its own.
             # Reproducing the joint factors would need the other ranks' keys (an all-gather of the
             # prompt's keys per layer), so each rank factors its heads alone: close to, not equal
