@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..architectures import check_architecture
-from ..budget import check_budget
+from ..budget import check_budget_spec
 from ..page_summaries import page_bounds, page_minmax
 from ..parallel import KVShard, TensorParallelError
 from ..policies.base import Policy, PrefillContext
@@ -366,11 +366,7 @@ class HeteroCachePolicy(Policy):
     def __post_init__(self):
         if not isinstance(self.profile, HeadProfile):
             raise TypeError(f"profile must be a HeadProfile, got {type(self.profile).__name__}")
-        if self.budget_tokens is not None:
-            if isinstance(self.budget_tokens, bool) or not isinstance(self.budget_tokens, int) or self.budget_tokens < 1:
-                raise ValueError(f"budget_tokens must be a positive integer, got {self.budget_tokens!r}")
-        else:
-            self.budget = check_budget(self.budget)
+        self.budget, self.budget_tokens = check_budget_spec(self.budget, self.budget_tokens)
         for name in ("window", "kernel", "refresh_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

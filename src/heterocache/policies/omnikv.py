@@ -24,7 +24,7 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from ..budget import check_budget, check_budget_tokens
+from ..budget import check_budget_spec
 from ..ragged_attention import SlotSelection
 from ..store import RaggedKVStore, to_device
 from .base import Policy, PrefillContext
@@ -151,10 +151,7 @@ class OmniKVPolicy(Policy):
     croppable = False
 
     def __post_init__(self):
-        if self.budget_tokens is not None:
-            self.budget_tokens = check_budget_tokens(self.budget_tokens)
-        else:
-            self.budget = check_budget(self.budget)
+        self.budget, self.budget_tokens = check_budget_spec(self.budget, self.budget_tokens)
         self.filter_layers = _parse_layers(self.filter_layers)
         if isinstance(self.dense_after_filter, bool) or not isinstance(self.dense_after_filter, int) \
                 or self.dense_after_filter < 0:

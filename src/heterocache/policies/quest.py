@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..budget import check_budget, check_budget_tokens
+from ..budget import check_budget_spec
 from ..page_summaries import page_bounds, page_minmax
 from ..ragged_attention import SlotSelection
 from ..store import RaggedKVStore
@@ -58,10 +58,7 @@ class QuestPolicy(Policy):
     croppable = False
 
     def __post_init__(self):
-        if self.budget_tokens is not None:
-            self.budget_tokens = check_budget_tokens(self.budget_tokens)
-        else:
-            self.budget = check_budget(self.budget)
+        self.budget, self.budget_tokens = check_budget_spec(self.budget, self.budget_tokens)
         for field in ("page_size", "min_pages"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
