@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from transformers import DynamicCache
 
 from heterocache import CAKECache, FullKVCache, H2OCache, PyramidKVCache, QuestCache, SnapKVCache, StreamingLLMCache
 from heterocache._compat import cache_kwarg
+from heterocache.bench_cli import machine_info
 from heterocache.bench import kv_bytes, prompt_ids
 from heterocache.diagnostics import count_steps
 from heterocache.hetero import HeteroCache
@@ -134,9 +134,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "decode_overhead",
         "model": "SmolLM2-135M-Instruct (fp32, dequantised from Q4_1 GGUF)",
-        "machine": {"device": "cpu", "processor": platform.machine(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version()},
+        "machine": machine_info(torch.device("cpu")),
         "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
         "commit": commit,
         "date": time.strftime("%Y-%m-%d"),

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from pathlib import Path
 import torch
 
 from heterocache._compat import cache_kwarg
+from heterocache.bench_cli import machine_info
 from heterocache.bench import prompt_ids
 from heterocache.methods import get_method, make_cache
 from heterocache.models import load_smollm2
@@ -101,9 +100,7 @@ def main(argv=None) -> int:
     out = {
         "benchmark": "paired_decode",
         "model": "SmolLM2-135M-Instruct (fp32, dequantised from Q4_1 GGUF)",
-        "machine": {"device": "cpu", "processor": platform.machine(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version()},
+        "machine": machine_info(torch.device("cpu")),
         "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
         "commit": commit,
         "date": time.strftime("%Y-%m-%d"),
