@@ -42,6 +42,21 @@ def tiny_model(arch: str = "llama", attn: str = "heterocache", seed: int = 0, **
     return model
 
 
+def dynamic_reference(shape: dict, L: int = 90, pad: tuple[int, int] = (1, 11), new_tokens: int = 12, seed: int = 0):
+    """A left-padded batch of two rows (row ``pad[0]`` padded by ``pad[1]`` tokens) and its greedy
+    tokens with transformers' DynamicCache and SDPA: ``(model with heterocache attention,
+    input ids, generate kwargs, reference tokens)``, the oracle of an uncompressed cache."""
+    from transformers import DynamicCache
+
+    model = tiny_model("llama", **shape)
+    ref_model = tiny_model("llama", attn="sdpa", **shape)
+    ids = torch.randint(1, 256, (2, L), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[pad[0], : pad[1]] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+    return model, ids, kw, ref_model.generate(ids, past_key_values=DynamicCache(), **kw)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny-matrix tests: faster, and much faster on a busy machine.

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
-from transformers import DynamicCache
+from conftest import dynamic_reference, tiny_model
 
 from heterocache import FullKVCache, QuestCache, QuestPolicy
 from heterocache.diagnostics import count_decode_steps
@@ -128,13 +127,7 @@ def test_the_policy_reads_the_top_pages_and_the_current_one():
 
 
 def test_budget_one_and_dense_layers_give_exactly_dynamic_cache_tokens_on_a_padded_batch():
-    model = tiny_model("llama", **SHAPE)
-    ref_model = tiny_model("llama", attn="sdpa", **SHAPE)
-    ids = torch.randint(1, 256, (2, 90), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, :11] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False)
-    ref = ref_model.generate(ids, past_key_values=DynamicCache(), **kw)
+    model, ids, kw, ref = dynamic_reference(SHAPE)
     assert torch.equal(model.generate(ids, past_key_values=QuestCache(budget=1.0), **kw), ref)
     assert torch.equal(model.generate(ids, past_key_values=QuestCache(budget=0.1, dense_layers=4), **kw), ref)
 
@@ -261,13 +254,7 @@ def test_gqa_none_gives_each_query_head_its_own_top_pages():
 
 
 def test_gqa_none_generates_and_equals_dynamic_cache_at_full_budget():
-    model = tiny_model("llama", **SHAPE)
-    ref_model = tiny_model("llama", attn="sdpa", **SHAPE)
-    ids = torch.randint(1, 256, (2, 70), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones_like(ids)
-    mask[0, :6] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
-    ref = ref_model.generate(ids, past_key_values=DynamicCache(), **kw)
+    model, ids, kw, ref = dynamic_reference(SHAPE, L=70, pad=(0, 6), new_tokens=6, seed=5)
     assert torch.equal(model.generate(ids, past_key_values=QuestCache(budget=1.0, gqa_reduce="none"), **kw), ref)
     out = model.generate(ids, past_key_values=QuestCache(budget=0.2, page_size=4, gqa_reduce="none"), **kw)
     assert out.shape == ref.shape

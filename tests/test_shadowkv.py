@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
-from transformers import DynamicCache, LlamaConfig
+from conftest import dynamic_reference, tiny_model
+from transformers import LlamaConfig
 
 from heterocache import FullKVCache, ShadowKVCache, ShadowKVPolicy
 from heterocache.diagnostics import count_decode_steps
@@ -320,13 +320,7 @@ def test_host_rows_are_read_by_the_device_from_pinned_memory():  # pragma: no co
 
 # ----------------------------------------------------------------------------- generate()
 def test_nothing_compressed_gives_exactly_dynamic_cache_tokens():
-    model = tiny_model("llama", **SHAPE)
-    ref_model = tiny_model("llama", attn="sdpa", **SHAPE)
-    ids = torch.randint(1, 256, (2, 90), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, :11] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False)
-    ref = ref_model.generate(ids, past_key_values=DynamicCache(), **kw)
+    model, ids, kw, ref = dynamic_reference(SHAPE)
     for cache in (ShadowKVCache(budget=1.0, **{**SMALL, "budget_tokens": None}), ShadowKVCache()):
         assert torch.equal(model.generate(ids, past_key_values=cache, **kw), ref)
         assert cache.policy.layer(0) is None and cache.policy.layer(1) is None
