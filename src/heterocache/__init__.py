@@ -7,7 +7,7 @@ skips the registration (:mod:`heterocache._launch`), starts without torch and tr
 
 from __future__ import annotations
 
-import importlib
+from ._lazy import lazy_exports
 
 from ._launch import started_as_cli as _started_as_cli
 from ._version import __version__
@@ -56,16 +56,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), __all__)
 
 
 if not _started_as_cli():

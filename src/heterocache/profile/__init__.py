@@ -10,7 +10,7 @@ imports :mod:`.cli`) starts without it.
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
 
 from .errors import ProfileError, ProfileNotFoundError
 from .io.bundled import bundled_profiles
@@ -31,13 +31,4 @@ _LAZY = {
 __all__ = sorted(["ProfileError", "ProfileNotFoundError", "Role", "bundled_profiles", *_LAZY])
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), __all__)
