@@ -759,18 +759,10 @@ class HeteroCachePolicy(Policy):
         rows_h, sel_h = np.nonzero(due)
         if not len(rows_h):
             return
-        H, nmax = store.num_heads, picks.shape[-1]
-        counts_h = state.plan[rows_h, np.asarray(state.reselect, np.int64)[sel_h]]
         heads_h = np.asarray(state.reselect, np.int64)[sel_h]
-        picks_h = picks[rows_h, sel_h][np.arange(nmax)[None, :] < counts_h[:, None]]  # row after row
-        k_host, v_host = state.host.gather_batch(rows_h, heads_h, picks_h, counts_h)
-        slots = segment_ranges_host(store.start_h[rows_h * H + heads_h], counts_h)
-        positions = state.prompt_pos[np.repeat(rows_h, counts_h), picks_h]
-        self._layer_transfer[layer_idx].write(layer_idx, store, to_device(slots, store.device), k_host, v_host,
-                                              to_device(positions, store.device, torch.int32))
+        self._write_from_host(layer_idx, store, state, rows_h, heads_h, picks[rows_h, sel_h],
+                              state.plan[rows_h, heads_h])
         self.stats.reselected_heads += len(rows_h)
-        self.stats.tokens_moved += int(counts_h.sum())
-        self.stats.bytes_moved += k_host.numel() * k_host.element_size() * 2
 
     def check_summary_drift(self, layer_idx: int, store: RaggedKVStore, defer: bool = True) -> None:
         """``summary_drift``: the buffered decode queries of every re-chosen head bound its pages
@@ -1004,18 +996,25 @@ class HeteroCachePolicy(Policy):
         rows_h, sat_h = np.nonzero(due)
         if not len(rows_h):
             return refreshed
-        counts_h = state.sat_tokens[rows_h, sat_h]
         heads_h = np.asarray(state.satellites, np.int64)[sat_h]
-        picks_h = idx[rows_h, sat_h][np.arange(decision.nmax)[None, :] < counts_h[:, None]]  # row after row
+        self._write_from_host(layer_idx, store, state, rows_h, heads_h, idx[rows_h, sat_h],
+                              state.sat_tokens[rows_h, sat_h])
+        self.stats.satellite_refills += len(rows_h)
+        return refreshed
+
+    def _write_from_host(self, layer_idx: int, store: RaggedKVStore, state: _LayerState, rows_h: np.ndarray,
+                         heads_h: np.ndarray, picks: np.ndarray, counts_h: np.ndarray) -> None:
+        """Overwrite the first ``counts_h[i]`` slots of head ``heads_h[i]`` in row ``rows_h[i]``
+        with the prompt tokens ``picks[i, :counts_h[i]]`` (host copy indices, ascending; ``picks``
+        int64 ``[n, nmax]``): one host gather and one (asynchronous on CUDA) copy for the layer."""
+        picks_h = picks[np.arange(picks.shape[-1])[None, :] < counts_h[:, None]]  # row after row
         k_host, v_host = state.host.gather_batch(rows_h, heads_h, picks_h, counts_h)
         slots = segment_ranges_host(store.start_h[rows_h * store.num_heads + heads_h], counts_h)
         positions = state.prompt_pos[np.repeat(rows_h, counts_h), picks_h]
         self._layer_transfer[layer_idx].write(layer_idx, store, to_device(slots, store.device), k_host, v_host,
                                               to_device(positions, store.device, torch.int32))
-        self.stats.satellite_refills += len(rows_h)
         self.stats.tokens_moved += int(counts_h.sum())
         self.stats.bytes_moved += k_host.numel() * k_host.element_size() * 2
-        return refreshed
 
     # ------------------------------------------------------------------ bookkeeping
     def host_bytes_per_layer(self) -> dict[int, int]:
