@@ -58,6 +58,19 @@ def dynamic_reference(shape: dict, L: int = 90, pad: tuple[int, int] = (1, 11), 
 
 
 @pytest.fixture(scope="module")
+def toy_config(tmp_path_factory):
+    """A folder holding a config in the toy profile's shape (3 layers, 8 query / 4 KV heads,
+    head_dim 16; for ``random:`` models) and that profile as ``toy.safetensors``."""
+    from heterocache.profile.testing import toy_profile
+
+    folder = tmp_path_factory.mktemp("toy")
+    LlamaConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=16, vocab_size=256, max_position_embeddings=4096).save_pretrained(folder)
+    toy_profile().save(folder / "toy.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny-matrix tests: faster, and much faster on a busy machine.
     Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""

@@ -6,23 +6,11 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig
 
 from heterocache.bench import measure_decode, prompt_ids
 from heterocache.cli import main
 from heterocache.methods import make_cache
 from heterocache.models import random_model
-from heterocache.profile.testing import toy_profile
-
-
-@pytest.fixture(scope="module")
-def toy_config(tmp_path_factory):
-    """A config in the toy profile's shape (3 layers, 8 query / 4 KV heads, head_dim 16) + that profile."""
-    folder = tmp_path_factory.mktemp("toy")
-    LlamaConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
-                num_key_value_heads=4, head_dim=16, vocab_size=256, max_position_embeddings=4096).save_pretrained(folder)
-    toy_profile().save(folder / "toy.safetensors")
-    return folder
 
 
 def test_bench_writes_rows_for_every_cell_and_a_plot(toy_config, tmp_path, capsys):

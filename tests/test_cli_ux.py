@@ -196,20 +196,6 @@ def test_eval_command_accepts_the_old_name_full_with_a_warning():
         assert build_parser().parse_args(["eval", "--methods", "full,snapkv"]).methods == ("dynamic", "snapkv")
 
 
-@pytest.fixture(scope="module")
-def toy_config(tmp_path_factory):
-    """A config in the toy profile's shape (3 layers, 8 query / 4 KV heads, head_dim 16) + that profile."""
-    from transformers import LlamaConfig
-
-    from heterocache.profile.testing import toy_profile
-
-    folder = tmp_path_factory.mktemp("toy")
-    LlamaConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
-                num_key_value_heads=4, head_dim=16, vocab_size=256, max_position_embeddings=512).save_pretrained(folder)
-    toy_profile().save(folder / "toy.safetensors")
-    return folder
-
-
 def test_commands_that_run_models_work_from_the_console_script(toy_config, tmp_path):
     # the console script skips the import-time registration; a ragged cache must still find the
     # "heterocache" attention (its modules import and register it)
