@@ -295,3 +295,52 @@ def test_summary_drift_checks_in_decode_steps_read_no_more_device_values_than_dy
     assert result["host_reads"] <= dynamic["host_reads"] + 1, result["reads_by_kind"]
     cache.policy.flush()
     assert cache.policy.stats.summary_checks > 0 and cache.policy.stats.summary_refreshes > 0
+
+
+def test_host_summaries_keep_the_device_plan_and_choose_what_device_summaries_choose():
+    """summary_memory="host": at a budget that cannot pay for device summaries every compressed
+    head is still re-chosen, exactly as with summaries on the device outside the budget; the
+    summaries are host bytes, the device holds only the plan's store."""
+    model = toy_model()
+    kw = dict(OWN, budget=0.5)
+    host = HeteroCache(toy_profile(), summary_memory="host", **kw)
+    extra = HeteroCache(toy_profile(), summaries_in_budget=False, **kw)
+    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5)
+    _two_turns(model, host)
+    _two_turns(model, extra)
+    for n in (120, 100):
+        assert torch.equal(host.policy.plan_for(n), plain.plan_for(n))
+        assert torch.equal(host.policy.summarised_for(n), extra.policy.summarised_for(n))
+    assert host.stats()["reselected_heads"] == extra.stats()["reselected_heads"] > 0
+    for a, b in zip(host.layers, extra.layers):
+        for seg in range(a.store.num_rows * a.store.num_heads):
+            for x, y in zip(a.store.segment(seg), b.store.segment(seg)):
+                assert torch.equal(x, y)
+    assert host.policy.device_extra_bytes_per_layer() == {}
+    summaries = sum(extra.policy.device_extra_bytes_per_layer().values())
+    assert summaries > 0
+    assert host.memory_report().host_bytes == extra.memory_report().host_bytes + summaries
+    assert host.memory_report().device_bytes == sum(layer.store.bytes_allocated() for layer in host.layers)
+    assert all(s.summ_min.device.type == "cpu" for s in host.policy._layers.values() if s.summ_min is not None)
+
+
+def test_bad_summary_memory_is_rejected():
+    with pytest.raises(ValueError, match="summary_memory"):
+        HeteroCachePolicy(profile=toy_profile(), turn_reselect="own", summary_memory="gpu")
+    with pytest.raises(ValueError, match="summary_memory='device'"):
+        HeteroCachePolicy(profile=toy_profile(), turn_reselect="own", summary_memory="host", summary_drift=True)
+
+
+def test_a_single_turn_with_host_summaries_gives_the_default_tokens():
+    """Re-selection acts only at a new turn: one generate() (prefill, then one token per step)
+    decodes exactly the default HeteroCache's tokens, so the query-aware grid cannot change."""
+    model = toy_model()
+    ids = _ids(B=2, L=120)
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+    outs = []
+    for kw in ({}, dict(turn_reselect="own", summary_memory="host", page_size=4)):
+        cache = HeteroCache(toy_profile(), budget=0.5, **kw)
+        outs.append(model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12,
+                                   do_sample=False))
+    assert torch.equal(outs[0], outs[1])

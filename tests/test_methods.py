@@ -64,6 +64,28 @@ def test_parameters_and_absolute_budgets_reach_the_policy():
     assert (cache.policy.budget_tokens, cache.policy.window) == (512, 8)
 
 
+def test_a_method_spec_with_options_reaches_the_policy_and_names_its_records():
+    from heterocache._argparse import method_name
+    from heterocache.methods import parse_method_spec
+
+    name, params = parse_method_spec("H2O:recent_ratio=0.25:evict_during_decode=false:gqa_reduce=mean")
+    assert (name, params) == ("h2o", {"recent_ratio": 0.25, "evict_during_decode": False, "gqa_reduce": "mean"})
+    cache = make_cache("h2o:recent_ratio=0.25:evict_during_decode=false:block_size=16", 0.3)
+    assert (cache.policy.recent_ratio, cache.policy.evict_during_decode, cache.block_size) == (0.25, False, 16)
+    assert make_cache("snapkv:window=8", 0.3, window=4).policy.window == 4  # keyword arguments win
+    assert make_cache("snapkv:budget_tokens=none", 0.3).policy.budget_tokens is None
+    # the CLI's canonical text reads back to the same options
+    text = method_name("H2O:recent_ratio=0.25:evict_during_decode=False")
+    assert text == "h2o:recent_ratio=0.25:evict_during_decode=false"
+    assert parse_method_spec(text) == ("h2o", {"recent_ratio": 0.25, "evict_during_decode": False})
+    with pytest.raises(TypeError, match="no parameter 'windoww'"):
+        make_cache("snapkv:windoww=8", 0.3)
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method_spec("snapkv:window")
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method_spec("snapk:window=8")
+
+
 def test_uncompressed_methods_ignore_the_budget():
     assert type(make_cache("dynamic", 0.1)) is DynamicCache
     assert type(make_cache("fullkv", 0.1)) is FullKVCache

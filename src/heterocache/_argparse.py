@@ -74,14 +74,23 @@ def csv(item: Callable[[str], Any], container: type = list) -> Callable[[str], A
     return parse
 
 
+def text_value(value) -> str:
+    """A method option as ``parse_method_spec`` reads it back."""
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "true", False: "false"}[value]
+    return str(value)
+
+
 def method_name(text: str) -> str:
-    """An argparse ``type``: the registry name of a KV-cache method (aliases resolved), or an
+    """An argparse ``type``: the registry name of a KV-cache method (aliases resolved; options
+    as ``name:key=value:...`` kept, see ``heterocache.methods.parse_method_spec``), or an
     error listing the known ones. Imports the registry (torch, transformers) only when the option
     is given, which is still before the command loads a model."""
-    from .methods import get_method
+    from .methods import parse_method_spec
 
     try:
-        return get_method(text).name
+        name, params = parse_method_spec(text)
+        return ":".join([name, *(f"{k}={text_value(v)}" for k, v in params.items())])
     except (ValueError, TypeError) as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 

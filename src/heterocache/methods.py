@@ -58,6 +58,7 @@ __all__ = [
     "get_method",
     "list_methods",
     "make_cache",
+    "parse_method_spec",
     "register_method",
 ]
 
@@ -347,11 +348,57 @@ def describe_methods() -> str:
     return "\n".join(lines)
 
 
+def _spec_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """A method with options in one string, as the evaluation grid names it:
+    ``"name"`` or ``"name:key=value:key=value"``, e.g.
+    ``"heterocache:turn_reselect=own:summary_memory=host"`` (values: ``true``/``false``, ``none``,
+    numbers, else text). The whole string is the method's name in records and reports.
+
+    Returns:
+        the registry name (aliases resolved) and the options.
+
+    Raises:
+        ValueError: unknown method, or an option written without ``=``.
+        TypeError: an option the method does not have.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"method must be a name (str), got {spec!r}")
+    name, *items = spec.split(":")
+    method = get_method(name)
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"method option {item!r} of {spec!r} must be written key=value")
+        if key not in method.params:
+            raise TypeError(f"method {method.name!r} has no parameter {key!r}; its parameters: "
+                            f"{', '.join(method.params) or 'none'}")
+        params[key] = _spec_value(value.strip())
+    return method.name, params
+
+
 def make_cache(method: str, budget: float | None = None, model=None, **params) -> Cache:
     """A new, empty cache for a method (what the evaluation harness calls for every sample).
 
     Args:
-        method: a name from ``list_methods()`` (case-insensitive; "full", deprecated, = "dynamic").
+        method: a name from ``list_methods()`` (case-insensitive; "full", deprecated, = "dynamic"),
+            optionally with options ``"name:key=value:..."`` (``parse_method_spec``; ``params``
+            given here take precedence).
         budget: fraction of the prompt KV kept, in (0, 1]; ignored by "fullkv" and "dynamic"; may be
             None when ``budget_tokens`` is given.
         model: the model the cache is for (optional): ragged methods check that it uses the
@@ -368,7 +415,9 @@ def make_cache(method: str, budget: float | None = None, model=None, **params) -
             the engine cannot serve exactly (``heterocache.architectures``).
         TypeError: a parameter the method does not have.
     """
-    spec = get_method(method)
+    name, options = parse_method_spec(method)
+    params = {**options, **params}
+    spec = get_method(name)
     unknown = sorted(set(params) - set(spec.params))
     if unknown:
         known = ", ".join(spec.params) or "none"

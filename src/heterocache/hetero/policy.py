@@ -329,6 +329,12 @@ class HeteroCachePolicy(Policy):
             tokens, no summaries, and the "pivot" behaviour). The device bytes (store + summaries)
             then equal the plan's. False: the plan is unchanged and the summaries are extra device
             bytes (reported, as Quest's).
+        summary_memory: where the re-selection summaries live between turns. "device" (default):
+            on the device, counted as ``summaries_in_budget`` says. "host": in host memory (pinned
+            on CUDA; the memory report's host bytes), copied to the device only while a new turn
+            re-chooses (transient, like the turn's activations): the device bytes stay the plan's
+            without taking slots from any head, so a head re-chooses at any budget. Not with
+            ``summary_drift``, which reads the summaries every check.
         summary_drift: during decoding, also watch each re-chosen head's own drift from its page
             summaries (default False; needs ``turn_reselect="own"``): every ``refresh_interval``
             steps its buffered queries bound its pages; a head whose new page set keeps less than
@@ -357,6 +363,7 @@ class HeteroCachePolicy(Policy):
     anchor_offload: bool | None = None
     page_size: int = 16
     summaries_in_budget: bool = True
+    summary_memory: str = "device"
     summary_drift: bool = False
     name = "heterocache"
     # crop() (assisted decoding) would leave buffered drift queries, decisions in flight and
@@ -384,6 +391,10 @@ class HeteroCachePolicy(Policy):
             raise ValueError("turn_reselect='own' re-chooses tokens from host copies: it needs offload=True")
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.summary_memory not in ("device", "host"):
+            raise ValueError(f"summary_memory must be 'device' or 'host', got {self.summary_memory!r}")
+        if self.summary_drift and self.summary_memory == "host":
+            raise ValueError("summary_drift reads the page summaries every check: use summary_memory='device'")
         if self.summary_drift and self.turn_reselect != "own":
             raise ValueError("summary_drift watches the heads turn_reselect='own' re-chooses: set turn_reselect='own'")
         if self.anchor_offload is None:  # on when the cache is meant for further turns
@@ -470,7 +481,7 @@ class HeteroCachePolicy(Policy):
             if self.turn_reselect == "own":
                 pages = self.summary_pages(n)
                 summarised = self._plan_copy & (plan < n)
-                if self.summaries_in_budget:
+                if self.summaries_in_budget and self.summary_memory == "device":
                     wanted = bool(summarised.any())
                     summarised &= plan - pages >= self.page_size
                     plan = torch.where(summarised, plan - pages, plan)
@@ -479,8 +490,9 @@ class HeteroCachePolicy(Policy):
                         warnings.warn(
                             f"turn_reselect='own': no compressed head of a {n}-token prompt can pay for its page "
                             f"summaries inside the budget ({pages} pages of {self.page_size} tokens cost more than "
-                            "its slots); no head is re-chosen from its own queries. Use summaries_in_budget=False "
-                            "(summaries as extra device bytes), a larger page_size or a larger budget",
+                            "its slots); no head is re-chosen from its own queries. Use summary_memory='host' (summaries in "
+                            "host memory), summaries_in_budget=False (extra device bytes), a larger page_size or "
+                            "a larger budget",
                             stacklevel=2)
             self._plans[n], self._summarised_plans[n] = plan, summarised
         return plan
@@ -615,7 +627,11 @@ class HeteroCachePolicy(Policy):
         valid = valid[:, None, :].expand(B, len(chosen), L)
         kmin, kmax = page_minmax(keys.reshape(B * len(chosen), L, D), valid.reshape(B * len(chosen), L),
                                  self.page_size, dtype=store.dtype)
-        state.summ_min, state.summ_max = kmin.to(dev), kmax.to(dev)
+        if self.summary_memory == "host":  # kept off the device between turns
+            pin = dev.type == "cuda"  # pinned: the turn's copy to the device is asynchronous
+            state.summ_min, state.summ_max = (t.cpu().pin_memory() if pin else t.cpu() for t in (kmin, kmax))
+        else:
+            state.summ_min, state.summ_max = kmin.to(dev), kmax.to(dev)
         state.reselect = chosen
         state.reselect_dev = to_device(chosen, dev)
         self._reselect_to_device(state, dev)
@@ -734,7 +750,9 @@ class HeteroCachePolicy(Policy):
         H, Nr, ps = store.num_heads, len(state.reselect), self.page_size
         G, Lmax = Hq // H, state.prompt_pos.shape[1]
         q = query.reshape(B, H, G * T, D).index_select(1, state.reselect_dev)
-        bounds = page_bounds(q.reshape(B * Nr, G * T, D), state.summ_min, state.summ_max).amax(1)  # [B*Nr, P]
+        # Host summaries (summary_memory="host") come to the device for this turn only.
+        kmin, kmax = (t.to(q.device, non_blocking=True) for t in (state.summ_min, state.summ_max))
+        bounds = page_bounds(q.reshape(B * Nr, G * T, D), kmin, kmax).amax(1)  # [B*Nr, P]
         pages = bounds.shape[-1]
         bounds = bounds.view(B, Nr, pages)
         dev = bounds.device
@@ -1018,10 +1036,18 @@ class HeteroCachePolicy(Policy):
 
     # ------------------------------------------------------------------ bookkeeping
     def host_bytes_per_layer(self) -> dict[int, int]:
-        return {i: s.host.nbytes() for i, s in self._layers.items() if s.host is not None}
+        """The host copies, and the page summaries with ``summary_memory="host"``."""
+        out = {i: s.host.nbytes() for i, s in self._layers.items() if s.host is not None}
+        if self.summary_memory == "host":
+            for i, nbytes in self._summary_bytes().items():
+                out[i] = out.get(i, 0) + nbytes
+        return out
 
     def device_extra_bytes_per_layer(self) -> dict[int, int]:
-        """The re-selection page summaries (``turn_reselect="own"``), allocated bytes."""
+        """The re-selection page summaries on the device (``turn_reselect="own"``), allocated bytes."""
+        return self._summary_bytes() if self.summary_memory == "device" else {}
+
+    def _summary_bytes(self) -> dict[int, int]:
         return {i: s.summ_min.numel() * s.summ_min.element_size() * 2
                 for i, s in self._layers.items() if s.summ_min is not None}
 
