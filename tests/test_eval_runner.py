@@ -248,6 +248,20 @@ def test_records_made_with_other_cache_settings_are_not_resumed_over(model, toke
         run_eval(small, tokenizer, config, tmp_path, make_cache=hetero("always"), progress=False, plots=False)
     again = run_eval(small, tokenizer, config, tmp_path, make_cache=hetero("after"), progress=False, plots=False)
     assert again.ran == 0
+    # Records written before an option existed: it counts as its default (the old behaviour) ...
+    log = tmp_path / "records.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    for r in rows:
+        r["settings"].get("options", {}).pop("summary_memory", None)
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_eval(small, tokenizer, config, tmp_path, make_cache=hetero("after"), progress=False,
+                    plots=False).ran == 0
+    # ... so the same records are stale for a cache that sets it otherwise.
+    with pytest.raises(ValueError, match="other cache settings"):
+        def host(method, budget, model):
+            return HeteroCache(toy_profile(), budget=budget, turn_refresh="after", turn_reselect="own",
+                               summary_memory="host") if method == "hetero" else factory(method, budget, model)
+        run_eval(small, tokenizer, config, tmp_path, make_cache=host, progress=False, plots=False)
 
 
 def test_pairs_skipped_by_an_earlier_run_stay_explained(tmp_path):

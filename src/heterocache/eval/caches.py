@@ -107,3 +107,23 @@ def cache_settings(cache) -> dict:
     settings["policy"] = type(policy).__name__
     settings["options"] = options
     return settings
+
+
+def option_defaults(cache) -> dict:
+    """The defaults of a ragged cache's policy options (``cache_settings``' "options"), for
+    ``settings_agree``; empty for other caches."""
+    policy = getattr(cache, "policy", None)
+    if policy is None or not dataclasses.is_dataclass(policy):
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(policy) if f.default is not dataclasses.MISSING}
+
+
+def settings_agree(recorded: dict, current: dict, defaults: dict) -> bool:
+    """Whether a record's ``cache_settings`` describe the current cache. An option the record
+    lacks counts as its default (``defaults``): an option added to a policy later, at the value
+    that keeps the old behaviour, does not make the records before it stale."""
+    if {k: v for k, v in recorded.items() if k != "options"} != {k: v for k, v in current.items() if k != "options"}:
+        return False
+    old, new = recorded.get("options", {}), current.get("options", {})
+    missing = object()
+    return all(old.get(k, defaults.get(k, missing)) == new.get(k, defaults.get(k, missing)) for k in {*old, *new})

@@ -27,7 +27,16 @@ from pathlib import Path
 import torch
 
 from . import plot
-from .caches import CacheFactory, cache_settings, current_name, default_cache_factory, is_full, new_cache
+from .caches import (
+    CacheFactory,
+    cache_settings,
+    current_name,
+    default_cache_factory,
+    is_full,
+    new_cache,
+    option_defaults,
+    settings_agree,
+)
 from .fidelity import FidelityConfig, compare, fidelity_ids, teacher_forced_logprobs
 from .generation import Generation, canonical_mode, generate_answer
 from .prompting import PromptFormatter
@@ -238,8 +247,9 @@ def _check_context(model, config: EvalConfig) -> None:
 def _feasible_pairs(pairs, factory: CacheFactory, model, prompt_tokens: int) -> tuple[dict, list]:
     """Drop (method, budget) pairs whose cache says the budget cannot be met (HeteroCache keeps
     whole heads full: a budget below their share is infeasible), with a warning, instead of
-    failing in the middle of the grid. Returns ``({kept pair: its cache_settings}, skipped)``."""
-    kept, skipped = {}, []
+    failing in the middle of the grid. Returns ``({kept pair: its cache_settings}, skipped,
+    {kept pair: its option defaults})``."""
+    kept, skipped, defaults = {}, [], {}
     for method, budget in pairs:
         try:  # a budget below the floor is refused when the cache is made, a short prompt's at plan
             cache = new_cache(factory, method, budget, model)
@@ -251,7 +261,8 @@ def _feasible_pairs(pairs, factory: CacheFactory, model, prompt_tokens: int) -> 
             print(f"skipping {method} at budget {budget}: {err}", file=sys.stderr)
             continue
         kept[(method, budget)] = cache_settings(cache)
-    return kept, skipped
+        defaults[(method, budget)] = option_defaults(cache)
+    return kept, skipped, defaults
 
 
 def _merged_skipped(results_path: Path, skipped: list, records: list) -> list:
@@ -271,13 +282,19 @@ def _merged_skipped(results_path: Path, skipped: list, records: list) -> list:
     return out
 
 
-def _check_settings(log: RecordLog, settings: dict) -> None:
+def _check_settings(log: RecordLog, settings: dict, defaults: dict | None = None) -> None:
     """Refuse to resume over records of a (method, budget) made with other cache settings than the
     current ones (a changed default or option): they would be counted as if made with these.
-    Records without settings (written before they were recorded) are not checked."""
+    Records without settings (written before they were recorded) are not checked; an option a
+    record lacks counts as its default (``settings_agree``)."""
     current = {(m, round(float(b), 6)): v for (m, b), v in settings.items()}
-    stale = [r for r in log.records.values()
-             if "settings" in r and r["settings"] != current.get((r["method"], round(float(r["budget"]), 6)), r["settings"])]
+    known = {(m, round(float(b), 6)): v for (m, b), v in (defaults or {}).items()}
+
+    def stale_record(r) -> bool:
+        key = (r["method"], round(float(r["budget"]), 6))
+        return "settings" in r and key in current and not settings_agree(r["settings"], current[key], known.get(key, {}))
+
+    stale = [r for r in log.records.values() if stale_record(r)]
     if stale:
         r = stale[0]
         raise ValueError(
@@ -299,9 +316,10 @@ class _Grid:
             log,
         )
         self.formatter = PromptFormatter(tokenizer, config.chat_template)
-        self.settings, self.skipped = _feasible_pairs(config.method_budgets(), factory, model, min(config.lengths))
+        self.settings, self.skipped, defaults = _feasible_pairs(config.method_budgets(), factory, model,
+                                                                min(config.lengths))
         self.pairs = list(self.settings)
-        _check_settings(log, self.settings)
+        _check_settings(log, self.settings, defaults)
         self.tasks = [get_task(name, config.data_dir) for name in config.tasks]
         self.limit = getattr(model.config, "max_position_embeddings", None)
         self.ran = 0
