@@ -115,7 +115,16 @@ def option_defaults(cache) -> dict:
     policy = getattr(cache, "policy", None)
     if policy is None or not dataclasses.is_dataclass(policy):
         return {}
-    return {f.name: f.default for f in dataclasses.fields(policy) if f.default is not dataclasses.MISSING}
+    out = {f.name: f.default for f in dataclasses.fields(policy) if f.default is not dataclasses.MISSING}
+    # The values a policy resolves its defaults to (e.g. None -> "off") are what a record shows.
+    given = {k: getattr(policy, k) for k in ("profile", "budget", "budget_tokens") if hasattr(policy, k)}
+    try:
+        plain = type(policy)(**given)
+    except (TypeError, ValueError):
+        return out
+    out.update({f.name: getattr(plain, f.name) for f in dataclasses.fields(plain)
+                if isinstance(getattr(plain, f.name), (bool, int, float, str, type(None)))})
+    return out
 
 
 def settings_agree(recorded: dict, current: dict, defaults: dict) -> bool:
