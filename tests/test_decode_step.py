@@ -3,6 +3,8 @@ device path equal to the CPU path (the oracle), and the device half capturable b
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -53,6 +55,28 @@ def test_decode_steps_read_no_more_device_values_than_dynamic_cache(method, stra
         cache.policy.flush()
         stats = cache.stats()
         assert stats["drift_checks"] > 0 and stats["satellite_refills"] > 0  # the checks ran in the window
+
+
+@pytest.mark.parametrize("method,ratio", [("fullkv", 1.2), ("snapkv", 1.2), ("heterocache", 1.5)])
+def test_device_path_dispatches_few_ops_beyond_dynamic_cache(method, ratio, dynamic_counts, monkeypatch):
+    """ATen ops per decode step (averaged, HeteroCache's drift checks at its default interval
+    included) within the decode-step targets; each layer's attention is one registered op."""
+    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", "device")
+    model = tiny_model("llama", **SHAPE)
+    cache = {"fullkv": FullKVCache, "snapkv": lambda: SnapKVCache(budget=0.3),
+             "heterocache": lambda: HeteroCache(toy_profile(), budget=0.5)}[method]()
+    steps = 10
+    ops = Counter()
+    with torch.no_grad():
+        token = model(_ids(), past_key_values=cache).logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            with HostReadCounter() as counter:
+                token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            ops.update(counter.op_counts)
+    assert ops["heterocache.block_decode.default"] == steps * SHAPE["num_hidden_layers"]
+    assert sum(ops.values()) / steps <= ratio * dynamic_counts["aten_ops"], ops.most_common(12)
+    if method == "heterocache":
+        assert cache.stats()["drift_checks"] > 0  # the window held checks
 
 
 @pytest.mark.parametrize("method", list(METHODS))

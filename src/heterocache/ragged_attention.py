@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .kernels import ops as kernel_ops
 from .kernels.triton_decode import _num_sms, choose_num_splits
 from .store import RaggedKVStore
 
@@ -264,9 +265,14 @@ def _decode_device(store: RaggedKVStore, query: torch.Tensor, scaling: float, pl
         return _decode_blocks(store, query, scaling)
     B, Hq, _, D = query.shape
     q = query.reshape(store.num_segments, Hq // store.num_heads, D).to(store.dtype)
-    out = kernels.ragged_decode_attention(
-        q, store.k, store.v, store.start, store.length, scaling, num_splits=plan.num_splits, max_len=plan.max_len
-    )
+    # A registered op (kernels.ops): one dispatcher call per layer, traced whole by torch.compile.
+    if kernels.resolve_backend(store.device) == "triton" and kernel_ops.ragged_decode_triton is not None:
+        out = kernel_ops.ragged_decode_triton(q, store.k, store.v, store.start, store.length, float(scaling),
+                                              plan.num_splits, plan.max_len)
+    else:
+        out = kernels.ragged_decode_attention(
+            q, store.k, store.v, store.start, store.length, scaling, num_splits=plan.num_splits, max_len=plan.max_len
+        )
     return out.to(query.dtype).view(B, 1, Hq, D)
 
 
@@ -300,26 +306,11 @@ def _decode_segments(store: RaggedKVStore, query: torch.Tensor, scaling: float, 
 
 
 def _decode_blocks(store: RaggedKVStore, query: torch.Tensor, scaling: float) -> torch.Tensor:
-    B, Hq, q_len, D = query.shape
-    H, bs = store.num_heads, store.block_size
-    G = Hq // H
-    S = B * H
-    owner = store.block_owner
-    q = query.reshape(S, G, D).to(store.dtype)
-    kb = store.k.view(-1, bs, D)
-    vb = store.v.view(-1, bs, D)
-    # [NB, G, bs]: every block scored by the G query heads of its owner segment.
-    scores = torch.bmm(q[owner], kb.transpose(1, 2)).float() * scaling
-    slot = store.block_offset[:, None] + torch.arange(bs, device=store.device)[None, :]
-    valid = slot < store.length[owner][:, None]
-    scores.masked_fill_(~valid[:, None, :], float("-inf"))
-    seg_max = torch.full((S, G), float("-inf"), device=store.device)
-    seg_max.scatter_reduce_(0, owner[:, None].expand(-1, G), scores.amax(-1), reduce="amax")
-    probs = torch.exp(scores - seg_max[owner][:, :, None])
-    denom = torch.zeros(S, G, device=store.device).index_add_(0, owner, probs.sum(-1))
-    partial = torch.bmm(probs.to(store.dtype), vb).float()  # [NB, G, D]
-    out = torch.zeros(S, G, D, device=store.device).index_add_(0, owner, partial)
-    out = out / denom[:, :, None]
+    """The block-wise stand-in for the kernel, as one registered op (``kernels.ops.block_decode``)."""
+    B, Hq, _, D = query.shape
+    q = query.reshape(store.num_segments, Hq // store.num_heads, D).to(store.dtype)
+    out = kernel_ops.block_decode(q, store.k, store.v, store.length, store.block_owner, store.block_offset,
+                                  float(scaling), store.block_size)
     return out.to(query.dtype).view(B, 1, Hq, D)
 
 

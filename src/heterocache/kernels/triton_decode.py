@@ -54,6 +54,14 @@ MAX_SPLITS = 4096
 PROGRAMS_PER_SM = 4
 
 
+def _launcher(kernel):
+    """``kernel`` as ``torch.compile`` can trace it inside a ``triton_op`` (``wrap_triton``; eager
+    calls launch it as usual); the interpreter's kernels (``TRITON_INTERPRET=1``) as they are."""
+    from triton.runtime.jit import JITFunction
+
+    return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
@@ -355,7 +363,7 @@ def ragged_decode_attention_triton(
     # Triton launches on the current device: under device_map a layer's tensors may live on another.
     guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with guard:
-        _split_kernel[(S, num_splits)](
+        _launcher(_split_kernel)[(S, num_splits)](
             q, k_buf, v_buf, seg_start, seg_len,
             table, tvalid,
             part_o, part_lse,
@@ -371,7 +379,7 @@ def ragged_decode_attention_triton(
             num_warps=num_warps, **extra,
         )
         if not single:
-            _merge_kernel[(S, G)](
+            _launcher(_merge_kernel)[(S, G)](
                 part_o, part_lse, seg_len, out, lse,
                 *po_strides, *pl_strides,
                 out.stride(0), out.stride(1), out.stride(2),
