@@ -155,6 +155,22 @@ def test_deferred_refresh_acts_two_steps_later_with_the_decision_of_its_check(mo
     assert refills == [0, 0, 0, 0, per_layer, per_layer, per_layer]
 
 
+def test_decision_lag_zero_refreshes_at_the_check_as_the_paper_does():
+    model = tiny_model("llama", **SHAPE)
+    cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=3, drift_threshold=1.0, decision_lag=0)
+    with torch.no_grad():
+        model(_ids(B=1), past_key_values=cache)
+        token = _ids(B=1, L=1, seed=9)
+        refills = []
+        for _ in range(7):
+            model(token, past_key_values=cache)
+            refills.append(cache.policy.stats.satellite_refills)
+    per_layer = len(toy_profile().heads("satellite"))
+    assert refills == [0, 0, per_layer, per_layer, per_layer, 2 * per_layer, 2 * per_layer]
+    with pytest.raises(ValueError, match="decision_lag"):
+        HeteroCache(toy_profile(), budget=0.5, decision_lag=-1)
+
+
 @pytest.mark.parametrize("method", ["fullkv", "snapkv", "heterocache"])
 def test_the_device_half_of_a_decode_step_compiles_as_one_graph(method, monkeypatch):
     """``torch.compile(fullgraph=True)`` captures each layer's device half (append + attention)

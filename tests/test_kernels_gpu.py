@@ -90,6 +90,23 @@ def test_no_host_sync_under_cuda_graph(tri):
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_the_triton_op_compiles_without_a_graph_break(tri, backend):
+    """``heterocache::ragged_decode_triton`` (a ``torch.library.triton_op``) traced whole by
+    ``torch.compile(fullgraph=True)``: the compiled call gives the eager result."""
+    import torch._dynamo
+
+    from heterocache.kernels.ops import ragged_decode_triton
+
+    torch._dynamo.reset()
+    case = make_ragged_case([3000, 7, 0, 1024], 4, 128, torch.bfloat16, "cuda", seed=13)
+    args = (case["q"], case["k_buf"], case["v_buf"], case["seg_start"], case["seg_len"], 0.1, 4, 3000)
+    compiled = torch.compile(ragged_decode_triton, fullgraph=True, backend=backend)
+    out = compiled(*args)
+    ref = ragged_decode_attention_torch(**case, scale=0.1)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_dispatcher_auto_uses_triton_on_cuda(tri, monkeypatch):
     monkeypatch.delenv("HETEROCACHE_DECODE_BACKEND", raising=False)
     assert resolve_backend(torch.device("cuda")) == "triton"

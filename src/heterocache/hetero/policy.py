@@ -294,6 +294,10 @@ class HeteroCachePolicy(Policy):
         inverse_stability: budget shares by the profile's inverse-stability ratios (default True);
             False = every compressed head gets the same share.
         asynchronous: on CUDA, copy refreshes on a side stream (default True).
+        decision_lag: decode steps between a drift check and the host acting on its decision
+            (default ``DECISION_LAG`` = 2: the decision travels to the host without a wait, and
+            a refresh is visible one step later than a synchronous one). 0: act at once, as the
+            paper does; the host then waits for the device at every check.
         turn_refresh: what a new turn (several tokens at once, e.g. the question after a compressed
             document) does to the satellites. "always" (default): before the turn is attended,
             every pivot's satellites are refilled with the positions the turn's last query of that
@@ -358,6 +362,7 @@ class HeteroCachePolicy(Policy):
     offload: bool = True
     inverse_stability: bool = True
     asynchronous: bool = True
+    decision_lag: int = DECISION_LAG
     turn_refresh: str = "always"
     turn_reselect: str = "pivot"
     anchor_offload: bool | None = None
@@ -377,6 +382,8 @@ class HeteroCachePolicy(Policy):
         for name in ("window", "kernel", "refresh_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.decision_lag < 0:
+            raise ValueError(f"decision_lag must be >= 0, got {self.decision_lag}")
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd, got {self.kernel}")
         if not 0.0 <= self.drift_threshold <= 1.0:
@@ -697,14 +704,14 @@ class HeteroCachePolicy(Policy):
         if self.summary_drift and state.reselect:
             state.summ_queries.append(query[:, :, -1, :])
             if len(state.summ_queries) >= self.refresh_interval:
-                self.check_summary_drift(layer_idx, store)
+                self.check_summary_drift(layer_idx, store, defer=self.decision_lag > 0)
         if not state.active or not self.refresh:
             return
         state.queries.append(query[:, :, -1, :])
         if len(state.queries) >= self.refresh_interval:
             # Satellites whose own drift is watched (summary_drift) are not refilled from their pivot's.
             skip = state.summarised[:, state.satellites] if self.summary_drift else None
-            self.check_drift(layer_idx, store, scaling, defer=True, skip=skip)
+            self.check_drift(layer_idx, store, scaling, defer=self.decision_lag > 0, skip=skip)
 
     def before_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         if self.turn_reselect == "own":
@@ -945,7 +952,7 @@ class HeteroCachePolicy(Policy):
 
     def _send_to_host(self, packed: torch.Tensor, last, nmax: int, device) -> _Decision:
         """Copy ``packed`` into host memory without blocking (pinned + event on CUDA)."""
-        due = self._step + DECISION_LAG
+        due = self._step + self.decision_lag
         if device.type != "cuda":
             view = np.empty(packed.shape, np.int64)
             host = torch.from_numpy(view)
