@@ -290,3 +290,19 @@ def test_omnikv_is_registered_with_the_reference_defaults():
     assert isinstance(cache, OmniKVCache) and cache.policy.filter_layers == (2, 8, 18)
     assert cache.policy.budget == 0.3 and cache.policy.offload
     assert make_cache("omnikv", None, budget_tokens=64).policy.budget_tokens == 64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offload_on_cuda_reads_the_pinned_context_from_the_device_and_keeps_the_tokens():
+    """On CUDA the chosen tokens come through the pinned context's device alias on a side stream:
+    the same logits as without offload, and no gather had to bring indices to the host."""
+    model = tiny_model("llama", **SHAPE).cuda()
+    ids, mask = _padded_batch(120, 9, seed=1)
+    ids, mask = ids.cuda(), mask.cuda()
+    kw = dict(filter_layers=(1,), dense_after_filter=0, budget=0.2)
+    gen = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    caches = {o: OmniKVCache(offload=o, **kw) for o in (False, True)}
+    logits = {o: torch.stack(model.generate(ids, past_key_values=c, **gen).logits) for o, c in caches.items()}
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+    host = caches[True].policy._contexts[2].host
+    assert host.k_rows.mode == "uva" and host.k_rows.sync_gathers == 0 and host.v_rows.sync_gathers == 0

@@ -1,5 +1,6 @@
 """Moving KV from host memory to the device: refreshed satellites into the store (``write``),
-or tokens a step attends besides the store's (``fetch``, OmniKV's offloaded layers).
+or tokens a step attends besides the store's (``fetch`` of host tensors, or ``run`` of a gather
+that reads pinned host memory from the device: OmniKV's offloaded layers).
 
 Without CUDA the copy is a plain synchronous write (the path CI exercises). On CUDA it is issued
 on a side stream, after the main stream's work so far (so the store is not overwritten while the
@@ -91,6 +92,32 @@ class RefreshTransfer:
         self._in_flight.append((end, host))
         self._timed.append((start, end))
         self._in_flight = [(e, keep) for e, keep in self._in_flight if not e.query()]
+        return out
+
+    def run(self, layer_idx: int, fn, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``fn(*inputs)`` (device tensors out, e.g. a gather from pinned host memory through its
+        device alias) on the side stream, after the main stream's work so far (which made the
+        inputs), so it overlaps the layers that follow; ``wait(layer_idx)`` makes the main stream
+        wait for it before the outputs are read.
+
+        Returns:
+            ``fn``'s outputs, in order (computed at once without CUDA).
+        """
+        if not self.asynchronous:
+            return tuple(fn(*inputs))
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            start.record(self.stream)
+            out = tuple(fn(*inputs))
+            end.record(self.stream)
+        for t in inputs:
+            t.record_stream(self.stream)  # made on the main stream, read on the side one
+        for t in out:
+            t.record_stream(main)  # made on the side stream, read on the main one
+        self._pending[layer_idx] = end
+        self._timed.append((start, end))
         return out
 
     def wait(self, layer_idx: int) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..budget import check_budget_spec
+from ..host_rows import HostRows
 from ..ragged_attention import SlotSelection
 from ..store import RaggedKVStore, to_device
 from .base import Policy, PrefillContext
@@ -123,15 +124,13 @@ class OmniKVPolicy(Policy):
     ``filter_layers=(8,), budget_tokens=2048``.
 
     Offload (``offload=True``): the sparse layers keep only their decoded tokens on the device;
-    their context is packed in host memory. On CPU the chosen tokens are indexed in the host
-    tensors directly (no host read of a device value). On CUDA the choice lives on the device:
-    the filter layer copies its ``[B, k]`` indices into pinned memory (non-blocking) and records an
-    event; the first sparse layer behind it waits for that event on the host (by then the GPU still
-    has the filter layer's attention and the ``dense_after_filter`` layers queued, which is the
-    overlap the reference gets from its wait layers), gathers the chosen tokens of every sparse
-    layer of the group on the host and copies them on a side stream (``RefreshTransfer.fetch``)
-    that each layer's attention waits for. Cost per filter layer and step: one host wait for the
-    top-k, a host gather and a host-to-device copy of ``k`` tokens per KV head and sparse layer.
+    their context is packed in host memory. The choice never leaves the device: right after the
+    filter layer's top-k, each sparse layer of its group gets one gather of its chosen tokens
+    (``HostRows``): on CUDA a device kernel reading the pinned context through its device alias
+    (unified addressing), issued on a side stream so it overlaps the filter layer's attention and
+    the ``dense_after_filter`` layers (the overlap the reference gets from its wait layers), and
+    waited for by event where the sparse layer attends; on CPU a plain index. Cost per filter
+    layer and step: ``k`` tokens per KV head and sparse layer across the host link, no host wait.
     At a later turn an offloaded layer's context comes back to the device for the turn's dense
     attention and returns to the host afterwards.
 
@@ -224,13 +223,13 @@ class OmniKVPolicy(Policy):
         host = None
         if role == "sparse" and self.offload:
             host = HostContext.from_prompt(ctx.key.to(store.dtype), ctx.value.to(store.dtype), ctx.valid,
-                                           pin=store.device.type == "cuda")
+                                           store.device)
             context = host.lengths_h.copy()
-            if self._transfer is None and store.device.type == "cuda":
+            if store.device.type == "cuda" and str(store.device) not in self._transfers:
                 # imported here: heterocache.hetero imports the engine, which imports the policies
                 from ..hetero.transfer import RefreshTransfer
 
-                self._transfer = RefreshTransfer(store.device)
+                self._transfers[str(store.device)] = RefreshTransfer(store.device)
         else:
             context = store.length_h.copy()
         self._set_context(layer_idx, store, context, host)
@@ -255,7 +254,7 @@ class OmniKVPolicy(Policy):
         role, _ = self.role(layer_idx)
         host = None
         if role == "sparse" and self.offload:
-            host = HostContext.from_store(store, pin=store.device.type == "cuda")
+            host = HostContext.from_store(store)
             _empty(store)
         self._set_context(layer_idx, store, (host.lengths_h if host is not None else store.length_h).copy(), host)
         if role == "filter":
@@ -315,11 +314,10 @@ class OmniKVPolicy(Policy):
             tail = store.start[:, None] + torch.where(tail_valid, within, 0)
             slots = torch.cat([tail, store.start[:, None] + chosen], 1)
             return SlotSelection(slots, torch.cat([tail_valid, valid], 1))
-        if group.fetch_due:
-            self._fetch(group)
         key, value = self._fetched.pop(layer_idx)
-        if self._transfer is not None:
-            self._transfer.wait(layer_idx)
+        transfer = self._transfers.get(str(store.device))
+        if transfer is not None:
+            transfer.wait(layer_idx)
         tail_len = store.max_length()  # the store holds the decoded tokens only
         within = torch.arange(tail_len, device=store.device)[None, :]
         tail_valid = within < store.length[:, None]
@@ -351,14 +349,7 @@ class OmniKVPolicy(Policy):
         group.valid = top < C
         group.chosen = torch.where(group.valid, top, 0)
         if self.offload:
-            group.fetch_due = True
-            if store.device.type == "cuda":
-                group.chosen_host = torch.empty(group.chosen.shape, dtype=torch.long, pin_memory=True)
-                group.chosen_host.copy_(group.chosen, non_blocking=True)
-                group.event = torch.cuda.Event()
-                group.event.record(torch.cuda.current_stream(store.device))
-            else:
-                group.chosen_host, group.event = group.chosen, None
+            self._fetch(group)
 
     @staticmethod
     def _context_keys(store: RaggedKVStore, state: _Context) -> torch.Tensor:
@@ -376,27 +367,26 @@ class OmniKVPolicy(Policy):
         return store.k[state.index]
 
     def _fetch(self, group: _Group) -> None:
-        """Gather the chosen context tokens of every offloaded layer of the group from host memory
-        (and start their copies to the device on CUDA)."""
-        if group.event is not None:
-            group.event.synchronize()  # CUDA: the host waits for the filter layer's top-k
+        """Start gathering the chosen context tokens of every offloaded layer of the group from
+        host memory, right after the filter layer chose them. The indices stay on the device: on
+        CUDA each gather is a device kernel reading the pinned context through its device alias
+        (``HostRows``), on the side stream, so it overlaps the layers before the sparse one that
+        waits for it; the host never waits. On CPU a plain index."""
         for layer_idx in group.sparse:
             host = self._contexts[layer_idx].host
             if host is None:
                 continue
-            key, value = host.gather(group.chosen_host)
-            if self._transfer is not None:
-                key, value = self._transfer.fetch(layer_idx, key, value)
-            self._fetched[layer_idx] = (key, value)
-        group.fetch_due = False
+            chosen = group.chosen.to(host.device, non_blocking=True)  # device_map: the layer's device
+            transfer = self._transfers.get(str(host.device))
+            self._fetched[layer_idx] = transfer.run(layer_idx, host.gather, chosen) if transfer else host.gather(chosen)
 
     # ------------------------------------------------------------------ bookkeeping
     def host_bytes_per_layer(self) -> dict[int, int]:
         return {i: s.host.nbytes() for i, s in self._contexts.items() if s.host is not None}
 
     def synchronize(self) -> None:
-        if self._transfer is not None:
-            self._transfer.synchronize()
+        for transfer in self._transfers.values():
+            transfer.synchronize()
 
     def select_rows(self, rows: torch.Tensor) -> None:
         rows_h = np.asarray(torch.as_tensor(rows).cpu(), np.int64).reshape(-1)
@@ -416,7 +406,7 @@ class OmniKVPolicy(Policy):
         self._contexts: dict[int, _Context] = {}
         self._groups: dict[int, _Group] = {}
         self._fetched: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._transfer = None
+        self._transfers: dict[str, object] = {}  # a RefreshTransfer per CUDA device (side stream)
 
 
 @dataclass
@@ -454,69 +444,59 @@ class _Group:
     sparse: list = field(default_factory=list)  # the sparse layers reading this layer's choice
     chosen: torch.Tensor | None = None  # int64 [B, k_max] context indices, by position
     valid: torch.Tensor | None = None  # bool [B, k_max]
-    chosen_host: torch.Tensor | None = None  # the choice in host memory (pinned copy on CUDA)
-    event: object | None = None  # CUDA event: the pinned copy is complete
-    fetch_due: bool = False
 
     def clear_step(self) -> None:
-        self.chosen = self.valid = self.chosen_host = self.event = None
-        self.fetch_due = False
+        self.chosen = self.valid = None
 
 
 class HostContext:
     """The context KV of one offloaded layer in host memory (pinned when the model is on CUDA),
     packed segment after segment (``s = row * H + head``), tokens in order: segment ``s``'s context
-    token ``j`` is row ``offsets[s] + j``.
+    token ``j`` is row ``offsets[s] + j``. Read per step by indices on the model's device
+    (``HostRows``: a device kernel on the pinned rows on CUDA, no host wait).
 
     Attributes:
-        k, v: ``[N, D]`` (N: context tokens of all segments); pos: int32 ``[N]`` logical positions.
-        lengths_h, offsets_h: int64 ``[S]`` host arrays; offsets: the same as a CPU tensor.
+        k, v: ``[N, D]`` host tensors (N: context tokens of all segments); pos: int32 ``[N]``
+            logical positions (host).
+        lengths_h, offsets_h: int64 ``[S]`` host arrays; offsets: the same on the model's device.
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, lengths_h: np.ndarray,
-                 num_heads: int, pin: bool):
-        self.pin, self.num_heads = pin, num_heads
-        self.k, self.v, self.pos = (self._place(t) for t in (k, v, pos))
+                 num_heads: int, device):
+        self.device, self.num_heads = torch.device(device), num_heads
+        self.k_rows, self.v_rows = HostRows(k, self.device), HostRows(v, self.device)
+        self.k, self.v = self.k_rows.host, self.v_rows.host
+        self.pos = pos.detach().to("cpu").contiguous()
         self.lengths_h = np.asarray(lengths_h, np.int64).copy()
         self.offsets_h = np.cumsum(self.lengths_h) - self.lengths_h
-        self.offsets = torch.from_numpy(self.offsets_h.copy())
-
-    def _place(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().to("cpu").contiguous()
-        return t.pin_memory() if self.pin else t
+        self.offsets = to_device(self.offsets_h, self.device)
 
     @classmethod
-    def from_prompt(cls, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, pin: bool) -> HostContext:
+    def from_prompt(cls, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, device) -> HostContext:
         """From a prompt's ``key, value [B, H, L, D]`` and real tokens ``valid [B, L]`` (prefill)."""
         B, H, L, D = key.shape
         keep = valid[:, None, :].expand(B, H, L).reshape(B * H, L)
         pos = torch.arange(L, device=key.device, dtype=torch.int32).expand(B * H, L)[keep]
         lengths = keep.sum(-1).cpu().numpy()  # prefill: host reads are fine here
-        return cls(key.reshape(B * H, L, D)[keep], value.reshape(B * H, L, D)[keep], pos, lengths, H, pin)
+        return cls(key.reshape(B * H, L, D)[keep], value.reshape(B * H, L, D)[keep], pos, lengths, H, device)
 
     @classmethod
-    def from_store(cls, store: RaggedKVStore, pin: bool) -> HostContext:
+    def from_store(cls, store: RaggedKVStore) -> HostContext:
         """A copy of every token a store holds (the end of a later turn)."""
         slots = store.used_slots()
-        return cls(store.k[slots], store.v[slots], store.pos[slots], store.length_h, store.num_heads, pin)
+        return cls(store.k[slots], store.v[slots], store.pos[slots], store.length_h, store.num_heads, store.device)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
 
     def gather(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[S * k, D]`` of the context tokens ``chosen [B, k]`` (CPU int64, one
-        choice per row for all its heads; entries past a segment's context are clamped, and
-        masked by the caller). Fresh memory, pinned when the store is: the source of an
-        asynchronous copy. No host read of any value."""
+        """Keys and values ``[S * k, D]`` on the model's device of the context tokens ``chosen
+        [B, k]`` (int64 on the model's device, one choice per row for all its heads; entries past
+        a segment's context are clamped, and masked by the caller). No host read of any value."""
         B, k = chosen.shape
-        H, D = self.num_heads, self.k.shape[-1]
-        flat = (self.offsets.view(B, H, 1) + chosen.view(B, 1, k)).reshape(-1)
+        flat = (self.offsets.view(B, self.num_heads, 1) + chosen.view(B, 1, k)).reshape(-1)
         flat = flat.clamp(0, max(self.k.shape[0] - 1, 0))
-        key = torch.empty(B * H * k, D, dtype=self.k.dtype, pin_memory=self.pin)
-        value = torch.empty(B * H * k, D, dtype=self.v.dtype, pin_memory=self.pin)
-        torch.index_select(self.k, 0, flat, out=key)
-        torch.index_select(self.v, 0, flat, out=value)
-        return key, value
+        return self.k_rows.gather(flat), self.v_rows.gather(flat)
 
     def restore_into(self, store: RaggedKVStore) -> None:
         """Refill ``store`` with this context followed by the tokens it holds (decoded since)."""
@@ -541,7 +521,7 @@ class HostContext:
         segments = np.asarray(segments, np.int64)
         rows = torch.from_numpy(segment_ranges_host(self.offsets_h[segments], self.lengths_h[segments]))
         k, v, pos = (t.index_select(0, rows) for t in (self.k, self.v, self.pos))
-        self.__init__(k, v, pos, self.lengths_h[segments], self.num_heads, self.pin)
+        self.__init__(k, v, pos, self.lengths_h[segments], self.num_heads, self.device)
 
 
 def _empty(store: RaggedKVStore) -> None:
