@@ -98,13 +98,15 @@ def test_aggregated_memory_report_is_the_whole_models(runs, case):
     assert two["report"]["kv_heads"][0] == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("case", ["heterocache", "heterocache-after"])
+@pytest.mark.parametrize("case", ["heterocache", "heterocache-after", "heterocache-own", "heterocache-summary-drift"])
 @pytest.mark.parametrize("model", list(MODELS))
 def test_heterocache_refreshes_across_shards_as_one_process_does(runs, model, case):
     one, two = _both(runs, model, case)
     assert two["stats"]["ranks"] == 2
+    if case in ("heterocache-own", "heterocache-summary-drift"):
+        assert one["stats"]["reselected_heads"] > 0
     for field in ("drift_checks", "refreshes", "refreshes_per_layer_pivot", "satellite_refills", "tokens_moved",
-                  "bytes_moved"):
+                  "bytes_moved", "reselected_heads", "summary_checks"):
         assert two["stats"][field] == one["stats"][field], field
     if case == "heterocache":  # the second turn refreshes every pivot (turn_refresh="always")
         # So the clusters that cross the shards were refreshed: layer 0's pivot 0 (a satellite on

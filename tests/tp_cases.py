@@ -37,6 +37,13 @@ CASES = [
     ("heterocache", "heterocache", {"budget": 0.6, "refresh_interval": 2, "drift_threshold": 0.9}),
     ("heterocache-after", "heterocache", {"budget": 0.55, "refresh_interval": 3, "drift_threshold": 0.7,
                                           "turn_refresh": "after", "window": 4}),
+    # Re-selection from each head's own turn queries (host summaries), and decode-time drift of the
+    # re-chosen heads from device summaries: per head, so each rank does its heads' share.
+    ("heterocache-own", "heterocache", {"budget": 0.6, "refresh_interval": 2, "drift_threshold": 0.9,
+                                        "turn_reselect": "own", "summary_memory": "host", "page_size": 4}),
+    ("heterocache-summary-drift", "heterocache", {"budget": 0.6, "refresh_interval": 2, "drift_threshold": 0.9,
+                                                  "turn_reselect": "own", "summaries_in_budget": False,
+                                                  "summary_drift": True, "page_size": 4}),
 ]
 
 PROMPT, PAD, NEW1, MORE, NEW2 = 48, 8, 8, 5, 6
@@ -146,7 +153,8 @@ def run_case(model, method: str, params: dict, profile) -> dict:
     if method == "heterocache":
         stats = cache.stats(aggregate=True)
         result["stats"] = {k: stats[k] for k in ("drift_checks", "refreshes", "refreshes_per_layer_pivot",
-                                                 "satellite_refills", "tokens_moved", "bytes_moved", "ranks")}
+                                                 "satellite_refills", "tokens_moved", "bytes_moved", "ranks",
+                                                 "reselected_heads", "summary_checks")}
     if method == "cake":
         result["layer_budgets"] = _gather(cache, cache.policy.layer_budgets().tolist())
     return result
