@@ -190,9 +190,10 @@ def test_host_bytes_include_the_anchors_copies_when_on(params, copied):
     assert cache.memory_report().host_bytes == 2 * heads * 64 * D * 4 * 2  # rows x heads x tokens x D x fp32 x KV
 
 
-def test_reselection_follows_row_changes():
+@pytest.mark.parametrize("options", [{}, {"turn_scoring": "keys"}, {"summary_memory": "host"}])
+def test_reselection_follows_row_changes(options):
     model = toy_model()
-    cache = HeteroCache(toy_profile(), **OWN)
+    cache = HeteroCache(toy_profile(), **OWN, **options)
     ids, mask = _ids(B=2), torch.ones(2, 120, dtype=torch.long)
     mask[1, :20] = 0
     with torch.no_grad():
@@ -344,3 +345,61 @@ def test_a_single_turn_with_host_summaries_gives_the_default_tokens():
         outs.append(model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12,
                                    do_sample=False))
     assert torch.equal(outs[0], outs[1])
+
+
+def _expected_key_picks(keys: torch.Tensor, query: torch.Tensor, n: int, window: int, kernel: int,
+                        scaling: float) -> torch.Tensor:
+    """Naive oracle of turn_scoring="keys": ``keys [N, D]`` a head's real prompt keys, ``query
+    [G, q, D]`` its query heads' turn queries; the top ``n`` tokens of the last ``window`` queries'
+    attention, summed, average-pooled (zero padding), maxed over the group, ascending."""
+    probs = torch.softmax(query[:, -window:].double() @ keys.double().T * scaling, -1).sum(1)  # [G, N]
+    pooled = torch.nn.functional.avg_pool1d(probs[:, None], kernel, 1, kernel // 2, count_include_pad=True)[:, 0]
+    return pooled.amax(0).topk(n).indices.sort().values
+
+
+def test_key_scoring_rechooses_the_top_tokens_of_the_turns_attention_over_the_full_prompt_keys():
+    model = toy_model()
+    reference = DynamicCache()
+    ids, mask = _ids(B=2), torch.ones(2, 120, dtype=torch.long)
+    mask[1, :20] = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=reference)
+    cache = HeteroCache(toy_profile(), turn_scoring="keys", window=2, **dict(OWN, budget=0.5))
+    _, _, queries = _two_turns(model, cache)
+    policy = cache.policy
+    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5)
+    checked = 0
+    for layer_idx, state in policy._layers.items():
+        store = cache.layers[layer_idx].store
+        K, V = reference.layers[layer_idx].keys, reference.layers[layer_idx].values
+        for row in range(2):
+            real = torch.nonzero(mask[row]).flatten()
+            assert torch.equal(policy.plan_for(len(real)), plain.plan_for(len(real)))  # nothing paid for summaries
+            for head in np.nonzero(policy.summarised_for(len(real))[layer_idx].numpy())[0]:
+                n = int(state.plan[row, head])
+                q = queries[layer_idx][row, head * G:(head + 1) * G]
+                picks = _expected_key_picks(K[row, head, real], q, n, 2, policy.kernel, D ** -0.5)
+                k, v, pos = store.segment(row * store.num_heads + int(head))
+                assert torch.equal(pos[:n].long(), real[picks]), (layer_idx, row, head)
+                torch.testing.assert_close(k[:n], K[row, head, real[picks]], rtol=0, atol=0)
+                torch.testing.assert_close(v[:n], V[row, head, real[picks]], rtol=0, atol=0)
+                checked += 1
+    assert checked > 0 and cache.stats()["reselected_heads"] == checked
+    assert policy.device_extra_bytes_per_layer() == {}
+    assert all(s.summ_min is None for s in policy._layers.values())
+
+
+def test_key_scoring_follows_row_changes_and_keeps_single_turn_tokens():
+    model = toy_model()
+    ids = _ids(B=2, L=120)
+    outs = [model.generate(ids, past_key_values=HeteroCache(toy_profile(), budget=0.5, **kw), max_new_tokens=8,
+                           do_sample=False, num_beams=2)
+            for kw in ({}, dict(turn_reselect="own", turn_scoring="keys"))]
+    assert torch.equal(outs[0], outs[1])  # beam search reorders rows; one turn re-chooses nothing
+
+
+def test_bad_turn_scoring_is_rejected():
+    with pytest.raises(ValueError, match="turn_scoring"):
+        HeteroCachePolicy(profile=toy_profile(), turn_reselect="own", turn_scoring="exact")
+    with pytest.raises(ValueError, match="turn_scoring='pages'"):
+        HeteroCachePolicy(profile=toy_profile(), turn_reselect="own", turn_scoring="keys", summary_drift=True)

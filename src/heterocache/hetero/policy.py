@@ -106,6 +106,7 @@ class _LayerState:
         # with the summaries inside the budget, able to pay for them).
         self.reselect: list[int] = []
         self.reselect_dev: torch.Tensor | None = None
+        self.reselect_slots: torch.Tensor | None = None  # turn_scoring="keys": their host-copy slots (CPU)
         self.summ_min: torch.Tensor | None = None
         self.summ_max: torch.Tensor | None = None
         self.summarised = np.zeros(plan.shape, bool)
@@ -321,6 +322,16 @@ class HeteroCachePolicy(Policy):
             keeps the pivot-driven refresh. The page summaries (per page channel min and max of
             the head's full prompt keys, built at prefill before compression, in the KV dtype)
             stay on the device. Requires ``offload``.
+        turn_scoring: how ``turn_reselect="own"`` scores a head's prompt at a new turn. "pages"
+            (default): Quest's bound on page summaries (above), cheap to read (``2 / page_size`` of
+            the keys), chosen a page at a time. "keys": the head's full prompt keys from its host
+            copy, brought to the device for the turn only (transient, like the turn's
+            activations; no summaries, nothing taken from the budget): the attention of the
+            turn's last ``window`` queries over them, pooled (``kernel``) and maxed over the
+            group's query heads exactly as the prefill selection scores its prompt, and the top
+            tokens taken one by one, i.e. what a query-aware prefill would have kept with the
+            turn as its question. Costs a host-to-device copy of the re-chosen heads' prompt keys
+            per turn (half their host bytes).
         anchor_offload: keep the anchors' full prompt KV in host memory too (counted in the memory
             report's host bytes). Default None: on exactly when the cache is meant for further
             turns, i.e. with ``turn_reselect="own"``; True/False to force it.
@@ -365,6 +376,7 @@ class HeteroCachePolicy(Policy):
     decision_lag: int = DECISION_LAG
     turn_refresh: str = "always"
     turn_reselect: str = "pivot"
+    turn_scoring: str = "pages"
     anchor_offload: bool | None = None
     page_size: int = 16
     summaries_in_budget: bool = True
@@ -398,6 +410,10 @@ class HeteroCachePolicy(Policy):
             raise ValueError("turn_reselect='own' re-chooses tokens from host copies: it needs offload=True")
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.turn_scoring not in ("pages", "keys"):
+            raise ValueError(f"turn_scoring must be 'pages' or 'keys', got {self.turn_scoring!r}")
+        if self.summary_drift and self.turn_scoring != "pages":
+            raise ValueError("summary_drift watches the page summaries: use turn_scoring='pages'")
         if self.summary_memory not in ("device", "host"):
             raise ValueError(f"summary_memory must be 'device' or 'host', got {self.summary_memory!r}")
         if self.summary_drift and self.summary_memory == "host":
@@ -488,7 +504,7 @@ class HeteroCachePolicy(Policy):
             if self.turn_reselect == "own":
                 pages = self.summary_pages(n)
                 summarised = self._plan_copy & (plan < n)
-                if self.summaries_in_budget and self.summary_memory == "device":
+                if self.summaries_in_budget and self.summary_memory == "device" and self.turn_scoring == "pages":
                     wanted = bool(summarised.any())
                     summarised &= plan - pages >= self.page_size
                     plan = torch.where(summarised, plan - pages, plan)
@@ -625,6 +641,12 @@ class HeteroCachePolicy(Policy):
             state.summarised[:] = False
             return
         dev = store.device
+        if self.turn_scoring == "keys":  # scored on the host copy's keys at the turn: no summaries
+            state.reselect = chosen
+            state.reselect_dev = to_device(chosen, dev)
+            state.reselect_slots = torch.from_numpy(state.host._slot_of[np.asarray(chosen, np.int64)])
+            self._reselect_to_device(state, dev)
+            return
         L, D = state.prompt_pos.shape[1], ctx.key.shape[-1]
         idx = to_device(state.prompt_pos, ctx.key.device)  # [B, Lmax]: the j-th real token
         sel = to_device(chosen, ctx.key.device)
@@ -715,11 +737,12 @@ class HeteroCachePolicy(Policy):
 
     def before_extend(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float) -> None:
         if self.turn_reselect == "own":
-            self.reselect_turn(layer_idx, store, query)
+            self.reselect_turn(layer_idx, store, query, scaling)
         if self.turn_refresh in ("before", "always"):
             self._check_turn(layer_idx, store, query, scaling, force=self.turn_refresh == "always")
 
-    def reselect_turn(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor) -> np.ndarray:
+    def reselect_turn(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor,
+                      scaling: float | None = None) -> np.ndarray:
         """``turn_reselect="own"``: every re-chosen head of the layer takes, for its prompt slots,
         the best pages of its full prompt keys by its own queries of the turn (``query [B, Hq, q,
         D]``, its last ``refresh_interval``), copied from host memory in order of position.
@@ -741,12 +764,41 @@ class HeteroCachePolicy(Policy):
         # queries before this turn: superseded, or they would overwrite what is chosen here.
         state.summ_pending.clear()
         state.pending.clear()
-        T = min(self.refresh_interval, query.shape[2])
-        picks, member = self._reselect_picks(state, store, query[:, :, -T:, :])
+        if self.turn_scoring == "keys":
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            picks, member = self._reselect_by_keys(state, store, query[:, :, -min(self.window, query.shape[2]):, :],
+                                                   scale)
+        else:
+            T = min(self.refresh_interval, query.shape[2])
+            picks, member = self._reselect_picks(state, store, query[:, :, -T:, :])
         state.summ_reference = member
         picks = picks.cpu().numpy()
         self._write_picks(layer_idx, store, state, picks, state.summarised[:, state.reselect])
         return picks
+
+    def _reselect_by_keys(self, state: _LayerState, store: RaggedKVStore, query: torch.Tensor,
+                          scaling: float) -> tuple[torch.Tensor, None]:
+        """``turn_scoring="keys"``: int64 ``[B, Nr, nmax]`` the prompt indices each re-chosen head
+        would hold (ascending, padded with ``Lmax``): the top tokens of the attention of queries
+        ``[B, Hq, W, D]`` over the head's full prompt keys (host copy, copied to the device for
+        this call), pooled and maxed over the group as the prefill selection scores."""
+        B, Hq, W, D = query.shape
+        H, Nr = store.num_heads, len(state.reselect)
+        G, Lmax = Hq // H, state.prompt_pos.shape[1]
+        dev = query.device
+        keys = state.host.k.index_select(1, state.reselect_slots)  # [B, Nr, Lmax, D] (host)
+        keys = keys.to(dev, non_blocking=True).float()
+        q = query.view(B, H, G, W, D).index_select(1, state.reselect_dev).float()  # [B, Nr, G, W, D]
+        logits = torch.einsum("brgwd,brld->brgwl", q, keys) * scaling
+        valid = torch.arange(Lmax, device=dev) < state.prompt_dev[:, None]  # [B, Lmax]
+        logits = logits.masked_fill(~valid[:, None, None, None, :], float("-inf"))
+        probs = torch.softmax(logits, -1).sum(3)  # [B, Nr, G, Lmax]
+        scores = pool_scores(probs, self.kernel, "avg").amax(2)  # [B, Nr, Lmax]
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        nmax = state.reselect_nmax
+        top = scores.topk(nmax, dim=-1).indices
+        keep = torch.arange(nmax, device=dev) < state.reselect_counts_dev[..., None]
+        return torch.where(keep, top, Lmax).sort(-1).values, None
 
     def _reselect_picks(self, state: _LayerState, store: RaggedKVStore,
                         query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1092,9 +1144,11 @@ class HeteroCachePolicy(Policy):
                 sel = to_device(rows_h, state.summ_min.device)
                 state.summ_min = state.summ_min.view(-1, Nr, *shape[1:])[sel].reshape(-1, *shape[1:])
                 state.summ_max = state.summ_max.view(-1, Nr, *shape[1:])[sel].reshape(-1, *shape[1:])
-                state.summ_reference = state.summ_reference[sel]
-                state.summ_queries = [q[sel] for q in state.summ_queries]
-                self._reselect_to_device(state, state.summ_min.device)
+                on_dev = to_device(rows_h, self._stores[layer_idx].device)  # summaries may be on the host
+                state.summ_reference = state.summ_reference[on_dev]
+                state.summ_queries = [q[on_dev] for q in state.summ_queries]
+            if state.reselect:
+                self._reselect_to_device(state, self._stores[layer_idx].device)
             state._pivot_index = None
             if state.host is not None:
                 state.host.select_rows(torch.from_numpy(rows_h))
