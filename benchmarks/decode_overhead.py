@@ -25,7 +25,17 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from heterocache import CAKECache, FullKVCache, H2OCache, PyramidKVCache, QuestCache, SnapKVCache, StreamingLLMCache
+from heterocache import (
+    CAKECache,
+    FullKVCache,
+    H2OCache,
+    OmniKVCache,
+    PyramidKVCache,
+    QuestCache,
+    ShadowKVCache,
+    SnapKVCache,
+    StreamingLLMCache,
+)
 from heterocache._compat import cache_kwarg
 from heterocache.bench_cli import machine_info
 from heterocache.bench import kv_bytes, prompt_ids
@@ -46,6 +56,8 @@ def methods(budget: float) -> dict:
         "cake": ("heterocache", lambda: CAKECache(budget=budget)),
         "heterocache": ("heterocache", lambda: HeteroCache("HuggingFaceTB/SmolLM2-135M-Instruct", budget=budget)),
         "quest": ("heterocache", lambda: QuestCache(budget=budget)),
+        "omnikv": ("heterocache", lambda: OmniKVCache(budget=budget)),
+        "shadowkv": ("heterocache", lambda: ShadowKVCache(budget=budget)),
     }
 
 
