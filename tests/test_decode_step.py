@@ -135,38 +135,34 @@ def test_batched_pivot_scores_equal_the_per_row_scores():
             assert torch.isinf(out[b, p, :, n[b]:]).all()
 
 
-def test_deferred_refresh_acts_two_steps_later_with_the_decision_of_its_check(monkeypatch):
+def _refills_per_step(**options) -> list[int]:
+    """Satellite refills after each of 7 decode steps, checks every 3 steps, every pivot drifting."""
+    model = tiny_model("llama", **SHAPE)
+    cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=3, drift_threshold=1.0, **options)
+    with torch.no_grad():
+        model(_ids(B=1), past_key_values=cache)
+        token = _ids(B=1, L=1, seed=9)
+        refills = []
+        for _ in range(7):
+            model(token, past_key_values=cache)
+            refills.append(cache.policy.stats.satellite_refills)
+    return refills
+
+
+def test_deferred_refresh_acts_two_steps_later_with_the_decision_of_its_check():
     """A decode-time drift decision reaches the host without a wait and is acted on at the start
     of the step after next (DECISION_LAG): equal to acting on the same decision at once."""
     from heterocache.hetero.policy import DECISION_LAG
 
     assert DECISION_LAG == 2
-    model = tiny_model("llama", **SHAPE)
-    cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=3, drift_threshold=1.0)
-    with torch.no_grad():
-        model(_ids(B=1), past_key_values=cache)
-        token = _ids(B=1, L=1, seed=9)
-        refills = []
-        for _ in range(7):
-            model(token, past_key_values=cache)
-            refills.append(cache.policy.stats.satellite_refills)
     per_layer = len(toy_profile().heads("satellite"))  # one batch row
     # Checks after steps 3 and 6 (1-based); acted on at the start of steps 5 and 8.
-    assert refills == [0, 0, 0, 0, per_layer, per_layer, per_layer]
+    assert _refills_per_step() == [0, 0, 0, 0, per_layer, per_layer, per_layer]
 
 
 def test_decision_lag_zero_refreshes_at_the_check_as_the_paper_does():
-    model = tiny_model("llama", **SHAPE)
-    cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=3, drift_threshold=1.0, decision_lag=0)
-    with torch.no_grad():
-        model(_ids(B=1), past_key_values=cache)
-        token = _ids(B=1, L=1, seed=9)
-        refills = []
-        for _ in range(7):
-            model(token, past_key_values=cache)
-            refills.append(cache.policy.stats.satellite_refills)
     per_layer = len(toy_profile().heads("satellite"))
-    assert refills == [0, 0, per_layer, per_layer, per_layer, 2 * per_layer, 2 * per_layer]
+    assert _refills_per_step(decision_lag=0) == [0, 0, per_layer, per_layer, per_layer, 2 * per_layer, 2 * per_layer]
     with pytest.raises(ValueError, match="decision_lag"):
         HeteroCache(toy_profile(), budget=0.5, decision_lag=-1)
 

@@ -68,13 +68,19 @@ def _expected_picks(keys: torch.Tensor, query: torch.Tensor, n: int, page_size: 
     return torch.tensor(sorted(picks[:n]))
 
 
-def test_reselected_heads_hold_the_top_pages_of_their_own_turn_queries_copied_from_host_in_order():
-    model = toy_model()
+def _reference_prompt(model):
+    """``_two_turns``' prompt in a DynamicCache (the full prompt keys and values), and its mask."""
     reference = DynamicCache()
     ids, mask = _ids(B=2), torch.ones(2, 120, dtype=torch.long)
     mask[1, :20] = 0
     with torch.no_grad():
         model(ids, attention_mask=mask, past_key_values=reference)
+    return reference, mask
+
+
+def test_reselected_heads_hold_the_top_pages_of_their_own_turn_queries_copied_from_host_in_order():
+    model = toy_model()
+    reference, mask = _reference_prompt(model)
     cache = HeteroCache(toy_profile(), **OWN)
     _, _, queries = _two_turns(model, cache)
     policy = cache.policy
@@ -359,11 +365,7 @@ def _expected_key_picks(keys: torch.Tensor, query: torch.Tensor, n: int, window:
 
 def test_key_scoring_rechooses_the_top_tokens_of_the_turns_attention_over_the_full_prompt_keys():
     model = toy_model()
-    reference = DynamicCache()
-    ids, mask = _ids(B=2), torch.ones(2, 120, dtype=torch.long)
-    mask[1, :20] = 0
-    with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=reference)
+    reference, mask = _reference_prompt(model)
     cache = HeteroCache(toy_profile(), turn_scoring="keys", window=2, **dict(OWN, budget=0.5))
     _, _, queries = _two_turns(model, cache)
     policy = cache.policy
