@@ -25,6 +25,7 @@ IEEE (not TF32) dot products.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -391,6 +392,14 @@ def ragged_decode_attention_triton(
     return (out, lse) if return_lse else out
 
 
+@functools.lru_cache(maxsize=64)
+def _table_ranges(S: int, N: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The constant ``seg_start`` (zeros) and ``seg_len`` (N) of a table launch, made once per
+    shape and device instead of twice per layer and step (the kernel only reads them)."""
+    return (torch.zeros(S, dtype=torch.int64, device=device),
+            torch.full((S,), N, dtype=torch.int64, device=device))
+
+
 def table_decode_attention_triton(
     q: torch.Tensor,
     k_buf: torch.Tensor,
@@ -428,8 +437,7 @@ def table_decode_attention_triton(
             raise TypeError(f"table_decode_attention_triton sets {name} itself")
     N = slot_table.shape[1]
     dev = q.device
-    seg_start = torch.zeros(S, dtype=torch.int64, device=dev)
-    seg_len = torch.full((S,), N, dtype=torch.int64, device=dev)
+    seg_start, seg_len = _table_ranges(S, N, dev)
     if num_splits is None:
         num_splits = choose_num_splits(N, S * N, _num_sms(dev))
     return ragged_decode_attention_triton(
