@@ -180,3 +180,23 @@ def test_results_page_gives_paired_intervals_when_records_are_next_to_the_json(t
     # vs full: d = 0, 100 -> mean 50, sd 70.7, half-width 1.96 * 70.7 / sqrt(2) = 98.0; vs snapkv: d = 100, 100.
     assert "| 1024 | query_aware | 0.25 | 100.0 | 50.0 | +50.0 ± 98.0 | snapkv (0.0) | +100.0 ± 0.0 |" in text
     assert "paired over the samples" in text
+
+
+def test_results_page_compares_a_method_variant_with_its_plain_method_and_the_full_cache(tmp_path):
+    variant = "heterocache:turn_reselect=own"
+    cells = [
+        {"method": m, "budget": b, "task": "niah_single", "length": 1024, "mode": "query_agnostic", "n": 2, "score": s}
+        for m, b, s in [("dynamic", 1.0, 50.0), ("heterocache", 0.25, 0.0), (variant, 0.25, 100.0),
+                        ("snapkv", 0.25, 0.0)]
+    ]
+    results = tmp_path / "run" / "results.json"
+    write_json(results, cells, {"seed": 0}, {"model": "tiny/model"})
+    rows = [("dynamic", 1.0, [100, 0]), ("heterocache", 0.25, [0, 0]), (variant, 0.25, [100, 100]),
+            ("snapkv", 0.25, [0, 0])]
+    (tmp_path / "run" / "records.jsonl").write_text(
+        "".join(json.dumps(_record(m, b, "niah_single", i, s, mode="query_agnostic")) + "\n"
+                for m, b, ss in rows for i, s in enumerate(ss)))
+    text = build_report([results], tmp_path / "results.md")
+    assert f"| `{variant}` | 1024 | query_agnostic | 0.25 | 100.0 | 0.0 | +100.0 ± 0.0 | 50.0 | +50.0 ± 98.0 |" in text
+    # HeteroCache's own variant is not "the best other method" of the plain comparison
+    assert "| 1024 | query_agnostic | 0.25 | 0.0 | 50.0 | -50.0 ± 98.0 | snapkv (0.0) | +0.0 ± 0.0 |" in text

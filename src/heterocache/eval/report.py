@@ -114,7 +114,9 @@ def comparison_table(avg: list[dict], method: str = "heterocache", records: list
         same = [o for o in avg if (o["length"], o["mode"]) == (c["length"], c["mode"])]
         # the reference: DynamicCache when it ran, else another full-cache method
         full = sorted((o for o in same if is_full(o["method"])), key=lambda o: o["method"] != "dynamic")
-        others = [o for o in same if o["budget"] == c["budget"] and o["method"] != method and not is_full(o["method"])]
+        # other methods: not the full cache, and not ``method``'s own variants ("heterocache:...")
+        others = [o for o in same if o["budget"] == c["budget"] and o["method"].split(":")[0] != method
+                  and not is_full(o["method"])]
         best = max(others, key=lambda o: o["score"], default=None)
 
         def diff(other: dict) -> str:
@@ -131,6 +133,33 @@ def comparison_table(avg: list[dict], method: str = "heterocache", records: list
         cols += [f"{best['method']} ({best['score']:.1f})", diff(best)] if best else ["", ""]
         lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines)
+
+
+def variant_table(avg: list[dict], records: list[dict] | None = None) -> str:
+    """Every method variant (a spec ``"name:key=value..."``) against its plain method and the full
+    cache at the same (length, mode, budget) of the RULER means, paired over samples when
+    ``records`` are given; empty string without variants."""
+    variants = sorted((c for c in avg if ":" in c["method"]),
+                      key=lambda c: (c["method"], c["length"], c["mode"], c["budget"]))
+    lines = ["| variant | length | mode | budget | variant | plain | variant − plain | full | variant − full |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    ruler = GROUPS["ruler"]
+    for c in variants:
+        base = c["method"].split(":")[0]
+        same = [o for o in avg if (o["length"], o["mode"]) == (c["length"], c["mode"])]
+        plain = next((o for o in same if o["method"] == base and o["budget"] == c["budget"]), None)
+        full = sorted((o for o in same if is_full(o["method"])), key=lambda o: o["method"] != "dynamic")
+
+        def diff(other: dict) -> str:
+            paired = None if records is None else paired_difference(
+                records, (c["method"], c["budget"]), (other["method"], other["budget"]), c["length"], c["mode"], ruler)
+            return paired.format() if paired else f"{c['score'] - other['score']:+.1f}"
+
+        cols = [f"`{c['method']}`", str(c["length"]), c["mode"], f"{c['budget']:g}", f"{c['score']:.1f}"]
+        cols += [f"{plain['score']:.1f}", diff(plain)] if plain else ["", ""]
+        cols += [f"{full[0]['score']:.1f}", diff(full[0])] if full else ["", ""]
+        lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines) if variants else ""
 
 
 def _samples_line(cells: list[dict], config: dict) -> str:
@@ -180,6 +209,11 @@ def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> str:
                     "",
                 ]
             out += [comparison, ""]
+        variants = variant_table(avg, records)
+        if variants:
+            out += ["### Method variants against their plain method and the full cache (RULER average)", "",
+                    "A variant is a method with options (`name:key=value:...`, as `--methods` takes it).", "",
+                    variants, ""]
     for task in sorted({c["task"] for c in cells if c["task"] != plot.FIDELITY_TASK}):
         out += [f"### {task}", "", markdown_table([c for c in cells if c["task"] == task], "score"), ""]
         image = img_dir / f"score_{plot._safe(task)}.png"
