@@ -786,7 +786,9 @@ class HeteroCachePolicy(Policy):
         H, Nr = store.num_heads, len(state.reselect)
         G, Lmax = Hq // H, state.prompt_pos.shape[1]
         dev = query.device
-        keys = state.host.k.index_select(1, state.reselect_slots)  # [B, Nr, Lmax, D] (host)
+        keys = state.host.k  # [B, held, Lmax, D] (host, pinned on CUDA)
+        if not torch.equal(state.reselect_slots, torch.arange(keys.shape[1])):  # host tensors: no device read
+            keys = keys.index_select(1, state.reselect_slots)  # [B, Nr, Lmax, D]
         keys = keys.to(dev, non_blocking=True).float()
         q = query.view(B, H, G, W, D).index_select(1, state.reselect_dev).float()  # [B, Nr, G, W, D]
         logits = torch.einsum("brgwd,brld->brgwl", q, keys) * scaling
