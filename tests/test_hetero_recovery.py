@@ -366,7 +366,7 @@ def _expected_key_picks(keys: torch.Tensor, query: torch.Tensor, n: int, window:
 def test_key_scoring_rechooses_the_top_tokens_of_the_turns_attention_over_the_full_prompt_keys():
     model = toy_model()
     reference, mask = _reference_prompt(model)
-    cache = HeteroCache(toy_profile(), turn_scoring="keys", window=2, **dict(OWN, budget=0.5))
+    cache = HeteroCache(toy_profile(), turn_scoring="keys", window=2, turn_window=3, **dict(OWN, budget=0.5))
     _, _, queries = _two_turns(model, cache)
     policy = cache.policy
     plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5)
@@ -380,7 +380,7 @@ def test_key_scoring_rechooses_the_top_tokens_of_the_turns_attention_over_the_fu
             for head in np.nonzero(policy.summarised_for(len(real))[layer_idx].numpy())[0]:
                 n = int(state.plan[row, head])
                 q = queries[layer_idx][row, head * G:(head + 1) * G]
-                picks = _expected_key_picks(K[row, head, real], q, n, 2, policy.kernel, D ** -0.5)
+                picks = _expected_key_picks(K[row, head, real], q, n, 3, policy.kernel, D ** -0.5)
                 k, v, pos = store.segment(row * store.num_heads + int(head))
                 assert torch.equal(pos[:n].long(), real[picks]), (layer_idx, row, head)
                 torch.testing.assert_close(k[:n], K[row, head, real[picks]], rtol=0, atol=0)
@@ -403,5 +403,7 @@ def test_key_scoring_follows_row_changes_and_keeps_single_turn_tokens():
 def test_bad_turn_scoring_is_rejected():
     with pytest.raises(ValueError, match="turn_scoring"):
         HeteroCachePolicy(profile=toy_profile(), turn_reselect="own", turn_scoring="exact")
+    with pytest.raises(ValueError, match="turn_window"):
+        HeteroCachePolicy(profile=toy_profile(), turn_reselect="own", turn_scoring="keys", turn_window=0)
     with pytest.raises(ValueError, match="turn_scoring='pages'"):
         HeteroCachePolicy(profile=toy_profile(), turn_reselect="own", turn_scoring="keys", summary_drift=True)

@@ -332,6 +332,8 @@ class HeteroCachePolicy(Policy):
             tokens taken one by one, i.e. what a query-aware prefill would have kept with the
             turn as its question. Costs a host-to-device copy of the re-chosen heads' prompt keys
             per turn (half their host bytes).
+        turn_window: turn queries ``turn_scoring="keys"`` scores with (default None: ``window``,
+            as the prefill selection); more queries of a question cover more of what it asks for.
         anchor_offload: keep the anchors' full prompt KV in host memory too (counted in the memory
             report's host bytes). Default None: on exactly when the cache is meant for further
             turns, i.e. with ``turn_reselect="own"``; True/False to force it.
@@ -377,6 +379,7 @@ class HeteroCachePolicy(Policy):
     turn_refresh: str = "always"
     turn_reselect: str = "pivot"
     turn_scoring: str = "pages"
+    turn_window: int | None = None
     anchor_offload: bool | None = None
     page_size: int = 16
     summaries_in_budget: bool = True
@@ -394,6 +397,8 @@ class HeteroCachePolicy(Policy):
         for name in ("window", "kernel", "refresh_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.turn_window is not None and self.turn_window < 1:
+            raise ValueError(f"turn_window must be >= 1, got {self.turn_window}")
         if self.decision_lag < 0:
             raise ValueError(f"decision_lag must be >= 0, got {self.decision_lag}")
         if self.kernel % 2 == 0:
@@ -766,8 +771,8 @@ class HeteroCachePolicy(Policy):
         state.pending.clear()
         if self.turn_scoring == "keys":
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            picks, member = self._reselect_by_keys(state, store, query[:, :, -min(self.window, query.shape[2]):, :],
-                                                   scale)
+            W = min(self.turn_window or self.window, query.shape[2])
+            picks, member = self._reselect_by_keys(state, store, query[:, :, -W:, :], scale)
         else:
             T = min(self.refresh_interval, query.shape[2])
             picks, member = self._reselect_picks(state, store, query[:, :, -T:, :])
