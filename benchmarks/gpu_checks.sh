@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu_checks.sh decode     # issue 15 in one call (<= 10 min): CUDA decode-step tests
 #                                            # (device path == CPU path, no host reads, async == sync
 #                                            # refresh), then Llama-3.1-8B shapes at 32K and 128K, batch 1
+#   bash benchmarks/gpu_checks.sh compiled   # issue 15: StaticCache + torch.compile against FullKV, SnapKV and
+#                                            # HeteroCache eager and with CUDA graphs (reduce-overhead), 32K, 128K
 #   bash benchmarks/gpu_checks.sh dynamic    # issue 16 in one call (<= 10 min): the CUDA tests of Quest,
 #                                            # OmniKV (offload through the pinned context's device alias)
 #                                            # and ShadowKV, then the three at 32K and 128K, batch 1
@@ -21,7 +23,7 @@ OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 BENCH=(python -m heterocache.cli bench --model random:meta-llama/Llama-3.1-8B-Instruct --device cuda
        --methods dynamic,fullkv,heterocache,snapkv --budgets 0.1,0.25,0.5 --new-tokens 32 --warmup 3)
-case "${1:?stage: tests|kernel|bench-a|bench-b|maxbatch|decode|dynamic}" in
+case "${1:?stage: tests|kernel|bench-a|bench-b|maxbatch|decode|compiled|dynamic}" in
   tests)    python -m pytest -q -rs tests/test_kernels_gpu.py tests/test_kernels_triton_interp.py \
               tests/test_kernels_ragged_torch.py tests/test_hetero_runtime.py tests/test_bench_cli.py \
               2>&1 | tee "$OUT/gpu_tests.txt" ;;
@@ -39,6 +41,9 @@ case "${1:?stage: tests|kernel|bench-a|bench-b|maxbatch|decode|dynamic}" in
               --lengths 32768 --out "$OUT/decode_32k" || true
             timeout 240 "${BENCH[@]}" --methods dynamic,fullkv,snapkv,heterocache --budgets 0.25 \
               --lengths 131072 --out "$OUT/decode_128k" || true ;;
+  compiled) timeout 560 python benchmarks/compiled_decode.py --model random:meta-llama/Llama-3.1-8B-Instruct \
+              --device cuda --lengths 32768 131072 --methods static,dynamic,fullkv,snapkv,heterocache \
+              --out "$OUT/compiled_decode.json" || true ;;
   dynamic)  python -m pytest -q -rs tests/test_quest.py tests/test_omnikv.py tests/test_shadowkv.py \
               tests/test_device_placement.py 2>&1 | tee "$OUT/dynamic_tests.txt"
             timeout 200 "${BENCH[@]}" --methods dynamic,quest,omnikv,shadowkv,heterocache --budgets 0.25 \
