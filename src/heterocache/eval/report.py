@@ -212,7 +212,9 @@ def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> str:
         variants = variant_table(avg, records)
         if variants:
             out += ["### Method variants against their plain method and the full cache (RULER average)", "",
-                    "A variant is a method with options (`name:key=value:...`, as `--methods` takes it).", "",
+                    "A variant is a method with options (`name:key=value:...`, as `--methods` takes it). The "
+                    "plain and full columns are those cells' own means (over all their samples); the "
+                    "differences are paired over the samples both scored.", "",
                     variants, ""]
     for task in sorted({c["task"] for c in cells if c["task"] != plot.FIDELITY_TASK}):
         out += [f"### {task}", "", markdown_table([c for c in cells if c["task"] == task], "score"), ""]
