@@ -72,6 +72,8 @@ class DecodePlan:
         spans: "segments" only: ``(first_slot, tokens)`` per segment.
         max_len, num_splits: "device"/"kernel": launch shape from the capacities (fixed until the
             store reallocates, so a captured graph can replay it).
+        use_kernel, backend: "device"/"kernel": the kernel backend (``kernels.resolve_backend``),
+            resolved when the plan is built, not per layer.
     """
 
     strategy: str
@@ -82,6 +84,7 @@ class DecodePlan:
     max_len: int = 0
     num_splits: int = 1
     use_kernel: bool = False
+    backend: str = "torch"
 
 
 def plan_decode(store: RaggedKVStore, strategy: str) -> DecodePlan:
@@ -90,8 +93,8 @@ def plan_decode(store: RaggedKVStore, strategy: str) -> DecodePlan:
         caps = store.cap_h
         max_cap = int(caps.max()) if caps.size else 0
         splits = choose_num_splits(max_cap, int(caps.sum()), _num_sms(store.device))
-        use_kernel = kernels.resolve_backend(store.device) != "torch"
-        return DecodePlan(strategy, max_len=max_cap, num_splits=splits, use_kernel=use_kernel)
+        backend = kernels.resolve_backend(store.device)
+        return DecodePlan(strategy, max_len=max_cap, num_splits=splits, use_kernel=backend != "torch", backend=backend)
     if strategy == "blocks":
         return DecodePlan("blocks")
     if strategy != "segments":
@@ -266,7 +269,7 @@ def _decode_device(store: RaggedKVStore, query: torch.Tensor, scaling: float, pl
     B, Hq, _, D = query.shape
     q = query.reshape(store.num_segments, Hq // store.num_heads, D).to(store.dtype)
     # A registered op (kernels.ops): one dispatcher call per layer, traced whole by torch.compile.
-    if kernels.resolve_backend(store.device) == "triton" and kernel_ops.ragged_decode_triton is not None:
+    if plan.backend == "triton" and kernel_ops.ragged_decode_triton is not None:
         out = kernel_ops.ragged_decode_triton(q, store.k, store.v, store.start, store.length, float(scaling),
                                               plan.num_splits, plan.max_len)
     else:
