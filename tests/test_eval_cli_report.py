@@ -200,3 +200,23 @@ def test_results_page_compares_a_method_variant_with_its_plain_method_and_the_fu
     assert f"| `{variant}` | 1024 | query_agnostic | 0.25 | 100.0 | 0.0 | +100.0 ± 0.0 | 50.0 | +50.0 ± 98.0 |" in text
     # HeteroCache's own variant is not "the best other method" of the plain comparison
     assert "| 1024 | query_agnostic | 0.25 | 0.0 | 50.0 | -50.0 ± 98.0 | snapkv (0.0) | +0.0 ± 0.0 |" in text
+
+
+def test_results_page_leaves_a_row_scored_on_fewer_tasks_out_of_the_averages(tmp_path):
+    # a variant run on one of two tasks: its "average" would be over another task set than its neighbours'
+    cells = [
+        {"method": m, "budget": b, "task": t, "length": 1024, "mode": "query_aware", "n": 2, "score": s}
+        for m, b, t, s in [("dynamic", 1.0, "niah_single", 100.0), ("dynamic", 1.0, "vt", 0.0),
+                           ("heterocache", 0.25, "niah_single", 50.0), ("heterocache", 0.25, "vt", 0.0),
+                           ("heterocache:decision_lag=0", 0.25, "niah_single", 100.0)]
+    ]
+    results = tmp_path / "results.json"
+    write_json(results, cells, {"seed": 0}, {"model": "tiny/model"})
+    text = build_report([results], tmp_path / "results.md")
+    average = text.split("### RULER average")[1].split("### niah_single")[0]
+    assert "| 1024 | query_aware | heterocache | 25.0 |  | 4 |" in average
+    assert "| 1024 | query_aware | dynamic |  | 50.0 | 4 |" in average
+    assert "| 1024 | query_aware | heterocache:decision_lag=0 |" not in average
+    assert "- heterocache:decision_lag=0 at 0.25 (query_aware, 1024): 1 of 2 tasks (niah_single)" in average
+    # the per-task table still shows it
+    assert "| 1024 | query_aware | heterocache:decision_lag=0 | 100.0 |" in text.split("### niah_single")[1]

@@ -76,14 +76,29 @@ def markdown_table(cells: list[dict], metric: str, row_fields=("length", "mode",
     return "\n".join(lines)
 
 
-def ruler_average(cells: list[dict]) -> list[dict]:
-    """Mean score over the RULER tasks present, per (length, mode, method, budget)."""
+def ruler_average(cells: list[dict]) -> tuple[list[dict], list[str]]:
+    """Mean score over the RULER tasks, per (length, mode, method, budget).
+
+    A mean is taken only where a group has the whole task set of its (length, mode) (the widest
+    any group there has): a group scored on fewer tasks (a grid row run on a subset) is left out,
+    since its mean would be over other tasks than its neighbours' yet read as comparable. Returns
+    the means and one line per group left out (method, budget, the tasks it has)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for c in cells:
         if c["task"] in GROUPS["ruler"] and "score" in c:
             groups[(c["length"], c["mode"], c["method"], c["budget"])].append(c)
-    return [
-        dict(
+    # the task set of a (length, mode): the widest any group there has
+    tasks: dict[tuple, set] = defaultdict(set)
+    for k, v in groups.items():
+        tasks[k[:2]] |= {c["task"] for c in v}
+    means, partial = [], []
+    for k, v in groups.items():
+        have = {c["task"] for c in v}
+        if have != tasks[k[:2]]:
+            partial.append(f"{k[2]} at {k[3]:g} ({k[1]}, {k[0]}): {len(have)} of {len(tasks[k[:2]])} tasks "
+                           f"({', '.join(sorted(have))})")
+            continue
+        means.append(dict(
             task="ruler (mean)",
             length=k[0],
             mode=k[1],
@@ -91,9 +106,8 @@ def ruler_average(cells: list[dict]) -> list[dict]:
             budget=k[3],
             score=sum(c["score"] for c in v) / len(v),
             n=sum(c.get("n", 0) for c in v),
-        )
-        for k, v in groups.items()
-    ]
+        ))
+    return means, sorted(partial)
 
 
 def comparison_table(avg: list[dict], method: str = "heterocache", records: list[dict] | None = None) -> str:
@@ -194,10 +208,13 @@ def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> str:
     if skipped:
         out += ["Not run (the method cannot meet the budget):", ""]
         out += [f"- {s['method']} at {s['budget']:g}: {s['reason']}" for s in skipped] + [""]
-    avg = ruler_average(cells)
+    avg, partial = ruler_average(cells)
     if avg:
         tasks_present = sorted({c["task"] for c in cells if c["task"] in GROUPS["ruler"]})
         out += [f"### RULER average ({', '.join(tasks_present)})", "", markdown_table(avg, "score"), ""]
+        if partial:
+            out += ["Not averaged (scored on fewer tasks than the rest; see the per-task tables):", ""]
+            out += [f"- {line}" for line in partial] + [""]
         records = _records_next_to(results_path)
         comparison = comparison_table(avg, records=records)
         if comparison:
