@@ -143,6 +143,22 @@ def test_device_plan_depends_on_capacities_only_and_is_reused_across_layers_and_
     assert (planner.built, planner.reused) == (3, 3)
 
 
+def test_planner_resolves_the_selection_backend_once_per_step(monkeypatch):
+    from heterocache import kernels
+    from heterocache.ragged_attention import DecodePlanner
+
+    calls = []
+    real = kernels.resolve_backend
+    monkeypatch.setattr(kernels, "resolve_backend", lambda device, backend=None: calls.append(device) or real(device))
+    planner = DecodePlanner()
+    cpu = torch.device("cpu")
+    assert [planner.backend(cpu, step=0) for _ in range(3)] == ["torch"] * 3
+    assert len(calls) == 1  # every layer of the step reuses it
+    monkeypatch.setenv(kernels.ENV_VAR, "triton")
+    assert planner.backend(cpu, step=0) == "torch"  # within the step: unchanged
+    assert planner.backend(cpu, step=1) == "triton" and len(calls) == 2  # a new step reads the setting again
+
+
 def test_strategy_comes_from_the_environment(monkeypatch):
     from heterocache.ragged_attention import resolve_strategy
 

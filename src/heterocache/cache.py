@@ -274,7 +274,8 @@ class RaggedCache(Cache):
                     plan = self.planner.plan(layer.store, layer.seen)
                     out = decode_attention(layer.store, query, scaling, plan=plan)
                 else:
-                    out = selected_decode_attention(layer.store, query, scaling, selection)
+                    out = selected_decode_attention(layer.store, query, scaling, selection,
+                                                    self.planner.backend(layer.store.device, layer.seen))
             else:
                 plan = self.planner.plan(layer.store, layer.seen)
                 out = self.decode_step(layer.store, key, value, positions, query, scaling, plan)

@@ -122,19 +122,24 @@ class DecodePlanner:
     def __init__(self):
         self._plans: dict[tuple, DecodePlan] = {}
         self._strategies: dict[str, str] = {}  # device type -> strategy, resolved once per step
+        self._backends: dict[str, str] = {}  # device type -> kernel backend, resolved once per step
         self._step = None
         self.built = 0
         self.reused = 0
 
-    def plan(self, store: RaggedKVStore, step, strategy: str | None = None) -> DecodePlan:
-        """The plan of ``store`` at decode step ``step`` (any hashable that changes per step)."""
+    def _at_step(self, step) -> None:
         if step != self._step:
             # Length-keyed (CPU) plans are only valid for one step; capacity-keyed ones stay.
             self._plans = {k: p for k, p in self._plans.items() if k[0] in _CAPACITY_KEYED}
             if len(self._plans) > 256:
                 self._plans.clear()
             self._strategies.clear()
+            self._backends.clear()
             self._step = step
+
+    def plan(self, store: RaggedKVStore, step, strategy: str | None = None) -> DecodePlan:
+        """The plan of ``store`` at decode step ``step`` (any hashable that changes per step)."""
+        self._at_step(step)
         if strategy is None:
             strategy = self._strategies.get(store.device.type)
             if strategy is None:
@@ -149,6 +154,15 @@ class DecodePlanner:
         else:
             self.reused += 1
         return plan
+
+    def backend(self, device: torch.device, step) -> str:
+        """The kernel backend on ``device`` (``kernels.resolve_backend``) at decode step ``step``,
+        resolved once per step and device type, for the per-step selection path."""
+        self._at_step(step)
+        name = self._backends.get(device.type)
+        if name is None:
+            name = self._backends[device.type] = kernels.resolve_backend(device)
+        return name
 
 
 def decode_step(store: RaggedKVStore, key, value, positions, query, scaling: float, plan: DecodePlan) -> torch.Tensor:
@@ -221,7 +235,7 @@ class SlotSelection:
 
 
 def selected_decode_attention(store: RaggedKVStore, query: torch.Tensor, scaling: float,
-                              selection: SlotSelection) -> torch.Tensor:
+                              selection: SlotSelection, backend: str | None = None) -> torch.Tensor:
     """Single-token attention of every query head over the slots its KV head's segment selected.
 
     Reads only the selected keys and values (one gather of ``[S, N, D]``), on every device; a
@@ -230,6 +244,8 @@ def selected_decode_attention(store: RaggedKVStore, query: torch.Tensor, scaling
     Args:
         query: ``[B, Hq, 1, D]``.
         selection: the step's ``SlotSelection``; every segment must select at least one valid slot.
+        backend: the kernel backend (``kernels.resolve_backend``; default: resolved here). The
+            cache passes its planner's, resolved once per step.
 
     Returns:
         ``[B, 1, Hq, D]`` in the query's dtype.
@@ -243,7 +259,9 @@ def selected_decode_attention(store: RaggedKVStore, query: torch.Tensor, scaling
         raise ValueError(f"a selection has {S} rows (one per KV head) or {S * G} (one per query head), got {R}")
     if selection.extra_key is not None and selection.extra_key.shape[0] != R:
         raise ValueError(f"extra tokens must have the selection's {R} rows, got {selection.extra_key.shape[0]}")
-    if selection.extra_key is None and kernels.resolve_backend(store.device) == "triton":
+    if backend is None:
+        backend = kernels.resolve_backend(store.device)
+    if selection.extra_key is None and backend == "triton":
         # The Triton kernel reads the chosen slots in place through the table (no gather copy).
         q = query.reshape(R, G, D).to(store.dtype)
         out = kernels.triton_decode.table_decode_attention_triton(
