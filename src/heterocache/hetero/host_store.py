@@ -3,6 +3,13 @@
 Only satellite heads are copied, never whole layers. Row ``b``'s copy holds its real prompt
 tokens in order, so index ``j`` is the ``j``-th real token: the same index as the ``j``-th prompt
 slot of a pivot's (full) segment.
+
+Why not :class:`heterocache.host_rows.HostRows` (ShadowKV, OmniKV): those gather by indices that
+live on the device, through a device kernel reading pinned memory. A satellite refresh is decided
+on the host (its drift decision arrives with ``decision_lag``), so its indices are host values and
+the gather runs on the host into fresh pinned staging, the source of one asynchronous
+host-to-device copy per refresh (``transfer.RefreshTransfer``) that a side stream overlaps with
+decoding; a UVA read would instead make the decode stream's kernel wait on the host link.
 """
 
 from __future__ import annotations
