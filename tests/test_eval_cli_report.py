@@ -220,3 +220,25 @@ def test_results_page_leaves_a_row_scored_on_fewer_tasks_out_of_the_averages(tmp
     assert "- heterocache:decision_lag=0 at 0.25 (query_aware, 1024): 1 of 2 tasks (niah_single)" in average
     # the per-task table still shows it
     assert "| 1024 | query_aware | heterocache:decision_lag=0 | 100.0 |" in text.split("### niah_single")[1]
+
+
+def test_results_page_compares_heterocache_with_the_best_dynamic_retrieval_method(tmp_path):
+    from heterocache.eval.report import selects_per_step
+
+    assert selects_per_step("quest") and selects_per_step("shadowkv") and selects_per_step("omnikv:filter_layers=2")
+    assert not selects_per_step("snapkv") and not selects_per_step("heterocache") and not selects_per_step("nope")
+    cells = [
+        {"method": m, "budget": b, "task": "niah_single", "length": 1024, "mode": "query_aware", "n": 2, "score": s}
+        for m, b, s in [("dynamic", 1.0, 90.0), ("heterocache", 0.25, 70.0), ("snapkv", 0.25, 80.0),
+                        ("quest", 0.25, 40.0), ("omnikv", 0.25, 60.0)]
+    ]
+    results = tmp_path / "results.json"
+    write_json(results, cells, {"seed": 0}, {"model": "tiny/model"})
+    text = build_report([results], tmp_path / "results.md")
+    section = text.split("### HeteroCache against the best dynamic-retrieval method")[1].split("###")[0]
+    assert "| 1024 | query_aware | 0.25 | 70.0 | 90.0 | -20.0 | omnikv (60.0) | +10.0 |" in section
+    # the table of all methods still takes the best of every compressed one
+    assert "| 1024 | query_aware | 0.25 | 70.0 | 90.0 | -20.0 | snapkv (80.0) | -10.0 |" in text
+    without = [c for c in cells if c["method"] not in ("quest", "omnikv")]
+    write_json(results, without, {"seed": 0}, {"model": "tiny/model"})
+    assert "dynamic-retrieval" not in build_report([results], tmp_path / "results.md")

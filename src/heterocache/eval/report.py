@@ -16,6 +16,7 @@ import argparse
 import os
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from . import plot
@@ -110,17 +111,33 @@ def ruler_average(cells: list[dict]) -> tuple[list[dict], list[str]]:
     return means, sorted(partial)
 
 
-def comparison_table(avg: list[dict], method: str = "heterocache", records: list[dict] | None = None) -> str:
+def selects_per_step(method: str) -> bool:
+    """Whether ``method`` (a name or a spec ``"name:key=value"``) is a dynamic-retrieval method: it
+    keeps what it may need and chooses what it reads at every decode step (Quest, ShadowKV, OmniKV:
+    their policies' ``selects_per_step``). False for unknown names."""
+    from ..methods import get_method  # here, not at import: the registry imports the engine
+
+    try:
+        entry = get_method(method.split(":")[0])
+    except ValueError:
+        return False
+    return bool(getattr(entry.policy_class, "selects_per_step", False))
+
+
+def comparison_table(avg: list[dict], method: str = "heterocache", records: list[dict] | None = None,
+                     among: Callable[[str], bool] | None = None, label: str = "best other method") -> str:
     """``method`` against the full cache and the best other method at the same budget, per
-    (length, mode, budget) of the RULER means; empty string when ``method`` has no cells.
+    (length, mode, budget) of the RULER means; empty string when ``method`` has no cells, or when
+    ``among`` is given and no method it admits ran.
 
     With ``records`` (the per-sample records), each difference also gets its 95% interval, paired
-    over the samples both methods scored (:mod:`.paired`)."""
+    over the samples both methods scored (:mod:`.paired`). ``among``: which other methods compete
+    (default: every compressed one); ``label``: its column's header."""
     mine = sorted((c for c in avg if c["method"] == method), key=lambda c: (c["length"], c["mode"], c["budget"]))
-    if not mine:
+    if not mine or (among is not None and not any(among(c["method"]) for c in avg)):
         return ""
     lines = [
-        f"| length | mode | budget | {method} | full | {method} − full | best other method | {method} − best |",
+        f"| length | mode | budget | {method} | full | {method} − full | {label} | {method} − best |",
         "|---|---|---|---|---|---|---|---|",
     ]
     ruler = GROUPS["ruler"]
@@ -130,7 +147,7 @@ def comparison_table(avg: list[dict], method: str = "heterocache", records: list
         full = sorted((o for o in same if is_full(o["method"])), key=lambda o: o["method"] != "dynamic")
         # other methods: not the full cache, and not ``method``'s own variants ("heterocache:...")
         others = [o for o in same if o["budget"] == c["budget"] and o["method"].split(":")[0] != method
-                  and not is_full(o["method"])]
+                  and not is_full(o["method"]) and (among is None or among(o["method"]))]
         best = max(others, key=lambda o: o["score"], default=None)
 
         def diff(other: dict) -> str:
@@ -226,6 +243,13 @@ def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> str:
                     "",
                 ]
             out += [comparison, ""]
+        retrieval = comparison_table(avg, records=records, among=selects_per_step,
+                                     label="best dynamic-retrieval method")
+        if retrieval:
+            out += ["### HeteroCache against the best dynamic-retrieval method (RULER average)", "",
+                    "Dynamic retrieval (Quest, ShadowKV, OmniKV): every token kept somewhere, the tokens read "
+                    "chosen again at every decode step; same budget, differences paired as above.", "",
+                    retrieval, ""]
         variants = variant_table(avg, records)
         if variants:
             out += ["### Method variants against their plain method and the full cache (RULER average)", "",
