@@ -442,3 +442,22 @@ def test_tensor_parallel_shadowkv_says_it_factors_each_ranks_heads_alone():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ShadowKVPolicy().bind_kv_shard(KVShard.single(4))  # one process: nothing to say
+
+
+def test_key_rank_benchmark_errors_equal_the_reconstruction_error():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shadowkv_keys.py"
+    spec = importlib.util.spec_from_file_location("shadowkv_keys", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 3, generator=g) @ torch.randn(3, 12, generator=g) + 0.01 * torch.randn(40, 12, generator=g)
+    errors, curve = bench.relative_errors(X, [1, 3, 12])
+    U, S, Vh = torch.linalg.svd(X.double(), full_matrices=False)
+    for r in (1, 3):
+        approx = U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+        assert errors[r] == pytest.approx(float((X.double() - approx).norm() / X.double().norm()), rel=1e-9)
+    assert errors[3] < 0.01 < errors[1] and errors[12] == pytest.approx(0.0, abs=1e-12)
+    assert curve[0] == pytest.approx(1.0) and bool((curve[1:] <= curve[:-1]).all())
