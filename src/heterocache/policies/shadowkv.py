@@ -72,7 +72,10 @@ class ShadowKVPolicy(Policy):
             tokens are attended besides.
         rank: rank of the keys' truncated SVD as a fraction of the layer's key width ``H * D``
             (``round(rank * H * D)``, at most the prompt length). Default 160/1024: ``rank=160`` on
-            Llama-3.1-8B's 8 x 128 (``--rank 160``, ``ShadowKVCache(..., rank=160)``).
+            Llama-3.1-8B's 8 x 128 (``--rank 160``, ``ShadowKVCache(..., rank=160)``). Narrow
+            models need a larger share: on SmolLM2 (keys 3 x 64 = 192 wide) rank 30 leaves a
+            17% key error and costs RULER points that exact keys recover
+            (``benchmarks/shadowkv_keys.py``; ~0.33 keeps it near 10%).
         rank_dims: the rank as a number of dimensions instead; overrides ``rank``. Default None.
         chunk_size: tokens per chunk, one landmark each. Default 8 (``chunk_size=8``).
         outlier_chunks: chunks per KV head kept exact for their lowest intra-chunk cosine similarity
