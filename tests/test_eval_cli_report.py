@@ -138,6 +138,10 @@ def test_results_page_without_results_explains_how_to_make_them(tmp_path):
     assert "No results yet" in text and "heterocache eval" in text
 
 
+def _cell(method, budget, score, task="niah_single", mode="query_aware", n=2):
+    return {"method": method, "budget": budget, "task": task, "length": 1024, "mode": mode, "n": n, "score": score}
+
+
 def _record(method, budget, task, idx, score, mode="query_aware"):
     return {"method": method, "budget": budget, "task": task, "length": 1024, "mode": mode, "sample_idx": idx,
             "metrics": {"score": score}}
@@ -166,8 +170,7 @@ def test_paired_difference_by_hand():
 
 def test_results_page_gives_paired_intervals_when_records_are_next_to_the_json(tmp_path):
     cells = [
-        {"method": m, "budget": b, "task": "niah_single", "length": 1024, "mode": "query_aware", "n": 2, "score": s}
-        for m, b, s in [("dynamic", 1.0, 50.0), ("heterocache", 0.25, 100.0), ("snapkv", 0.25, 0.0)]
+        _cell(m, b, s) for m, b, s in [("dynamic", 1.0, 50.0), ("heterocache", 0.25, 100.0), ("snapkv", 0.25, 0.0)]
     ]
     results = tmp_path / "run" / "results.json"
     write_json(results, cells, {"seed": 0}, {"model": "tiny/model"})
@@ -185,9 +188,8 @@ def test_results_page_gives_paired_intervals_when_records_are_next_to_the_json(t
 def test_results_page_compares_a_method_variant_with_its_plain_method_and_the_full_cache(tmp_path):
     variant = "heterocache:turn_reselect=own"
     cells = [
-        {"method": m, "budget": b, "task": "niah_single", "length": 1024, "mode": "query_agnostic", "n": 2, "score": s}
-        for m, b, s in [("dynamic", 1.0, 50.0), ("heterocache", 0.25, 0.0), (variant, 0.25, 100.0),
-                        ("snapkv", 0.25, 0.0)]
+        _cell(m, b, s, mode="query_agnostic")
+        for m, b, s in [("dynamic", 1.0, 50.0), ("heterocache", 0.25, 0.0), (variant, 0.25, 100.0), ("snapkv", 0.25, 0.0)]
     ]
     results = tmp_path / "run" / "results.json"
     write_json(results, cells, {"seed": 0}, {"model": "tiny/model"})
@@ -205,7 +207,7 @@ def test_results_page_compares_a_method_variant_with_its_plain_method_and_the_fu
 def test_results_page_leaves_a_row_scored_on_fewer_tasks_out_of_the_averages(tmp_path):
     # a variant run on one of two tasks: its "average" would be over another task set than its neighbours'
     cells = [
-        {"method": m, "budget": b, "task": t, "length": 1024, "mode": "query_aware", "n": 2, "score": s}
+        _cell(m, b, s, task=t)
         for m, b, t, s in [("dynamic", 1.0, "niah_single", 100.0), ("dynamic", 1.0, "vt", 0.0),
                            ("heterocache", 0.25, "niah_single", 50.0), ("heterocache", 0.25, "vt", 0.0),
                            ("heterocache:decision_lag=0", 0.25, "niah_single", 100.0)]
@@ -228,7 +230,7 @@ def test_results_page_compares_heterocache_with_the_best_dynamic_retrieval_metho
     assert selects_per_step("quest") and selects_per_step("shadowkv") and selects_per_step("omnikv:filter_layers=2")
     assert not selects_per_step("snapkv") and not selects_per_step("heterocache") and not selects_per_step("nope")
     cells = [
-        {"method": m, "budget": b, "task": "niah_single", "length": 1024, "mode": "query_aware", "n": 2, "score": s}
+        _cell(m, b, s)
         for m, b, s in [("dynamic", 1.0, 90.0), ("heterocache", 0.25, 70.0), ("snapkv", 0.25, 80.0),
                         ("quest", 0.25, 40.0), ("omnikv", 0.25, 60.0)]
     ]

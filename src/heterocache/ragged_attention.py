@@ -72,8 +72,8 @@ class DecodePlan:
         spans: "segments" only: ``(first_slot, tokens)`` per segment.
         max_len, num_splits: "device"/"kernel": launch shape from the capacities (fixed until the
             store reallocates, so a captured graph can replay it).
-        use_kernel, backend: "device"/"kernel": the kernel backend (``kernels.resolve_backend``),
-            resolved when the plan is built, not per layer.
+        backend: "device"/"kernel": the kernel backend (``kernels.resolve_backend``), resolved
+            when the plan is built, not per layer; ``use_kernel`` is whether it is not "torch".
     """
 
     strategy: str
@@ -83,8 +83,11 @@ class DecodePlan:
     spans: tuple = ()
     max_len: int = 0
     num_splits: int = 1
-    use_kernel: bool = False
     backend: str = "torch"
+
+    @property
+    def use_kernel(self) -> bool:
+        return self.backend != "torch"
 
 
 def plan_decode(store: RaggedKVStore, strategy: str) -> DecodePlan:
@@ -94,7 +97,7 @@ def plan_decode(store: RaggedKVStore, strategy: str) -> DecodePlan:
         max_cap = int(caps.max()) if caps.size else 0
         splits = choose_num_splits(max_cap, int(caps.sum()), _num_sms(store.device))
         backend = kernels.resolve_backend(store.device)
-        return DecodePlan(strategy, max_len=max_cap, num_splits=splits, use_kernel=backend != "torch", backend=backend)
+        return DecodePlan(strategy, max_len=max_cap, num_splits=splits, backend=backend)
     if strategy == "blocks":
         return DecodePlan("blocks")
     if strategy != "segments":

@@ -88,16 +88,16 @@ def ruler_average(cells: list[dict]) -> tuple[list[dict], list[str]]:
     for c in cells:
         if c["task"] in GROUPS["ruler"] and "score" in c:
             groups[(c["length"], c["mode"], c["method"], c["budget"])].append(c)
+    have = {k: {c["task"] for c in v} for k, v in groups.items()}
     # the task set of a (length, mode): the widest any group there has
     tasks: dict[tuple, set] = defaultdict(set)
-    for k, v in groups.items():
-        tasks[k[:2]] |= {c["task"] for c in v}
+    for k, t in have.items():
+        tasks[k[:2]] |= t
     means, partial = [], []
     for k, v in groups.items():
-        have = {c["task"] for c in v}
-        if have != tasks[k[:2]]:
-            partial.append(f"{k[2]} at {k[3]:g} ({k[1]}, {k[0]}): {len(have)} of {len(tasks[k[:2]])} tasks "
-                           f"({', '.join(sorted(have))})")
+        if have[k] != tasks[k[:2]]:
+            partial.append(f"{k[2]} at {k[3]:g} ({k[1]}, {k[0]}): {len(have[k])} of {len(tasks[k[:2]])} tasks "
+                           f"({', '.join(sorted(have[k]))})")
             continue
         means.append(dict(
             task="ruler (mean)",
