@@ -58,3 +58,41 @@ def test_head_coverage_is_each_compressed_heads_kept_share_of_the_span():
     assert 0 < got.mean() < 1  # compressed heads keep part of the prompt at this budget
     full = bench.head_coverage(cache, range(L - 1, L))  # the last prompt token is always kept
     assert (full == 1).all()
+
+
+def _answer_bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "answer_likelihood.py"
+    spec = importlib.util.spec_from_file_location("answer_likelihood", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_answer_scores_equal_the_full_sequence_log_probabilities():
+    from transformers import DynamicCache
+
+    bench = _answer_bench()
+    assert bench.parse_method("heterocache:kernel=15@0.25") == ("heterocache:kernel=15", 0.25)
+    assert bench.parse_method("dynamic") == ("dynamic", None)
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(1)
+    prompt, question = torch.randint(1, 256, (1, 40), generator=g), torch.randint(1, 256, (1, 5), generator=g)
+    answer = [7, 19, 3]
+    with torch.inference_mode():
+        whole = torch.cat([prompt, question, torch.tensor([answer])], 1)
+        lp = torch.log_softmax(model(input_ids=whole).logits.float(), -1)[0]
+    first = prompt.shape[1] + question.shape[1] - 1  # the position predicting the first answer token
+    want = sum(float(lp[first + i, t]) for i, t in enumerate(answer))
+    argmax_ok = all(int(lp[first + i].argmax()) == t for i, t in enumerate(answer))
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(input_ids=prompt, use_cache=True, **cache_kwarg(model, cache))
+    got, exact = bench.answer_scores(model, cache, answer, new_ids=question)
+    assert got == pytest.approx(want, abs=1e-4) and exact == argmax_ok
+    # The argmax answer is an exact teacher-forced match.
+    greedy = [int(lp[first + i].argmax()) for i in range(3)]
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(input_ids=prompt, use_cache=True, **cache_kwarg(model, cache))
+    _, exact = bench.answer_scores(model, cache, greedy[:1], new_ids=question)
+    assert exact
