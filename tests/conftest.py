@@ -42,6 +42,18 @@ def tiny_model(arch: str = "llama", attn: str = "heterocache", seed: int = 0, **
     return model
 
 
+def benchmark_module(name: str):
+    """The script ``benchmarks/<name>.py`` imported as a module (benchmarks are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def dynamic_reference(shape: dict, L: int = 90, pad: tuple[int, int] = (1, 11), new_tokens: int = 12, seed: int = 0):
     """A left-padded batch of two rows (row ``pad[0]`` padded by ``pad[1]`` tokens) and its greedy
     tokens with transformers' DynamicCache and SDPA: ``(model with heterocache attention,

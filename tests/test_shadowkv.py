@@ -445,13 +445,9 @@ def test_tensor_parallel_shadowkv_says_it_factors_each_ranks_heads_alone():
 
 
 def test_key_rank_benchmark_errors_equal_the_reconstruction_error():
-    import importlib.util
-    from pathlib import Path
+    from conftest import benchmark_module
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shadowkv_keys.py"
-    spec = importlib.util.spec_from_file_location("shadowkv_keys", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_module("shadowkv_keys")
     g = torch.Generator().manual_seed(0)
     X = torch.randn(40, 3, generator=g) @ torch.randn(3, 12, generator=g) + 0.01 * torch.randn(40, 12, generator=g)
     errors, curve = bench.relative_errors(X, [1, 3, 12])

@@ -1,9 +1,7 @@
-"""benchmarks/needle_coverage.py's helpers: the needle's value span and each compressed head's share of it."""
+"""Helpers of benchmarks/needle_coverage.py (the needle's value span, each compressed head's share of it) and
+benchmarks/answer_likelihood.py (teacher-forced answer log-probability)."""
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +12,13 @@ from heterocache._compat import cache_kwarg
 from heterocache.profile import Role
 from heterocache.profile.testing import toy_profile
 
-from conftest import tiny_model
+from conftest import benchmark_module, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "needle_coverage.py"
-    spec = importlib.util.spec_from_file_location("needle_coverage", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("needle_coverage")
 
 
 def test_value_span_is_the_first_occurrence_and_missing_values_raise():
@@ -61,11 +55,7 @@ def test_head_coverage_is_each_compressed_heads_kept_share_of_the_span():
 
 
 def _answer_bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "answer_likelihood.py"
-    spec = importlib.util.spec_from_file_location("answer_likelihood", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("answer_likelihood")
 
 
 def test_answer_scores_equal_the_full_sequence_log_probabilities():
