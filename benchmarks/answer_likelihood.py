@@ -68,6 +68,25 @@ def answer_scores(model, cache, answer: list[int], logits: torch.Tensor | None =
     return total, exact
 
 
+def summary_rows(records: list[dict], methods: list[tuple[str, float | None]], modes, tokens: int, tasks) -> list[dict]:
+    """Per (mode, method, budget): samples, mean log-probability, teacher-forced exact share and,
+    but for the full cache, the paired difference to it with its 95% half-width."""
+    rows = []
+    for mode in modes:
+        for m, b in methods:
+            budget = 1.0 if b is None else b
+            mine = [r for r in records if r["method"] == m and r["budget"] == budget and r["mode"] == mode]
+            row = {"method": m, "budget": b, "mode": mode, "samples": len(mine),
+                   "mean_logprob": round(sum(r["metrics"]["score"] for r in mine) / len(mine), 4),
+                   "teacher_forced_exact": round(sum(r["metrics"]["exact"] for r in mine) / len(mine), 4)}
+            if m != FULL:
+                d = paired_difference(records, (m, budget), (FULL, 1.0), tokens, mode, tasks)
+                row["logprob_minus_full"] = round(d.mean, 4)
+                row["interval95"] = None if d.half_width is None else round(d.half_width, 4)
+            rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -107,19 +126,9 @@ def main(argv=None) -> int:
                                 "metrics": {"score": lp, "exact": exact}, "answer_tokens": len(answer)})
             del caches
             print(f"{task_name} #{sample.index} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    rows = []
-    for mode in args.modes:
-        for m, b in methods:
-            mine = [r for r in records if r["method"] == m and r["mode"] == mode]
-            row = {"method": m, "budget": b, "mode": mode, "samples": len(mine),
-                   "mean_logprob": round(sum(r["metrics"]["score"] for r in mine) / len(mine), 4),
-                   "teacher_forced_exact": round(sum(r["metrics"]["exact"] for r in mine) / len(mine), 4)}
-            if m != FULL:
-                d = paired_difference(records, (m, b), (FULL, 1.0), args.tokens, mode, args.tasks)
-                row["logprob_minus_full"] = round(d.mean, 4)
-                row["interval95"] = None if d.half_width is None else round(d.half_width, 4)
-            rows.append(row)
-            print(json.dumps(row))
+    rows = summary_rows(records, methods, args.modes, args.tokens, args.tasks)
+    for row in rows:
+        print(json.dumps(row))
     result = {
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads (no GPU)",
         "torch": torch.__version__, "model": "SmolLM2-135M-Instruct (fp32)",

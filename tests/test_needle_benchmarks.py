@@ -86,3 +86,18 @@ def test_answer_scores_equal_the_full_sequence_log_probabilities():
         model(input_ids=prompt, use_cache=True, **cache_kwarg(model, cache))
     _, exact = bench.answer_scores(model, cache, greedy[:1], new_ids=question)
     assert exact
+
+
+def test_answer_summary_rows_keep_budgets_apart():
+    bench = _answer_bench()
+    rec = lambda m, b, i, s: {"method": m, "budget": b, "task": "t", "length": 8, "mode": "query_aware",  # noqa: E731
+                              "sample_idx": i, "metrics": {"score": s, "exact": s > -1}}
+    records = [rec("dynamic", 1.0, i, -0.5) for i in range(2)]
+    records += [rec("heterocache", 0.25, 0, -2.0), rec("heterocache", 0.25, 1, -1.0)]
+    records += [rec("heterocache", 0.5, 0, -0.5), rec("heterocache", 0.5, 1, -0.7)]
+    rows = bench.summary_rows(records, [("dynamic", None), ("heterocache", 0.25), ("heterocache", 0.5)],
+                              ["query_aware"], 8, ["t"])
+    assert [r["samples"] for r in rows] == [2, 2, 2]
+    assert rows[1]["mean_logprob"] == -1.5 and rows[1]["logprob_minus_full"] == -1.0
+    assert rows[2]["mean_logprob"] == -0.6 and rows[2]["teacher_forced_exact"] == 1.0
+    assert rows[2]["logprob_minus_full"] == pytest.approx(-0.1)
