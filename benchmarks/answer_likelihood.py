@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from heterocache.bench_cli import machine_info
 from heterocache.eval.paired import paired_difference
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.shared_prefill import PrefillTarget, _step, prefill_many
@@ -114,8 +114,7 @@ def main(argv=None) -> int:
             caches = {(m, b, mode): make_cache(m, b, model=model) for mode in args.modes for m, b in methods}
             targets = [PrefillTarget(c, prompt.length if mode == "query_aware" else prompt.context_len)
                        for (_, _, mode), c in caches.items()]
-            with torch.inference_mode():
-                last = prefill_many(model, ids, targets)
+            last = prefill_many(model, ids, targets)  # under inference_mode itself
             question = ids[:, prompt.context_len:]
             for (m, b, mode), cache in caches.items():
                 aware = mode == "query_aware"
@@ -130,8 +129,7 @@ def main(argv=None) -> int:
     for row in rows:
         print(json.dumps(row))
     result = {
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads (no GPU)",
-        "torch": torch.__version__, "model": "SmolLM2-135M-Instruct (fp32)",
+        "machine": machine_info(torch.device("cpu")), "model": "SmolLM2-135M-Instruct (fp32)",
         "command": " ".join(["python", "benchmarks/answer_likelihood.py", *(argv if argv is not None else sys.argv[1:])]),
         "tokens": args.tokens, "samples_per_task": args.samples, "tasks": args.tasks,
         "seconds": round(time.perf_counter() - start, 1), "rows": rows, "records": records,

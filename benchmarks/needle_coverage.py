@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from heterocache.bench_cli import machine_info
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.shared_prefill import PrefillTarget, prefill_many
 from heterocache.eval.tasks import get_task
@@ -87,12 +87,11 @@ def main(argv=None) -> int:
         task = get_task(task_name)
         for sample in task.samples(formatter, args.tokens, args.samples, 0):
             prompt = formatter.encode(sample)
-            asked = [n for n in sample.meta["needles"] if n["key"] == sample.meta["query"]][0]
+            asked = next(n for n in sample.meta["needles"] if n["key"] == sample.meta["query"])
             span = value_span(prompt.input_ids, tokenizer.encode(asked["value"], add_special_tokens=False))
             caches = [make_cache(f"heterocache:kernel={k}", b, model=model) for k, b in configs]
             ids = torch.tensor([prompt.input_ids])
-            with torch.inference_mode():
-                prefill_many(model, ids, [PrefillTarget(c, prompt.length) for c in caches])
+            prefill_many(model, ids, [PrefillTarget(c, prompt.length) for c in caches])  # under inference_mode itself
             for config, cache in zip(configs, caches):
                 per_config[config].append(head_coverage(cache, span))
             print(f"{task_name} #{sample.index}: value at {span.start}..{span.stop - 1}", file=sys.stderr)
@@ -108,8 +107,7 @@ def main(argv=None) -> int:
         })
         print(json.dumps(rows[-1]))
     result = {
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads (no GPU)",
-        "torch": torch.__version__, "model": "SmolLM2-135M-Instruct (fp32)",
+        "machine": machine_info(torch.device("cpu")), "model": "SmolLM2-135M-Instruct (fp32)",
         "command": " ".join(["python", "benchmarks/needle_coverage.py", *(argv if argv is not None else sys.argv[1:])]),
         "tokens": args.tokens, "samples_per_task": args.samples, "tasks": args.tasks, "mode": "query_aware",
         "seconds": round(time.perf_counter() - start, 1), "rows": rows,
