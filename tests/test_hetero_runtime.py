@@ -375,3 +375,29 @@ def test_heterocache_refuses_crop_rather_than_keep_stale_drift_state():
     model = toy_model()
     cache = _prefilled(model, toy_profile(), _ids(L=40), budget=0.6)
     assert not cache.is_croppable
+
+
+@pytest.mark.parametrize("pooling, kept", [("max", [9, 10, 11]), ("avg", [41, 42, 43])])
+def test_max_pooling_keeps_a_peak_with_its_neighbours(pooling, kept):
+    """A lone peak (0.5 at token 10) against a plateau (0.2 at 40..44): averaged over 3 neighbours
+    the plateau wins; max-pooled the peak and both its neighbours score 0.5 and are kept together."""
+    from heterocache.policies.base import PrefillContext
+
+    L, D = 60, 16
+    weights = torch.full((L,), 1e-4)
+    weights[10], weights[40:45] = 0.5, 0.2
+    key = torch.zeros(1, 4, L, D)
+    key[..., 0] = weights.log()  # query e_0 at scaling 1: attention proportional to the weights
+    query = torch.zeros(1, 8, L, D)
+    query[..., 0] = 1.0
+    ctx = PrefillContext(0, query, key, key.clone(), torch.ones(1, L, dtype=torch.bool), scaling=1.0)
+    policy = HeteroCachePolicy(profile=toy_profile(), budget=0.5, kernel=3, pooling=pooling)
+    plan = torch.tensor([[L, 4, 4, 4]])  # three chosen tokens and the protected last one
+    mask = policy.select(ctx, plan)
+    for head in (1, 2, 3):
+        assert torch.nonzero(mask[0, head]).flatten().tolist() == [*kept, L - 1]
+
+
+def test_pooling_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="pooling"):
+        HeteroCachePolicy(profile=toy_profile(), pooling="median")

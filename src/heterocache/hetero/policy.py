@@ -286,6 +286,10 @@ class HeteroCachePolicy(Policy):
         window: prompt queries whose attention selects the compressed heads' tokens (default 1, the
             last prompt query as in the paper's reference code); these last tokens are always kept.
         kernel: average-pool kernel of the selection and drift scores (default 5).
+        pooling: how the selection scores (prefill, and ``turn_scoring="keys"``) pool over
+            ``kernel`` neighbours: "avg" (default, the paper's) or "max" (every token within
+            ``kernel // 2`` of a peak scores as the peak, so a chosen peak brings its neighbours:
+            spans are kept whole). The drift scores always average.
         refresh_interval: decode steps between drift checks (default 5).
         drift_threshold: a pivot drifted if the median top-k overlap falls below this (default 0.5).
         drift_topk: size of the top-k sets compared (default None: the per-head base budget).
@@ -368,6 +372,7 @@ class HeteroCachePolicy(Policy):
     budget_tokens: int | None = None
     window: int = 1
     kernel: int = 5
+    pooling: str = "avg"
     refresh_interval: int = 5
     drift_threshold: float = 0.5
     drift_topk: int | None = None
@@ -403,6 +408,8 @@ class HeteroCachePolicy(Policy):
             raise ValueError(f"decision_lag must be >= 0, got {self.decision_lag}")
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd, got {self.kernel}")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
         if not 0.0 <= self.drift_threshold <= 1.0:
             raise ValueError(f"drift_threshold must be in [0, 1], got {self.drift_threshold}")
         if self.turn_refresh not in ("after", "before", "always"):
@@ -562,7 +569,7 @@ class HeteroCachePolicy(Policy):
     def select(self, ctx: PrefillContext, plan: torch.Tensor) -> torch.Tensor:
         H = ctx.key.shape[1]
         scores = window_attention_scores(ctx.query, ctx.key, ctx.valid, self.window, ctx.scaling)
-        scores = reduce_gqa(pool_scores(scores, self.kernel, "avg"), H, "max")
+        scores = reduce_gqa(pool_scores(scores, self.kernel, self.pooling), H, "max")
         return topk_keep(scores, ctx.valid, plan, protect_last=self.window)
 
     def on_prefill_done(self, layer_idx: int, store: RaggedKVStore, ctx: PrefillContext) -> None:
@@ -800,7 +807,7 @@ class HeteroCachePolicy(Policy):
         valid = torch.arange(Lmax, device=dev) < state.prompt_dev[:, None]  # [B, Lmax]
         logits = logits.masked_fill(~valid[:, None, None, None, :], float("-inf"))
         probs = torch.softmax(logits, -1).sum(3)  # [B, Nr, G, Lmax]
-        scores = pool_scores(probs, self.kernel, "avg").amax(2)  # [B, Nr, Lmax]
+        scores = pool_scores(probs, self.kernel, self.pooling).amax(2)  # [B, Nr, Lmax]
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         nmax = state.reselect_nmax
         top = scores.topk(nmax, dim=-1).indices
