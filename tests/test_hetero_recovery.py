@@ -18,7 +18,7 @@ from heterocache.profile.testing import toy_profile
 
 TOY_SHAPE = dict(num_hidden_layers=3, hidden_size=128, num_attention_heads=8, num_key_value_heads=4, head_dim=16)
 G, D = 2, 16  # toy model: 8 query heads over 4 KV heads, head_dim 16
-OWN = dict(budget=0.75, turn_reselect="own", page_size=4)
+OWN = dict(budget=0.75, turn_reselect="own", turn_scoring="pages", page_size=4)
 
 
 def toy_model():
@@ -165,12 +165,12 @@ def test_budget_one_gives_the_tokens_of_dynamic_cache_over_two_turns():
     assert torch.equal(outs[0], outs[1])
 
 
-# Two turns at budget 0.5 with the defaults, from the code before turn_reselect existed (commit e7254ef).
+# Two turns at budget 0.5 with the defaults of the code before turn_reselect existed (commit e7254ef).
 GOLDEN = [183, 183, 183, 183, 115, 206, 17, 204, 38, 73, 56, 91, 226, 201, 167, 50, 155, 232, 110, 146, 10, 206,
           183, 110, 146, 110]
 
 
-@pytest.mark.parametrize("params", [{}, dict(turn_reselect="pivot", anchor_offload=False)])
+@pytest.mark.parametrize("params", [dict(turn_reselect="pivot"), dict(turn_reselect="pivot", anchor_offload=False)])
 def test_options_off_give_the_previous_default_tokens(params):
     model = toy_model()
     cache = HeteroCache(toy_profile(), budget=0.5, **params)
@@ -182,9 +182,9 @@ def test_options_off_give_the_previous_default_tokens(params):
 
 
 @pytest.mark.parametrize("params,copied", [
-    ({}, ("satellite",)),
-    (dict(anchor_offload=True), ("satellite", "anchor")),
-    (dict(turn_reselect="own"), ("satellite", "anchor")),  # on by default for a cache meant for further turns
+    (dict(turn_reselect="pivot"), ("satellite",)),
+    (dict(turn_reselect="pivot", anchor_offload=True), ("satellite", "anchor")),
+    ({}, ("satellite", "anchor")),  # on by default: the default cache is meant for further turns
     (dict(turn_reselect="own", anchor_offload=False), ("satellite",)),
 ])
 def test_host_bytes_include_the_anchors_copies_when_on(params, copied):
@@ -199,7 +199,7 @@ def test_host_bytes_include_the_anchors_copies_when_on(params, copied):
 @pytest.mark.parametrize("options", [{}, {"turn_scoring": "keys"}, {"summary_memory": "host"}])
 def test_reselection_follows_row_changes(options):
     model = toy_model()
-    cache = HeteroCache(toy_profile(), **OWN, **options)
+    cache = HeteroCache(toy_profile(), **{**OWN, **options})
     ids, mask = _ids(B=2), torch.ones(2, 120, dtype=torch.long)
     mask[1, :20] = 0
     with torch.no_grad():
@@ -219,8 +219,9 @@ def test_reselection_follows_row_changes(options):
 def test_bad_recovery_parameters_are_rejected():
     with pytest.raises(ValueError, match="turn_reselect"):
         HeteroCachePolicy(profile=toy_profile(), turn_reselect="mine")
-    with pytest.raises(ValueError, match="offload"):
-        HeteroCachePolicy(profile=toy_profile(), turn_reselect="own", offload=False)
+    # Without host copies nothing can be re-chosen: the paper's single-turn behaviour, no anchor copies.
+    fixed = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="own", offload=False)
+    assert fixed.turn_reselect == "pivot" and not fixed.anchor_offload
     with pytest.raises(ValueError, match="page_size"):
         HeteroCachePolicy(profile=toy_profile(), page_size=0)
 
@@ -279,12 +280,12 @@ def test_summary_drift_during_generation_is_deferred_and_keeps_heads_equal_to_th
 
 def test_summary_drift_needs_turn_reselect_own():
     with pytest.raises(ValueError, match="summary_drift"):
-        HeteroCachePolicy(profile=toy_profile(), summary_drift=True)
+        HeteroCachePolicy(profile=toy_profile(), turn_reselect="pivot", turn_scoring="pages", summary_drift=True)
 
 
 def test_a_budget_that_cannot_pay_for_any_summaries_warns_and_keeps_the_plan():
-    policy = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="own", page_size=4)
-    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5)
+    policy = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="own", turn_scoring="pages", page_size=4)
+    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="pivot")
     with pytest.warns(UserWarning, match="summaries_in_budget=False"):
         plan = policy.plan_for(120)
     assert torch.equal(plan, plain.plan_for(120)) and not bool(policy.summarised_for(120).any())
@@ -335,7 +336,8 @@ def test_bad_summary_memory_is_rejected():
     with pytest.raises(ValueError, match="summary_memory"):
         HeteroCachePolicy(profile=toy_profile(), turn_reselect="own", summary_memory="gpu")
     with pytest.raises(ValueError, match="summary_memory='device'"):
-        HeteroCachePolicy(profile=toy_profile(), turn_reselect="own", summary_memory="host", summary_drift=True)
+        HeteroCachePolicy(profile=toy_profile(), turn_reselect="own", turn_scoring="pages", summary_memory="host",
+                          summary_drift=True)
 
 
 def test_a_single_turn_with_host_summaries_gives_the_default_tokens():
@@ -346,11 +348,11 @@ def test_a_single_turn_with_host_summaries_gives_the_default_tokens():
     mask = torch.ones_like(ids)
     mask[1, :20] = 0
     outs = []
-    for kw in ({}, dict(turn_reselect="own", summary_memory="host", page_size=4)):
+    for kw in (dict(turn_reselect="pivot"), dict(turn_scoring="pages", summary_memory="host", page_size=4), {}):
         cache = HeteroCache(toy_profile(), budget=0.5, **kw)
         outs.append(model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12,
                                    do_sample=False))
-    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(outs[0], out) for out in outs[1:])
 
 
 def _expected_key_picks(keys: torch.Tensor, query: torch.Tensor, n: int, window: int, kernel: int,
@@ -366,7 +368,7 @@ def _expected_key_picks(keys: torch.Tensor, query: torch.Tensor, n: int, window:
 def test_key_scoring_rechooses_the_top_tokens_of_the_turns_attention_over_the_full_prompt_keys():
     model = toy_model()
     reference, mask = _reference_prompt(model)
-    cache = HeteroCache(toy_profile(), turn_scoring="keys", window=2, turn_window=3, **dict(OWN, budget=0.5))
+    cache = HeteroCache(toy_profile(), window=2, turn_window=3, **dict(OWN, budget=0.5, turn_scoring="keys"))
     _, _, queries = _two_turns(model, cache)
     policy = cache.policy
     plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5)
@@ -396,7 +398,7 @@ def test_key_scoring_follows_row_changes_and_keeps_single_turn_tokens():
     ids = _ids(B=2, L=120)
     outs = [model.generate(ids, past_key_values=HeteroCache(toy_profile(), budget=0.5, **kw), max_new_tokens=8,
                            do_sample=False, num_beams=2)
-            for kw in ({}, dict(turn_reselect="own", turn_scoring="keys"))]
+            for kw in (dict(turn_reselect="pivot"), {})]
     assert torch.equal(outs[0], outs[1])  # beam search reorders rows; one turn re-chooses nothing
 
 

@@ -98,12 +98,13 @@ def test_aggregated_memory_report_is_the_whole_models(runs, case):
     assert two["report"]["kv_heads"][0] == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("case", ["heterocache", "heterocache-after", "heterocache-own", "heterocache-summary-drift"])
+@pytest.mark.parametrize("case", ["heterocache", "heterocache-after", "heterocache-keys", "heterocache-pivot-offload",
+                                  "heterocache-own", "heterocache-summary-drift"])
 @pytest.mark.parametrize("model", list(MODELS))
 def test_heterocache_refreshes_across_shards_as_one_process_does(runs, model, case):
     one, two = _both(runs, model, case)
     assert two["stats"]["ranks"] == 2
-    if case in ("heterocache-own", "heterocache-summary-drift"):
+    if case in ("heterocache-keys", "heterocache-pivot-offload", "heterocache-own", "heterocache-summary-drift"):
         assert one["stats"]["reselected_heads"] > 0
     for field in ("drift_checks", "refreshes", "refreshes_per_layer_pivot", "satellite_refills", "tokens_moved",
                   "bytes_moved", "reselected_heads", "summary_checks"):

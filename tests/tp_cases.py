@@ -34,15 +34,22 @@ CASES = [
     ("omnikv-offload", "omnikv", {"budget": 0.3, "filter_layers": [1], "dense_after_filter": 0, "offload": True}),
     # Drift checks every 2 steps with a high threshold: refreshes while decoding (deferred
     # decisions) and at the second turn (acted on at once), on clusters that cross the shards.
-    ("heterocache", "heterocache", {"budget": 0.6, "refresh_interval": 2, "drift_threshold": 0.9}),
+    # The paper's single-turn behaviour at the second turn too (satellites refilled by their pivot).
+    ("heterocache", "heterocache", {"budget": 0.6, "refresh_interval": 2, "drift_threshold": 0.9,
+                                    "turn_reselect": "pivot"}),
     ("heterocache-after", "heterocache", {"budget": 0.55, "refresh_interval": 3, "drift_threshold": 0.7,
-                                          "turn_refresh": "after", "window": 4}),
-    # Re-selection from each head's own turn queries (host summaries), and decode-time drift of the
-    # re-chosen heads from device summaries: per head, so each rank does its heads' share.
+                                          "turn_refresh": "after", "window": 4, "turn_reselect": "pivot"}),
+    # The defaults: at the second turn every compressed head re-chooses its tokens from the
+    # attention of its own turn queries over its full prompt keys (host copy).
+    ("heterocache-keys", "heterocache", {"budget": 0.6, "refresh_interval": 2, "drift_threshold": 0.9}),
+    # Pivots compressed too (host copies; no clusters): every compressed head re-chosen at the turn.
+    ("heterocache-pivot-offload", "heterocache", {"budget": 0.35, "pivot_offload": True, "kernel": 3}),
+    # Re-selection from page summaries (in host memory), and decode-time drift of the re-chosen
+    # heads from device summaries: per head, so each rank does its heads' share.
     ("heterocache-own", "heterocache", {"budget": 0.6, "refresh_interval": 2, "drift_threshold": 0.9,
-                                        "turn_reselect": "own", "summary_memory": "host", "page_size": 4}),
+                                        "turn_scoring": "pages", "summary_memory": "host", "page_size": 4}),
     ("heterocache-summary-drift", "heterocache", {"budget": 0.6, "refresh_interval": 2, "drift_threshold": 0.9,
-                                                  "turn_reselect": "own", "summaries_in_budget": False,
+                                                  "turn_scoring": "pages", "summaries_in_budget": False,
                                                   "summary_drift": True, "page_size": 4}),
 ]
 

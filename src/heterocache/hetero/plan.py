@@ -23,17 +23,19 @@ def budget_floor(full: torch.Tensor) -> float:
     return int(full.sum()) / full.numel()
 
 
-def check_budget_above_floor(full: torch.Tensor, budget: float) -> None:
+def check_budget_above_floor(full: torch.Tensor, budget: float, kept: str = "volatile and pivot",
+                             hint: str = "") -> None:
     """Raise ``InfeasibleBudgetError`` at construction when ``budget`` is at or below the floor.
 
     Finite prompts need slightly more (``min_feasible_budget``); that is checked at prefill.
+    ``kept`` names the roles kept full, ``hint`` is appended to the message (how to go lower).
     """
     H, F = full.numel(), int(full.sum())
     if F < H and budget <= F / H:
         raise InfeasibleBudgetError(
             f"budget {budget} is too small for this head profile: {F} of {H} KV heads are kept full "
-            f"(volatile and pivot), so every budget must exceed {F / H:.4f} (a little more for short "
-            f"prompts: min_feasible_budget). Use budget > {F / H:.4f}, or another method for smaller budgets."
+            f"({kept}), so every budget must exceed {F / H:.4f} (a little more for short "
+            f"prompts: min_feasible_budget). Use budget > {F / H:.4f}{hint}, or another method for smaller budgets."
         )
 
 
@@ -48,7 +50,8 @@ def min_feasible_budget(full: torch.Tensor, prompt_tokens: int) -> float:
     return (F * prompt_tokens + (H - F)) / (H * prompt_tokens)
 
 
-def plan_tokens(full: torch.Tensor, ratios: torch.Tensor, budget: float, prompt_tokens: int) -> torch.Tensor:
+def plan_tokens(full: torch.Tensor, ratios: torch.Tensor, budget: float, prompt_tokens: int,
+                kept: str = "volatile and pivot", hint: str = "") -> torch.Tensor:
     """Prompt tokens kept by every KV head.
 
     Args:
@@ -57,6 +60,7 @@ def plan_tokens(full: torch.Tensor, ratios: torch.Tensor, budget: float, prompt_
             ignored for full heads).
         budget: fraction of the prompt KV kept, in (0, 1].
         prompt_tokens: L (real tokens of one batch row).
+        kept, hint: the roles kept full and how to go lower, for the error message.
 
     Returns:
         int64 ``[layers, kv_heads]``: L for full heads, at least 1 and at most L for the others,
@@ -75,8 +79,8 @@ def plan_tokens(full: torch.Tensor, ratios: torch.Tensor, budget: float, prompt_
         need = min_feasible_budget(full, L)
         raise InfeasibleBudgetError(
             f"budget {budget} is too small for this head profile: {F} of {H} KV heads are kept full "
-            f"(volatile and pivot), so the smallest feasible budget for a {L}-token prompt is {need:.4f} "
-            f"(> {F / H:.4f} for long prompts)"
+            f"({kept}), so the smallest feasible budget for a {L}-token prompt is {need:.4f} "
+            f"(> {F / H:.4f} for long prompts){hint}"
         )
     comp = ~full
     r = ratios[comp].double().clamp_min(1e-9)

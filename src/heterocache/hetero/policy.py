@@ -37,6 +37,7 @@ from ..parallel import KVShard, TensorParallelError
 from ..policies.base import Policy, PrefillContext
 from ..policies.scoring import pool_scores, reduce_gqa, topk_keep, window_attention_scores
 from ..profile import HeadProfile, Role
+from ..profile.clustering import budget_ratios
 from ..store import RaggedKVStore, segment_ranges_host, to_device
 from .drift import membership, pivot_scores, set_overlap, topk_sets
 from .host_store import SatelliteHostStore
@@ -257,6 +258,11 @@ class _LayoutIndex:
 #: refresh one step later than that.
 DECISION_LAG = 2
 
+#: Turn queries that score a re-chosen head's prompt at a new turn (``turn_scoring="keys"``). On
+#: SmolLM2 (RULER, query-agnostic, 4096 tokens) the last query alone covers too little of a
+#: question: 8 came within 3.5 points of the full cache at budgets 0.25 and 0.5 (README).
+TURN_WINDOW = 8
+
 
 @dataclass
 class _Decision:
@@ -312,35 +318,45 @@ class HeteroCachePolicy(Policy):
             after the turn was attended (its tokens and the answer's first token then still see
             the satellites chosen at prefill). One refresh per turn; decoding keeps the
             drift-triggered refresh. (The paper decodes a single turn.)
-        turn_reselect: how a new turn re-chooses the compressed heads' prompt slots. "pivot"
-            (default, the behaviour above): only satellites, with what their pivot attends to;
-            anchors keep their prefill choice for good. "own": before the turn is attended, every
-            compressed head with a host copy (satellites, and anchors with ``anchor_offload``)
-            re-chooses its prompt slots with the turn's own queries of that head: its last
-            ``refresh_interval`` queries (every query head of the group) bound each page of the
-            head's full prompt keys by Quest's ``sum_d max(q_d min_d, q_d max_d)`` (max over those
-            queries), pages are taken best first, their tokens in order, until the head's prompt
-            slots are filled (the last page taken may be cut), and those tokens, ascending, are
-            copied from host memory into the slots (one host gather and one copy per layer, as a
-            satellite refill). The satellites so re-chosen skip the pivot's turn refill; decoding
-            keeps the pivot-driven refresh. The page summaries (per page channel min and max of
-            the head's full prompt keys, built at prefill before compression, in the KV dtype)
-            stay on the device. Requires ``offload``.
-        turn_scoring: how ``turn_reselect="own"`` scores a head's prompt at a new turn. "pages"
-            (default): Quest's bound on page summaries (above), cheap to read (``2 / page_size`` of
-            the keys), chosen a page at a time. "keys": the head's full prompt keys from its host
-            copy, brought to the device for the turn only (transient, like the turn's
-            activations; no summaries, nothing taken from the budget): the attention of the
-            turn's last ``window`` queries over them, pooled (``kernel``) and maxed over the
-            group's query heads exactly as the prefill selection scores its prompt, and the top
-            tokens taken one by one, i.e. what a query-aware prefill would have kept with the
-            turn as its question. Costs a host-to-device copy of the re-chosen heads' prompt keys
-            per turn (half their host bytes).
-        turn_window: turn queries ``turn_scoring="keys"`` scores with (default None: ``window``,
-            as the prefill selection); more queries of a question cover more of what it asks for.
+        turn_reselect: how a new turn re-chooses the compressed heads' prompt slots. "own"
+            (default): before the turn is attended, every compressed head with a host copy
+            (satellites, and anchors with ``anchor_offload``) re-chooses its prompt slots with the
+            turn's own queries of that head, scored as ``turn_scoring`` says, and the chosen tokens,
+            ascending, are copied from host memory into the slots (one host gather and one copy per
+            layer, as a satellite refill). The satellites so re-chosen skip the pivot's turn refill;
+            decoding keeps the pivot-driven refresh. A single turn (a prompt, then one token per
+            step) never reaches this: its tokens are those of "pivot". "pivot" (the paper's
+            single-turn behaviour): only satellites, with what their pivot attends to; anchors keep
+            their prefill choice for good and no anchor keeps a host copy. With ``offload=False``
+            no head keeps a host copy and "pivot" is used.
+        turn_scoring: how ``turn_reselect="own"`` scores a head's prompt at a new turn. "keys"
+            (default): the head's full prompt keys from its host copy, brought to the device for
+            the turn only (transient, like the turn's activations; nothing taken from the budget):
+            the attention of the turn's last ``turn_window`` queries over them, pooled (``kernel``,
+            ``pooling``) and maxed over the group's query heads exactly as the prefill selection
+            scores its prompt, and the top tokens taken one by one, i.e. what a query-aware
+            prefill would have kept with the turn as its question. Costs a host-to-device copy of
+            the re-chosen heads' prompt keys per turn (half their host bytes). "pages": Quest's
+            bound ``sum_d max(q_d min_d, q_d max_d)`` (max over the turn's last
+            ``refresh_interval`` queries of the group) on per-page channel min/max summaries of the
+            head's full prompt keys (built at prefill before compression, in the KV dtype; see
+            ``summary_memory``), pages taken best first, their tokens in order, until the head's
+            slots are filled (the last page taken may be cut): cheap to read (``2 / page_size`` of
+            the keys) but coarse where a head keeps few tokens.
+        turn_window: turn queries ``turn_scoring="keys"`` scores with (default 8: a question's
+            last words and the chat template's tail; None = ``window``, as the prefill selection).
         anchor_offload: keep the anchors' full prompt KV in host memory too (counted in the memory
             report's host bytes). Default None: on exactly when the cache is meant for further
-            turns, i.e. with ``turn_reselect="own"``; True/False to force it.
+            turns, i.e. with ``turn_reselect="own"`` (the default); True/False to force it.
+        pivot_offload: lower the budget floor from (volatile + pivot) / all KV heads to volatile /
+            all (default False): pivots are compressed on the device like the other heads (their
+            inverse-stability share, chosen at prefill the same way) and keep their full prompt KV
+            in host memory. A compressed pivot cannot score the whole prompt on the device, so there
+            are no cluster refreshes: every compressed head (pivots, satellites, anchors, each with a
+            host copy) is re-chosen from its own queries at a new turn (``turn_reselect="own"``,
+            needed) and, with ``summary_drift``, on its own drift while decoding. On SmolLM2 at
+            budget 0.25 the compressed heads then keep ~950 tokens of 4096 instead of ~89; use a
+            wider ``kernel`` with it (README: 15).
         page_size: tokens per page of the re-selection summaries (default 16, Quest's).
         summaries_in_budget: count the summaries inside the budget (default True): a re-chosen
             head's summaries (``ceil(prompt / page_size)`` pages of a min and a max key, in the KV
@@ -382,10 +398,11 @@ class HeteroCachePolicy(Policy):
     asynchronous: bool = True
     decision_lag: int = DECISION_LAG
     turn_refresh: str = "always"
-    turn_reselect: str = "pivot"
-    turn_scoring: str = "pages"
-    turn_window: int | None = None
+    turn_reselect: str = "own"
+    turn_scoring: str = "keys"
+    turn_window: int | None = TURN_WINDOW
     anchor_offload: bool | None = None
+    pivot_offload: bool = False
     page_size: int = 16
     summaries_in_budget: bool = True
     summary_memory: str = "device"
@@ -418,8 +435,8 @@ class HeteroCachePolicy(Policy):
             raise ValueError(f"drift_topk must be >= 1, got {self.drift_topk}")
         if self.turn_reselect not in ("pivot", "own"):
             raise ValueError(f"turn_reselect must be 'pivot' or 'own', got {self.turn_reselect!r}")
-        if self.turn_reselect == "own" and not self.offload:
-            raise ValueError("turn_reselect='own' re-chooses tokens from host copies: it needs offload=True")
+        if not self.offload:  # no host copies: nothing a turn could re-choose from
+            self.turn_reselect = "pivot"
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
         if self.turn_scoring not in ("pages", "keys"):
@@ -431,16 +448,21 @@ class HeteroCachePolicy(Policy):
         if self.summary_drift and self.summary_memory == "host":
             raise ValueError("summary_drift reads the page summaries every check: use summary_memory='device'")
         if self.summary_drift and self.turn_reselect != "own":
-            raise ValueError("summary_drift watches the heads turn_reselect='own' re-chooses: set turn_reselect='own'")
+            raise ValueError("summary_drift watches the heads turn_reselect='own' re-chooses from host copies: set "
+                             "turn_reselect='own' (and offload=True)")
+        if self.pivot_offload and (not self.offload or self.turn_reselect != "own"):
+            raise ValueError("pivot_offload re-chooses every compressed head from its host copy at a new turn: "
+                             "it needs offload=True and turn_reselect='own'")
         if self.anchor_offload is None:  # on when the cache is meant for further turns
             self.anchor_offload = self.turn_reselect == "own"
         self.anchor_offload = bool(self.anchor_offload) and self.offload
         roles = self.profile.roles
-        self.full = (roles == Role.VOLATILE) | (roles == Role.PIVOT)
-        ratios = torch.nan_to_num(self.profile.budget_ratios, nan=1.0)
-        self.ratios = ratios if self.inverse_stability else torch.ones_like(ratios)
+        pivots = roles == Role.PIVOT
+        self.full = (roles == Role.VOLATILE) | (pivots & (not self.pivot_offload))
+        self.ratios = self._budget_ratios() if self.inverse_stability else torch.ones(roles.shape)
         # Compressed heads with a host copy of their full prompt KV (the ones a turn can re-choose).
-        self.host_copy = ((roles == Role.SATELLITE) & self.offload) | ((roles == Role.ANCHOR) & self.anchor_offload)
+        self.host_copy = (((roles == Role.SATELLITE) & self.offload) | ((roles == Role.ANCHOR) & self.anchor_offload)
+                          | (pivots & self.pivot_offload))
         # The layers this policy compresses (model indices) and the plan's inputs restricted to them:
         # every layer until the model's config says some are sliding (their KV is outside the budget).
         self._set_compressible(range(self.profile.num_layers))
@@ -457,6 +479,27 @@ class HeteroCachePolicy(Policy):
         self.last_pivot_scores: dict[int, tuple] = {}
 
     # ------------------------------------------------------------------ roles and plan
+    def _budget_ratios(self) -> torch.Tensor:
+        """Inverse-stability share of every compressed head (mean 1 over them; 1.0 for full heads).
+        With ``pivot_offload`` the pivots are compressed too: the shares are recomputed over all
+        compressed heads from the profile's stability, or, for a profile without stability scores,
+        the pivots get the mean share and the others keep the profile's."""
+        ratios = self.profile.budget_ratios
+        if self.pivot_offload:
+            roles = self.profile.roles.clone()
+            roles[roles == Role.PIVOT] = int(Role.SATELLITE)  # any compressed role: only the set matters
+            if self.profile.has_stability:
+                ratios = budget_ratios(roles, self.profile.stability)
+        return torch.nan_to_num(ratios, nan=1.0)
+
+    def _floor_text(self) -> tuple[str, str]:
+        """(roles kept full, how to go lower) for the infeasible-budget errors."""
+        if self.pivot_offload:
+            return "volatile; pivot_offload=True", ""
+        roles = self.profile.roles[self.model_layers]
+        low = float((roles == Role.VOLATILE).sum()) / roles.numel()
+        return "volatile and pivot", f" (or pivot_offload=True: its floor is {low:.4f})"
+
     def _set_compressible(self, model_layers) -> None:
         self.model_layers = list(model_layers)
         self._plan_full, self._plan_ratios = self.full[self.model_layers], self.ratios[self.model_layers]
@@ -464,7 +507,7 @@ class HeteroCachePolicy(Policy):
         self._plans = {}
         self._summarised_plans: dict[int, torch.Tensor] = {}
         if self.budget_tokens is None:  # a fraction at or below the full heads' share never fits
-            check_budget_above_floor(self._plan_full, self.budget)
+            check_budget_above_floor(self._plan_full, self.budget, *self._floor_text())
 
     def bind_kv_shard(self, shard: KVShard) -> None:
         """Tensor parallel: this process holds the KV heads ``shard.heads`` of every layer. The
@@ -511,7 +554,7 @@ class HeteroCachePolicy(Policy):
         n = int(prompt_tokens)
         plan = self._plans.get(n)
         if plan is None:
-            plan = plan_tokens(self._plan_full, self._plan_ratios, self.row_budget(n), n)
+            plan = plan_tokens(self._plan_full, self._plan_ratios, self.row_budget(n), n, *self._floor_text())
             summarised = torch.zeros_like(plan, dtype=torch.bool)
             if self.turn_reselect == "own":
                 pages = self.summary_pages(n)
@@ -594,14 +637,16 @@ class HeteroCachePolicy(Policy):
         for b in range(B):
             real = np.nonzero(valid[b])[0]
             state.prompt_pos[b, : len(real)] = real
-        layout = _ClusterLayout.build(self.profile.clusters(ctx.model_layer), shard)
+        # pivot_offload: no clusters (a compressed pivot cannot score the prompt for its satellites).
+        clusters = {} if self.pivot_offload else self.profile.clusters(ctx.model_layer)
+        layout = _ClusterLayout.build(clusters, shard)
         if layout.own or layout.local or layout.exchange:  # a cluster here, or decisions crossing ranks
             self._prefill_clusters(layer_idx, state, store, layout, prompt, plan)
-        # Host copies: the satellites (their order first), then the anchors when they keep one.
+        # Host copies: the cluster satellites (their order first), then the other heads that keep
+        # one (anchors with anchor_offload, and with pivot_offload pivots and satellites).
+        copy = self.host_copy[ctx.model_layer, shard.start:shard.stop]
         heads = list(state.satellites)
-        if self.anchor_offload:
-            roles = self.profile.roles[ctx.model_layer, shard.start:shard.stop]
-            heads += [h for h in range(store.num_heads) if int(roles[h]) == int(Role.ANCHOR)]
+        heads += [h for h in range(store.num_heads) if bool(copy[h]) and h not in state.satellites]
         if heads:  # host copies and the copy stream of the layer's own device
             state.host = SatelliteHostStore(ctx.key, ctx.value, ctx.valid, heads, pin=dev.type == "cuda")
             self._transfers_for(layer_idx, dev)

@@ -1,0 +1,115 @@
+"""HeteroCache with ``pivot_offload``: pivots compressed on the device with a host copy, the budget
+floor down to the volatile heads' share, every compressed head re-chosen from its own turn queries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_hetero_recovery import D, G, _expected_key_picks, _ids, _reference_prompt, _two_turns, toy_model
+from transformers import DynamicCache
+
+from heterocache.hetero import HeteroCache, HeteroCachePolicy, InfeasibleBudgetError
+from heterocache.profile import Role
+from heterocache.profile.clustering import budget_ratios
+from heterocache.profile.testing import toy_profile
+
+# toy_profile: 12 KV heads, 2 volatile, 3 pivots, 3 satellites, 4 anchors.
+ROLES = toy_profile().roles
+
+
+def test_the_floor_falls_to_the_volatile_heads_share_and_the_errors_say_so():
+    with pytest.raises(InfeasibleBudgetError, match=r"pivot_offload=True: its floor is 0\.1667"):
+        HeteroCachePolicy(profile=toy_profile(), budget=0.3)  # floor 5/12 with full pivots
+    policy = HeteroCachePolicy(profile=toy_profile(), budget=0.3, pivot_offload=True)
+    plan = policy.plan_for(120)
+    assert int(plan.sum()) == round(0.3 * 12 * 120)  # exact total
+    assert bool((plan[ROLES == Role.VOLATILE] == 120).all()) and bool((plan[ROLES == Role.PIVOT] < 120).all())
+    with pytest.raises(InfeasibleBudgetError, match=r"2 of 12 KV heads are kept full \(volatile; pivot_offload"):
+        HeteroCachePolicy(profile=toy_profile(), budget=0.15, pivot_offload=True)
+
+
+def test_shares_are_the_inverse_stability_ratios_over_every_compressed_head():
+    profile = toy_profile()
+    policy = HeteroCachePolicy(profile=profile, budget=0.5, pivot_offload=True)
+    roles = profile.roles.clone()
+    roles[roles == Role.PIVOT] = int(Role.ANCHOR)
+    expected = budget_ratios(roles, profile.stability)
+    compressed = roles != Role.VOLATILE
+    torch.testing.assert_close(policy.ratios[compressed], expected[compressed])
+    # Less stable heads keep more tokens, pivots included.
+    plan = policy.plan_for(120)
+    stab, kept = profile.stability[compressed], plan[compressed].double()
+    order = torch.argsort(stab)
+    assert bool((kept[order].diff() <= 1).all())  # monotone up to the rounding token
+
+
+def test_pivot_offload_needs_own_reselection_and_host_copies():
+    with pytest.raises(ValueError, match="pivot_offload"):
+        HeteroCachePolicy(profile=toy_profile(), budget=0.5, pivot_offload=True, turn_reselect="pivot")
+    with pytest.raises(ValueError, match="pivot_offload"):
+        HeteroCachePolicy(profile=toy_profile(), budget=0.5, pivot_offload=True, offload=False)
+
+
+def test_every_compressed_head_keeps_a_host_copy_and_is_rechosen_from_its_own_turn_queries():
+    model = toy_model()
+    reference, mask = _reference_prompt(model)
+    cache = HeteroCache(toy_profile(), budget=0.4, pivot_offload=True, window=2, turn_window=3)
+    _, _, queries = _two_turns(model, cache)
+    policy = cache.policy
+    compressed = int((ROLES != Role.VOLATILE).sum())
+    # Host bytes: the full prompt of every compressed head (rows x heads x tokens x D x fp32 x KV).
+    assert cache.memory_report().host_bytes == 2 * compressed * 120 * D * 4 * 2
+    stats = cache.stats()
+    assert stats["refreshes"] == 0 and stats["satellite_refills"] == 0  # no cluster refresh
+    checked = 0
+    for layer_idx, state in policy._layers.items():
+        store = cache.layers[layer_idx].store
+        K, V = reference.layers[layer_idx].keys, reference.layers[layer_idx].values
+        for row in range(2):
+            real = torch.nonzero(mask[row]).flatten()
+            for head in np.nonzero(policy.summarised_for(len(real))[layer_idx].numpy())[0]:
+                n = int(state.plan[row, head])
+                q = queries[layer_idx][row, head * G:(head + 1) * G]
+                picks = _expected_key_picks(K[row, head, real], q, n, 3, policy.kernel, D ** -0.5)
+                k, v, pos = store.segment(row * store.num_heads + int(head))
+                assert torch.equal(pos[:n].long(), real[picks]), (layer_idx, row, head)
+                torch.testing.assert_close(k[:n], K[row, head, real[picks]], rtol=0, atol=0)
+                torch.testing.assert_close(v[:n], V[row, head, real[picks]], rtol=0, atol=0)
+                checked += 1
+    assert checked == 2 * compressed == stats["reselected_heads"]  # pivots re-chosen too
+
+
+def test_budget_one_gives_the_tokens_of_dynamic_cache_over_two_turns():
+    model = toy_model()
+    question = _ids(L=12, seed=3)
+    outs = []
+    for cache in (DynamicCache(), HeteroCache(toy_profile(), budget=1.0, pivot_offload=True)):
+        out = model.generate(_ids(), past_key_values=cache, max_new_tokens=5, do_sample=False)
+        outs.append(model.generate(torch.cat([out, question], 1), past_key_values=cache, max_new_tokens=6,
+                                   do_sample=False))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_generation_with_summary_drift_keeps_heads_equal_to_their_host_copies():
+    model = toy_model()
+    cache = HeteroCache(toy_profile(), budget=0.4, pivot_offload=True, turn_scoring="pages", page_size=4,
+                        summaries_in_budget=False, summary_drift=True, refresh_interval=2, drift_threshold=1.0)
+    out = model.generate(_ids(), past_key_values=cache, max_new_tokens=4, do_sample=False)
+    model.generate(torch.cat([out, _ids(L=12, seed=3)], 1), past_key_values=cache, max_new_tokens=9, do_sample=False)
+    policy = cache.policy
+    policy.flush()
+    policy.synchronize()
+    assert policy.stats.summary_refreshes > 0
+    pivots = 0
+    for layer_idx, state in policy._layers.items():
+        store = cache.layers[layer_idx].store
+        roles = ROLES[policy.model_layers[layer_idx]]
+        for head in state.reselect:
+            pivots += int(roles[head]) == int(Role.PIVOT)
+            n = int(state.plan[0, head])
+            k, v, pos = store.segment(head)
+            k_host, v_host = state.host.gather(0, head, pos[:n].long())
+            torch.testing.assert_close(k[:n], k_host, rtol=0, atol=0)
+            torch.testing.assert_close(v[:n], v_host, rtol=0, atol=0)
+    assert pivots == int((ROLES == Role.PIVOT).sum())
