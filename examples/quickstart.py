@@ -112,7 +112,7 @@ def main() -> None:
         )
         if isinstance(cache, HeteroCache):
             stats = cache.stats()
-            print(f"   host memory (satellites' full KV): {stats['host_bytes'] / 2**20:.1f} MiB, "
+            print(f"   host memory (full KV of the satellites and anchors, for later turns): {stats['host_bytes'] / 2**20:.1f} MiB, "
                   f"drift refreshes: {stats['refreshes']} ({stats['bytes_moved'] / 2**20:.2f} MiB copied)")
         print(f"   decode: {speed:.1f} tokens/s\n")
 
