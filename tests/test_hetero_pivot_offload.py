@@ -14,7 +14,7 @@ from heterocache.profile import Role
 from heterocache.profile.clustering import budget_ratios
 from heterocache.profile.testing import toy_profile
 
-# toy_profile: 12 KV heads, 2 volatile, 3 pivots, 3 satellites, 4 anchors.
+# toy_profile: 12 KV heads, 2 volatile, 3 pivots, 4 satellites, 3 anchors.
 ROLES = toy_profile().roles
 
 
@@ -49,6 +49,24 @@ def test_pivot_offload_needs_own_reselection_and_host_copies():
         HeteroCachePolicy(profile=toy_profile(), budget=0.5, pivot_offload=True, turn_reselect="pivot")
     with pytest.raises(ValueError, match="pivot_offload"):
         HeteroCachePolicy(profile=toy_profile(), budget=0.5, pivot_offload=True, offload=False)
+    with pytest.raises(ValueError, match="anchor_offload"):
+        HeteroCachePolicy(profile=toy_profile(), budget=0.5, pivot_offload=True, anchor_offload=False)
+    # Without host copies the hint does not suggest pivot_offload.
+    with pytest.raises(InfeasibleBudgetError) as err:
+        HeteroCachePolicy(profile=toy_profile(), budget=0.3, offload=False)
+    assert "pivot_offload" not in str(err.value)
+
+
+def test_a_profile_without_stability_gives_pivots_the_mean_share():
+    profile = toy_profile()
+    ratios = profile.budget_ratios.clone()
+    ratios[profile.roles == Role.SATELLITE] *= 2.0  # an allocation not centred on 1
+    converted = toy_profile(has_stability=False, budget_ratios=ratios)
+    policy = HeteroCachePolicy(profile=converted, budget=0.5, pivot_offload=True)
+    compressed = (ROLES == Role.ANCHOR) | (ROLES == Role.SATELLITE)
+    mean = converted.budget_ratios[compressed].mean()
+    torch.testing.assert_close(policy.ratios[ROLES == Role.PIVOT], mean.expand(3))
+    torch.testing.assert_close(policy.ratios[compressed], converted.budget_ratios[compressed])
 
 
 def test_every_compressed_head_keeps_a_host_copy_and_is_rechosen_from_its_own_turn_queries():
@@ -89,6 +107,7 @@ def test_budget_one_gives_the_tokens_of_dynamic_cache_over_two_turns():
         outs.append(model.generate(torch.cat([out, question], 1), past_key_values=cache, max_new_tokens=6,
                                    do_sample=False))
     assert torch.equal(outs[0], outs[1])
+    assert cache.stats()["reselected_heads"] == 0 and cache.memory_report().host_bytes > 0  # copies kept, none used
 
 
 def test_generation_with_summary_drift_keeps_heads_equal_to_their_host_copies():

@@ -123,7 +123,7 @@ def test_turn_reselect_own_replaces_the_pivot_refill_of_reselected_satellites_on
 def test_summaries_are_paid_for_inside_the_budget():
     model = toy_model()
     own = HeteroCache(toy_profile(), **OWN)
-    pivot = HeteroCache(toy_profile(), budget=OWN["budget"])
+    pivot = HeteroCache(toy_profile(), budget=OWN["budget"], turn_reselect="pivot")
     with torch.no_grad():
         model(_ids(), past_key_values=own)
         model(_ids(), past_key_values=pivot)
@@ -144,7 +144,7 @@ def test_summaries_outside_the_budget_keep_the_plan_and_are_reported():
     cache = HeteroCache(toy_profile(), summaries_in_budget=False, **OWN)
     with torch.no_grad():
         model(_ids(), past_key_values=cache)
-    plain = HeteroCachePolicy(profile=toy_profile(), budget=OWN["budget"])
+    plain = HeteroCachePolicy(profile=toy_profile(), budget=OWN["budget"], turn_reselect="pivot")
     assert torch.equal(cache.policy.plan_for(120), plain.plan_for(120))
     compressed = torch.isin(toy_profile().roles, torch.tensor([int(Role.ANCHOR), int(Role.SATELLITE)]))
     assert torch.equal(cache.policy.summarised_for(120), compressed & (plain.plan_for(120) < 120))
@@ -170,7 +170,7 @@ GOLDEN = [183, 183, 183, 183, 115, 206, 17, 204, 38, 73, 56, 91, 226, 201, 167, 
           183, 110, 146, 110]
 
 
-@pytest.mark.parametrize("params", [dict(turn_reselect="pivot"), dict(turn_reselect="pivot", anchor_offload=False)])
+@pytest.mark.parametrize("params", [dict(turn_reselect="pivot"), dict(turn_reselect="pivot", anchor_offload=True)])
 def test_options_off_give_the_previous_default_tokens(params):
     model = toy_model()
     cache = HeteroCache(toy_profile(), budget=0.5, **params)
@@ -313,7 +313,7 @@ def test_host_summaries_keep_the_device_plan_and_choose_what_device_summaries_ch
     kw = dict(OWN, budget=0.5)
     host = HeteroCache(toy_profile(), summary_memory="host", **kw)
     extra = HeteroCache(toy_profile(), summaries_in_budget=False, **kw)
-    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5)
+    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="pivot")
     _two_turns(model, host)
     _two_turns(model, extra)
     for n in (120, 100):
@@ -371,7 +371,7 @@ def test_key_scoring_rechooses_the_top_tokens_of_the_turns_attention_over_the_fu
     cache = HeteroCache(toy_profile(), window=2, turn_window=3, **dict(OWN, budget=0.5, turn_scoring="keys"))
     _, _, queries = _two_turns(model, cache)
     policy = cache.policy
-    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5)
+    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="pivot")
     checked = 0
     for layer_idx, state in policy._layers.items():
         store = cache.layers[layer_idx].store

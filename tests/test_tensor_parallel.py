@@ -109,6 +109,8 @@ def test_heterocache_refreshes_across_shards_as_one_process_does(runs, model, ca
     for field in ("drift_checks", "refreshes", "refreshes_per_layer_pivot", "satellite_refills", "tokens_moved",
                   "bytes_moved", "reselected_heads", "summary_checks"):
         assert two["stats"][field] == one["stats"][field], field
+    if case == "heterocache-pivot-offload":  # no clusters: nothing checked or refreshed by a pivot
+        assert one["stats"]["drift_checks"] == one["stats"]["refreshes"] == 0
     if case == "heterocache":  # the second turn refreshes every pivot (turn_refresh="always")
         # So the clusters that cross the shards were refreshed: layer 0's pivot 0 (a satellite on
         # each rank) and layer 1's pivot 3 (rank 1), whose satellite is on rank 0.

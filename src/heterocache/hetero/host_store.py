@@ -1,6 +1,8 @@
-"""Full prompt KV of a layer's satellite heads in host memory (pinned when the model is on CUDA).
+"""Full prompt KV of a layer's host-copied heads in host memory (pinned when the model is on CUDA):
+the satellites, and the anchors (``anchor_offload``, on by default) and pivots (``pivot_offload``)
+when they keep one.
 
-Only satellite heads are copied, never whole layers. Row ``b``'s copy holds its real prompt
+Only those heads are copied, never whole layers. Row ``b``'s copy holds its real prompt
 tokens in order, so index ``j`` is the ``j``-th real token: the same index as the ``j``-th prompt
 slot of a pivot's (full) segment.
 
@@ -19,7 +21,7 @@ import torch
 
 
 class SatelliteHostStore:
-    """Host copies of the satellites of one layer.
+    """Host copies of the host-copied heads (satellites first) of one layer.
 
     Args:
         key, value: ``[B, H, L, D]`` prompt keys/values of the layer (any device).

@@ -2,10 +2,12 @@
 drift-triggered refresh.
 
 Per KV head, from the profile:
-- volatile and pivot heads keep their full KV;
+- volatile and pivot heads keep their full KV (pivots are compressed too with ``pivot_offload``);
 - anchor and satellite heads keep a share of the budget (inverse-stability ratios), chosen at
-  prefill by the attention of the last prompt queries (average-pooled, max over the GQA group);
-- satellites also leave their full prompt KV in host memory;
+  prefill by the attention of the last prompt queries (pooled, max over the GQA group);
+- satellites also leave their full prompt KV in host memory, and so do anchors by default
+  (``anchor_offload``), so that a new turn re-chooses every compressed head's tokens from the
+  turn's own queries (``turn_reselect="own"``);
 - every ``refresh_interval`` decode steps each pivot scores the buffered queries against its full
   prompt keys; if the median overlap of their top-k sets with its reference set falls below
   ``drift_threshold``, the reference set moves to the newest step's and the pivot's satellites get
@@ -291,17 +293,20 @@ class HeteroCachePolicy(Policy):
             ``min(1, budget_tokens / prompt_tokens)`` per row).
         window: prompt queries whose attention selects the compressed heads' tokens (default 1, the
             last prompt query as in the paper's reference code); these last tokens are always kept.
-        kernel: average-pool kernel of the selection and drift scores (default 5).
+        kernel: pooling kernel of the selection and drift scores (default 5).
         pooling: how the selection scores (prefill, and ``turn_scoring="keys"``) pool over
             ``kernel`` neighbours: "avg" (default, the paper's) or "max" (every token within
             ``kernel // 2`` of a peak scores as the peak, so a chosen peak brings its neighbours:
-            spans are kept whole). The drift scores always average.
+            spans are kept whole; ties within a plateau are broken by ``topk``, so the kept
+            neighbours of a cut plateau may differ between devices). The drift scores always
+            average.
         refresh_interval: decode steps between drift checks (default 5).
         drift_threshold: a pivot drifted if the median top-k overlap falls below this (default 0.5).
         drift_topk: size of the top-k sets compared (default None: the per-head base budget).
         refresh: switch the drift-triggered refresh (default True).
-        offload: keep satellites' full prompt KV in host memory (default True). False = satellites
-            fixed after prefill like anchors (and no refresh).
+        offload: keep satellites' full prompt KV in host memory (default True). False = no host
+            copies at all: satellites fixed after prefill like anchors, no refresh, and
+            ``turn_reselect`` falls back to "pivot" (``pivot_offload`` is refused).
         inverse_stability: budget shares by the profile's inverse-stability ratios (default True);
             False = every compressed head gets the same share.
         asynchronous: on CUDA, copy refreshes on a side stream (default True).
@@ -354,11 +359,12 @@ class HeteroCachePolicy(Policy):
             in host memory. A compressed pivot cannot score the whole prompt on the device, so there
             are no cluster refreshes: every compressed head (pivots, satellites, anchors, each with a
             host copy) is re-chosen from its own queries at a new turn (``turn_reselect="own"``,
-            needed) and, with ``summary_drift``, on its own drift while decoding. On SmolLM2 at
+            needed; so is ``anchor_offload``, on by default) and, with ``summary_drift``, on its own
+            drift while decoding (``refresh``, ``turn_refresh`` have nothing to act on). On SmolLM2 at
             budget 0.25 the compressed heads then keep ~950 tokens of 4096 instead of ~89; use a
             wider ``kernel`` with it (README: 15).
         page_size: tokens per page of the re-selection summaries (default 16, Quest's).
-        summaries_in_budget: count the summaries inside the budget (default True): a re-chosen
+        summaries_in_budget: (``turn_scoring="pages"``) count the summaries inside the budget (default True): a re-chosen
             head's summaries (``ceil(prompt / page_size)`` pages of a min and a max key, in the KV
             dtype) cost exactly as many bytes as that many prompt tokens (a key and a value), so
             its planned prompt tokens ``n`` become ``n - pages``, and a head is re-chosen only when
@@ -450,9 +456,9 @@ class HeteroCachePolicy(Policy):
         if self.summary_drift and self.turn_reselect != "own":
             raise ValueError("summary_drift watches the heads turn_reselect='own' re-chooses from host copies: set "
                              "turn_reselect='own' (and offload=True)")
-        if self.pivot_offload and (not self.offload or self.turn_reselect != "own"):
+        if self.pivot_offload and (not self.offload or self.turn_reselect != "own" or self.anchor_offload is False):
             raise ValueError("pivot_offload re-chooses every compressed head from its host copy at a new turn: "
-                             "it needs offload=True and turn_reselect='own'")
+                             "it needs offload=True, turn_reselect='own' and anchor_offload (not False)")
         if self.anchor_offload is None:  # on when the cache is meant for further turns
             self.anchor_offload = self.turn_reselect == "own"
         self.anchor_offload = bool(self.anchor_offload) and self.offload
@@ -490,6 +496,8 @@ class HeteroCachePolicy(Policy):
             roles[roles == Role.PIVOT] = int(Role.SATELLITE)  # any compressed role: only the set matters
             if self.profile.has_stability:
                 ratios = budget_ratios(roles, self.profile.stability)
+            else:  # the pivots get the mean share of the profile's compressed heads
+                ratios = torch.where(self.profile.roles == Role.PIVOT, ratios[~ratios.isnan()].mean(), ratios)
         return torch.nan_to_num(ratios, nan=1.0)
 
     def _floor_text(self) -> tuple[str, str]:
@@ -497,6 +505,8 @@ class HeteroCachePolicy(Policy):
         if self.pivot_offload:
             return "volatile; pivot_offload=True", ""
         roles = self.profile.roles[self.model_layers]
+        if not self.offload or not bool((roles == Role.PIVOT).any()):
+            return "volatile and pivot", ""
         low = float((roles == Role.VOLATILE).sum()) / roles.numel()
         return "volatile and pivot", f" (or pivot_offload=True: its floor is {low:.4f})"
 

@@ -21,6 +21,9 @@ class Role(IntEnum):
     PIVOT        centre of a cluster of similar heads        full
     SATELLITE    member of a pivot's cluster                 compressed (refreshed)
     ===========  ==========================================  ==================
+
+    (HeteroCache's defaults; its ``anchor_offload``/``turn_reselect`` re-choose anchors at a new
+    turn, and ``pivot_offload`` compresses pivots too.)
     """
 
     ANCHOR = 1
