@@ -3,10 +3,9 @@ floor down to the volatile heads' share, every compressed head re-chosen from it
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from test_hetero_recovery import D, G, _expected_key_picks, _ids, _reference_prompt, _two_turns, toy_model
+from test_hetero_recovery import D, _ids, _reference_prompt, _two_turns, assert_key_picks, toy_model
 from transformers import DynamicCache
 
 from heterocache.hetero import HeteroCache, HeteroCachePolicy, InfeasibleBudgetError
@@ -74,27 +73,12 @@ def test_every_compressed_head_keeps_a_host_copy_and_is_rechosen_from_its_own_tu
     reference, mask = _reference_prompt(model)
     cache = HeteroCache(toy_profile(), budget=0.4, pivot_offload=True, window=2, turn_window=3)
     _, _, queries = _two_turns(model, cache)
-    policy = cache.policy
     compressed = int((ROLES != Role.VOLATILE).sum())
     # Host bytes: the full prompt of every compressed head (rows x heads x tokens x D x fp32 x KV).
     assert cache.memory_report().host_bytes == 2 * compressed * 120 * D * 4 * 2
     stats = cache.stats()
     assert stats["refreshes"] == 0 and stats["satellite_refills"] == 0  # no cluster refresh
-    checked = 0
-    for layer_idx, state in policy._layers.items():
-        store = cache.layers[layer_idx].store
-        K, V = reference.layers[layer_idx].keys, reference.layers[layer_idx].values
-        for row in range(2):
-            real = torch.nonzero(mask[row]).flatten()
-            for head in np.nonzero(policy.summarised_for(len(real))[layer_idx].numpy())[0]:
-                n = int(state.plan[row, head])
-                q = queries[layer_idx][row, head * G:(head + 1) * G]
-                picks = _expected_key_picks(K[row, head, real], q, n, 3, policy.kernel, D ** -0.5)
-                k, v, pos = store.segment(row * store.num_heads + int(head))
-                assert torch.equal(pos[:n].long(), real[picks]), (layer_idx, row, head)
-                torch.testing.assert_close(k[:n], K[row, head, real[picks]], rtol=0, atol=0)
-                torch.testing.assert_close(v[:n], V[row, head, real[picks]], rtol=0, atol=0)
-                checked += 1
+    checked = assert_key_picks(cache, reference, mask, queries, turn_window=3)
     assert checked == 2 * compressed == stats["reselected_heads"]  # pivots re-chosen too
 
 

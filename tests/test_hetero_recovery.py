@@ -284,7 +284,8 @@ def test_summary_drift_needs_turn_reselect_own():
 
 
 def test_a_budget_that_cannot_pay_for_any_summaries_warns_and_keeps_the_plan():
-    policy = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="own", turn_scoring="pages", page_size=4)
+    policy = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="own", turn_scoring="pages",
+                               page_size=4)
     plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="pivot")
     with pytest.warns(UserWarning, match="summaries_in_budget=False"):
         plan = policy.plan_for(120)
@@ -365,6 +366,28 @@ def _expected_key_picks(keys: torch.Tensor, query: torch.Tensor, n: int, window:
     return pooled.amax(0).topk(n).indices.sort().values
 
 
+def assert_key_picks(cache, reference, mask, queries, turn_window: int) -> int:
+    """Assert that every head a turn re-chose by ``turn_scoring="keys"`` (``_two_turns``, rows of
+    ``mask``) holds exactly the oracle's top tokens of its turn queries, keys and values equal to
+    the full prompt's (``reference``); returns how many (row, head) were checked."""
+    policy, checked = cache.policy, 0
+    for layer_idx, state in policy._layers.items():
+        store = cache.layers[layer_idx].store
+        K, V = reference.layers[layer_idx].keys, reference.layers[layer_idx].values
+        for row in range(mask.shape[0]):
+            real = torch.nonzero(mask[row]).flatten()
+            for head in np.nonzero(policy.summarised_for(len(real))[layer_idx].numpy())[0]:
+                n = int(state.plan[row, head])
+                q = queries[layer_idx][row, head * G:(head + 1) * G]
+                picks = _expected_key_picks(K[row, head, real], q, n, turn_window, policy.kernel, D ** -0.5)
+                k, v, pos = store.segment(row * store.num_heads + int(head))
+                assert torch.equal(pos[:n].long(), real[picks]), (layer_idx, row, head)
+                torch.testing.assert_close(k[:n], K[row, head, real[picks]], rtol=0, atol=0)
+                torch.testing.assert_close(v[:n], V[row, head, real[picks]], rtol=0, atol=0)
+                checked += 1
+    return checked
+
+
 def test_key_scoring_rechooses_the_top_tokens_of_the_turns_attention_over_the_full_prompt_keys():
     model = toy_model()
     reference, mask = _reference_prompt(model)
@@ -372,22 +395,10 @@ def test_key_scoring_rechooses_the_top_tokens_of_the_turns_attention_over_the_fu
     _, _, queries = _two_turns(model, cache)
     policy = cache.policy
     plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="pivot")
-    checked = 0
-    for layer_idx, state in policy._layers.items():
-        store = cache.layers[layer_idx].store
-        K, V = reference.layers[layer_idx].keys, reference.layers[layer_idx].values
-        for row in range(2):
-            real = torch.nonzero(mask[row]).flatten()
-            assert torch.equal(policy.plan_for(len(real)), plain.plan_for(len(real)))  # nothing paid for summaries
-            for head in np.nonzero(policy.summarised_for(len(real))[layer_idx].numpy())[0]:
-                n = int(state.plan[row, head])
-                q = queries[layer_idx][row, head * G:(head + 1) * G]
-                picks = _expected_key_picks(K[row, head, real], q, n, 3, policy.kernel, D ** -0.5)
-                k, v, pos = store.segment(row * store.num_heads + int(head))
-                assert torch.equal(pos[:n].long(), real[picks]), (layer_idx, row, head)
-                torch.testing.assert_close(k[:n], K[row, head, real[picks]], rtol=0, atol=0)
-                torch.testing.assert_close(v[:n], V[row, head, real[picks]], rtol=0, atol=0)
-                checked += 1
+    for row in range(2):  # nothing paid for summaries
+        real = int(mask[row].sum())
+        assert torch.equal(policy.plan_for(real), plain.plan_for(real))
+    checked = assert_key_picks(cache, reference, mask, queries, turn_window=3)
     assert checked > 0 and cache.stats()["reselected_heads"] == checked
     assert policy.device_extra_bytes_per_layer() == {}
     assert all(s.summ_min is None for s in policy._layers.values())

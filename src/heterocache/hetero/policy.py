@@ -43,7 +43,7 @@ from ..profile.clustering import budget_ratios
 from ..store import RaggedKVStore, segment_ranges_host, to_device
 from .drift import membership, pivot_scores, set_overlap, topk_sets
 from .host_store import SatelliteHostStore
-from .plan import check_budget_above_floor, plan_tokens
+from .plan import budget_floor, check_budget_above_floor, plan_tokens
 from .transfer import RefreshTransfer
 
 
@@ -364,9 +364,10 @@ class HeteroCachePolicy(Policy):
             budget 0.25 the compressed heads then keep ~950 tokens of 4096 instead of ~89; use a
             wider ``kernel`` with it (README: 15).
         page_size: tokens per page of the re-selection summaries (default 16, Quest's).
-        summaries_in_budget: (``turn_scoring="pages"``) count the summaries inside the budget (default True): a re-chosen
-            head's summaries (``ceil(prompt / page_size)`` pages of a min and a max key, in the KV
-            dtype) cost exactly as many bytes as that many prompt tokens (a key and a value), so
+        summaries_in_budget: (``turn_scoring="pages"``) count the summaries inside the budget
+            (default True): a re-chosen head's summaries (``ceil(prompt / page_size)`` pages of a
+            min and a max key, in the KV dtype) cost exactly as many bytes as that many prompt
+            tokens (a key and a value), so
             its planned prompt tokens ``n`` become ``n - pages``, and a head is re-chosen only when
             ``n - pages >= page_size`` (at least one page of slots; otherwise it keeps its ``n``
             tokens, no summaries, and the "pivot" behaviour). The device bytes (store + summaries)
@@ -501,13 +502,14 @@ class HeteroCachePolicy(Policy):
         return torch.nan_to_num(ratios, nan=1.0)
 
     def _floor_text(self) -> tuple[str, str]:
-        """(roles kept full, how to go lower) for the infeasible-budget errors."""
+        """(roles kept full, how to go lower) for the infeasible-budget errors, over the
+        compressible layers."""
         if self.pivot_offload:
             return "volatile; pivot_offload=True", ""
         roles = self.profile.roles[self.model_layers]
         if not self.offload or not bool((roles == Role.PIVOT).any()):
             return "volatile and pivot", ""
-        low = float((roles == Role.VOLATILE).sum()) / roles.numel()
+        low = budget_floor(roles == Role.VOLATILE)
         return "volatile and pivot", f" (or pivot_offload=True: its floor is {low:.4f})"
 
     def _set_compressible(self, model_layers) -> None:
@@ -516,8 +518,9 @@ class HeteroCachePolicy(Policy):
         self._plan_copy = self.host_copy[self.model_layers]
         self._plans = {}
         self._summarised_plans: dict[int, torch.Tensor] = {}
+        self._floor_message = self._floor_text()
         if self.budget_tokens is None:  # a fraction at or below the full heads' share never fits
-            check_budget_above_floor(self._plan_full, self.budget, *self._floor_text())
+            check_budget_above_floor(self._plan_full, self.budget, *self._floor_message)
 
     def bind_kv_shard(self, shard: KVShard) -> None:
         """Tensor parallel: this process holds the KV heads ``shard.heads`` of every layer. The
@@ -564,7 +567,7 @@ class HeteroCachePolicy(Policy):
         n = int(prompt_tokens)
         plan = self._plans.get(n)
         if plan is None:
-            plan = plan_tokens(self._plan_full, self._plan_ratios, self.row_budget(n), n, *self._floor_text())
+            plan = plan_tokens(self._plan_full, self._plan_ratios, self.row_budget(n), n, *self._floor_message)
             summarised = torch.zeros_like(plan, dtype=torch.bool)
             if self.turn_reselect == "own":
                 pages = self.summary_pages(n)
