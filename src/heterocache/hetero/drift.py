@@ -7,14 +7,15 @@ import torch
 from ..policies.scoring import pool_scores
 
 
-def prompt_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float, kernel: int) -> torch.Tensor:
+def prompt_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
+                  kernel: int | torch.Tensor) -> torch.Tensor:
     """Attention of some queries of a GQA group over prompt keys, pooled, max over the group.
 
     Args:
         queries: ``[..., steps, G, D]``.
         keys: ``[..., L, D]`` (broadcast over ``steps`` and ``G``).
         scaling: softmax scale.
-        kernel: average-pool kernel along the prompt (1 = none).
+        kernel: average-pool kernel along the prompt (1 = none), or per-row taps (``pool_scores``).
 
     Returns:
         float32 ``[..., steps, L]``.
@@ -25,7 +26,7 @@ def prompt_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float, ker
 
 
 def pivot_scores(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float,
-                 kernel: int) -> torch.Tensor:
+                 kernel: int | torch.Tensor) -> torch.Tensor:
     """``prompt_scores`` for every pivot and row of a layer at once.
 
     Args:

@@ -114,3 +114,29 @@ def _water_fill(ratios: torch.Tensor, total: float, cap: float) -> torch.Tensor:
             return share
         clamped |= newly
     return share.clamp_max(cap)
+
+
+#: ``kernel="auto"``: the selection's pooling kernel grows by 2 for every ``AUTO_KERNEL_TOKENS``
+#: prompt tokens a compressed head keeps on average, within ``AUTO_KERNEL_RANGE``.
+AUTO_KERNEL_TOKENS = 40
+AUTO_KERNEL_RANGE = (3, 15)
+#: ``kernel="auto"`` when no head is compressed (the kernel then only shapes the drift checks).
+AUTO_KERNEL_UNCOMPRESSED = 5
+
+
+def auto_kernel(plan: torch.Tensor, prompt_tokens: int) -> int:
+    """Pooling kernel for a prompt of ``prompt_tokens`` tokens whose heads keep ``plan`` tokens
+    (int64 ``[layers, kv_heads]``): ``2 * round(mean / AUTO_KERNEL_TOKENS) + 1`` for the mean prompt
+    slots of the compressed heads (those below ``prompt_tokens``), within ``AUTO_KERNEL_RANGE``.
+
+    Why: pooling spreads a peak's score over its neighbours, so that a head keeps a phrase rather
+    than its single best token. A head that keeps ~90 of 4096 tokens (SmolLM2 at budget 0.25)
+    cannot afford a 15-token phrase per peak and loses more of the answer with it than with 5; one
+    that keeps hundreds (budget 0.35 and up, or ``pivot_offload``) loses 4 to 13 times less of it
+    with 15 than with 5 (benchmarks/results/answer_likelihood_kernels_smollm2_cpu.json)."""
+    compressed = plan[plan < int(prompt_tokens)]
+    if compressed.numel() == 0:
+        return AUTO_KERNEL_UNCOMPRESSED
+    mean = float(compressed.double().mean())
+    lo, hi = AUTO_KERNEL_RANGE
+    return int(min(hi, max(lo, 2 * round(mean / AUTO_KERNEL_TOKENS) + 1)))

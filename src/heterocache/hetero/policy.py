@@ -37,13 +37,13 @@ from ..budget import check_budget_spec
 from ..page_summaries import page_bounds, page_minmax
 from ..parallel import KVShard, TensorParallelError
 from ..policies.base import Policy, PrefillContext
-from ..policies.scoring import pool_scores, reduce_gqa, topk_keep, window_attention_scores
+from ..policies.scoring import pool_scores, reduce_gqa, row_taps, topk_keep, window_attention_scores
 from ..profile import HeadProfile, Role
 from ..profile.clustering import budget_ratios
 from ..store import RaggedKVStore, segment_ranges_host, to_device
 from .drift import membership, pivot_scores, set_overlap, topk_sets
 from .host_store import SatelliteHostStore
-from .plan import budget_floor, check_budget_above_floor, plan_tokens
+from .plan import auto_kernel, budget_floor, check_budget_above_floor, plan_tokens
 from .transfer import RefreshTransfer
 
 
@@ -85,6 +85,7 @@ class _LayerState:
     def __init__(self, plan: np.ndarray, prompt_tokens: np.ndarray, base: np.ndarray, k: np.ndarray):
         self.plan, self.prompt_tokens, self.base, self.k = plan, prompt_tokens, base, k
         self.model_layer = 0  # the layer's index in the model (the policy's index may differ)
+        self.kernel: int | torch.Tensor = 1  # pool_scores' kernel for these rows (int, or per-row taps)
         self.active = False  # takes part in drift checks (holds a pivot or satellite, or exchanges)
         self.k_dev: torch.Tensor | None = None
         self.pivots: list[int] = []
@@ -293,7 +294,10 @@ class HeteroCachePolicy(Policy):
             ``min(1, budget_tokens / prompt_tokens)`` per row).
         window: prompt queries whose attention selects the compressed heads' tokens (default 1, the
             last prompt query as in the paper's reference code); these last tokens are always kept.
-        kernel: pooling kernel of the selection and drift scores (default 5).
+        kernel: pooling kernel of the selection and drift scores: an odd int, or "auto" (default):
+            per prompt length, from the prompt tokens the compressed heads keep on average
+            (``hetero.plan.auto_kernel``: 5 for SmolLM2 at budget 0.25 and 4096 tokens, 15 at 0.5
+            or with ``pivot_offload``); rows of one batch may differ, each pooled with its own.
         pooling: how the selection scores (prefill, and ``turn_scoring="keys"``) pool over
             ``kernel`` neighbours: "avg" (default, the paper's) or "max" (every token within
             ``kernel // 2`` of a peak scores as the peak, so a chosen peak brings its neighbours:
@@ -394,7 +398,7 @@ class HeteroCachePolicy(Policy):
     budget: float = 0.25
     budget_tokens: int | None = None
     window: int = 1
-    kernel: int = 5
+    kernel: int | str = "auto"
     pooling: str = "avg"
     refresh_interval: int = 5
     drift_threshold: float = 0.5
@@ -423,14 +427,17 @@ class HeteroCachePolicy(Policy):
         if not isinstance(self.profile, HeadProfile):
             raise TypeError(f"profile must be a HeadProfile, got {type(self.profile).__name__}")
         self.budget, self.budget_tokens = check_budget_spec(self.budget, self.budget_tokens)
+        if isinstance(self.kernel, str) and self.kernel != "auto":
+            raise ValueError(f"kernel must be an odd int or 'auto', got {self.kernel!r}")
         for name in ("window", "kernel", "refresh_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value != "auto" and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.turn_window is not None and self.turn_window < 1:
             raise ValueError(f"turn_window must be >= 1, got {self.turn_window}")
         if self.decision_lag < 0:
             raise ValueError(f"decision_lag must be >= 0, got {self.decision_lag}")
-        if self.kernel % 2 == 0:
+        if self.kernel != "auto" and self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd, got {self.kernel}")
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
@@ -588,6 +595,16 @@ class HeteroCachePolicy(Policy):
             self._plans[n], self._summarised_plans[n] = plan, summarised
         return plan
 
+    def kernel_for(self, prompt_tokens: int) -> int:
+        """The pooling kernel of a row of ``prompt_tokens`` real tokens (``kernel``, resolved)."""
+        if self.kernel != "auto":
+            return self.kernel
+        return auto_kernel(self.plan_for(prompt_tokens), prompt_tokens)
+
+    def _kernel_arg(self, prompt_tokens, device) -> int | torch.Tensor:
+        """``pool_scores``' kernel for rows of ``prompt_tokens`` (host ints): one int, or per-row taps."""
+        return row_taps([self.kernel_for(n) for n in prompt_tokens], device)
+
     def summarised_for(self, prompt_tokens: int) -> torch.Tensor:
         """bool ``[layers, kv_heads]``: the heads whose prompt slots a new turn re-chooses from
         page summaries, for a row of ``prompt_tokens`` real tokens (``turn_reselect="own"``)."""
@@ -625,7 +642,8 @@ class HeteroCachePolicy(Policy):
     def select(self, ctx: PrefillContext, plan: torch.Tensor) -> torch.Tensor:
         H = ctx.key.shape[1]
         scores = window_attention_scores(ctx.query, ctx.key, ctx.valid, self.window, ctx.scaling)
-        scores = reduce_gqa(pool_scores(scores, self.kernel, self.pooling), H, "max")
+        kernel = self._kernel_arg(ctx.prompt_tokens.tolist(), ctx.key.device)  # prefill: host read is fine
+        scores = reduce_gqa(pool_scores(scores, kernel, self.pooling), H, "max")
         return topk_keep(scores, ctx.valid, plan, protect_last=self.window)
 
     def on_prefill_done(self, layer_idx: int, store: RaggedKVStore, ctx: PrefillContext) -> None:
@@ -636,6 +654,7 @@ class HeteroCachePolicy(Policy):
         k = np.maximum(1, np.minimum(base if self.drift_topk is None else self.drift_topk, prompt))
         state = _LayerState(plan, prompt, base, k)
         state.model_layer = ctx.model_layer
+        state.kernel = self._kernel_arg(prompt, store.device)
         self._stores[layer_idx] = store
         if not self._layers or layer_idx < min(self._layers):
             self._first_layer = layer_idx
@@ -769,7 +788,7 @@ class HeteroCachePolicy(Policy):
     def _pivot_scores(self, state: _LayerState, store: RaggedKVStore, queries: torch.Tensor, scaling: float):
         """``pivot_scores`` of queries ``[B, P, T, G, D]`` over the pivots' prompt keys in the store."""
         keys, valid = state.pivot_keys(store)
-        return pivot_scores(queries, keys, valid, scaling, self.kernel)
+        return pivot_scores(queries, keys, valid, scaling, state.kernel)
 
     def _base_tokens(self, prompt_tokens: int) -> int:
         """Per-head base budget (b*H - F) * L / (H - F) of the paper (at least 1), over the
@@ -865,7 +884,7 @@ class HeteroCachePolicy(Policy):
         valid = torch.arange(Lmax, device=dev) < state.prompt_dev[:, None]  # [B, Lmax]
         logits = logits.masked_fill(~valid[:, None, None, None, :], float("-inf"))
         probs = torch.softmax(logits, -1).sum(3)  # [B, Nr, G, Lmax]
-        scores = pool_scores(probs, self.kernel, self.pooling).amax(2)  # [B, Nr, Lmax]
+        scores = pool_scores(probs, state.kernel, self.pooling).amax(2)  # [B, Nr, Lmax]
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         nmax = state.reselect_nmax
         top = scores.topk(nmax, dim=-1).indices
@@ -1203,6 +1222,8 @@ class HeteroCachePolicy(Policy):
             state.base, state.k = state.base[rows_h], state.k[rows_h]
             state.sat_tokens, state.prompt_pos = state.sat_tokens[rows_h], state.prompt_pos[rows_h]
             state.sat_tokens_all = state.sat_tokens_all[rows_h]
+            if isinstance(state.kernel, torch.Tensor):
+                state.kernel = state.kernel.index_select(0, to_device(rows_h, state.kernel.device))
             if state.active:
                 dev = self._stores[layer_idx].device
                 if state.reference is not None:

@@ -281,31 +281,59 @@ def stored_attention(store, query: torch.Tensor, scaling: float) -> torch.Tensor
     return probs.transpose(1, 2).reshape(-1, G)
 
 
-def pool_scores(scores: torch.Tensor, kernel: int, mode: str = "avg") -> torch.Tensor:
+def pool_scores(scores: torch.Tensor, kernel: int | torch.Tensor, mode: str = "avg") -> torch.Tensor:
     """1-D pooling along the token axis (stride 1, 'same' length) to keep neighbours together.
 
     Args:
-        scores: ``[..., L]``.
-        kernel: odd window size; 1 disables pooling.
+        scores: ``[B, ..., L]``.
+        kernel: odd window size (1 disables pooling), or per-row taps from :func:`row_taps`
+            (float ``[B, K]``: 1 on the row's window, centred, 0 outside), for rows pooled with
+            different kernels in one call; each row then gets exactly what its own int kernel gives.
         mode: "avg" or "max".
     """
     if mode not in ("avg", "max"):
         raise ValueError(f"pooling must be 'avg' or 'max', got {mode!r}")
-    if kernel <= 1:
+    taps = kernel if isinstance(kernel, torch.Tensor) else None
+    width = taps.shape[-1] if taps is not None else kernel
+    if width <= 1:
         return scores
-    # A sum (or max) of ``kernel`` shifted slices: what avg_pool1d / max_pool1d compute (zero / -inf
-    # padding, count_include_pad), at a fraction of their CPU cost on long rows.
-    L, pad = scores.shape[-1], kernel // 2
+    # A sum (or max) of ``width`` shifted slices: what avg_pool1d / max_pool1d compute (zero / -inf
+    # padding, count_include_pad), at a fraction of their CPU cost on long rows. Per-row taps add
+    # exact zeros outside a row's window, so its sum is the same floats in the same order.
+    L, pad = scores.shape[-1], width // 2
     fill = 0.0 if mode == "avg" else float("-inf")
     padded = F.pad(scores, (pad, pad), value=fill)
+    if taps is not None:
+        taps = taps.to(scores.dtype).view(taps.shape[0], *(1,) * (scores.dim() - 2), width)
+        out = torch.zeros_like(scores) if mode == "avg" else torch.full_like(scores, float("-inf"))
+        for shift in range(width):
+            tap, off = padded[..., shift : shift + L], taps[..., shift : shift + 1] == 0
+            if mode == "avg":
+                out += tap.masked_fill(off, 0.0)
+            else:
+                torch.maximum(out, tap.masked_fill(off, float("-inf")), out=out)
+        return out / taps.sum(-1, keepdim=True) if mode == "avg" else out
     out = padded[..., 0:L].clone()
-    for shift in range(1, kernel):
+    for shift in range(1, width):
         tap = padded[..., shift : shift + L]
         if mode == "avg":
             out += tap
         else:
             torch.maximum(out, tap, out=out)
-    return out / kernel if mode == "avg" else out
+    return out / width if mode == "avg" else out
+
+
+def row_taps(kernels, device) -> int | torch.Tensor:
+    """The ``kernel`` argument of :func:`pool_scores` for rows pooled with ``kernels`` (host ints,
+    one per row, odd): the int when they agree (the plain path), else float taps ``[B, K]``
+    (``K = max(kernels)``) on ``device``."""
+    kernels = [int(k) for k in kernels]
+    if len(set(kernels)) <= 1:
+        return kernels[0] if kernels else 1
+    width = max(kernels)
+    offsets = torch.arange(width) - width // 2
+    taps = (offsets.abs()[None, :] <= torch.tensor(kernels)[:, None] // 2).float()
+    return taps.to(device)
 
 
 def reduce_gqa(scores: torch.Tensor, num_heads: int, mode: str = "mean") -> torch.Tensor:
