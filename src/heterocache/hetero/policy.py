@@ -526,6 +526,7 @@ class HeteroCachePolicy(Policy):
         self._plan_copy = self.host_copy[self.model_layers]
         self._plans = {}
         self._summarised_plans: dict[int, torch.Tensor] = {}
+        self._kernels: dict[int, int] = {}  # kernel_for memo ("auto"), by prompt length
         self._floor_message = self._floor_text()
         if self.budget_tokens is None:  # a fraction at or below the full heads' share never fits
             check_budget_above_floor(self._plan_full, self.budget, *self._floor_message)
@@ -600,7 +601,10 @@ class HeteroCachePolicy(Policy):
         """The pooling kernel of a row of ``prompt_tokens`` real tokens (``kernel``, resolved)."""
         if self.kernel != "auto":
             return self.kernel
-        return auto_kernel(self.plan_for(prompt_tokens), prompt_tokens)
+        n = int(prompt_tokens)
+        if n not in self._kernels:  # memoised like the plans: every layer's prefill asks again
+            self._kernels[n] = auto_kernel(self.plan_for(n), n)
+        return self._kernels[n]
 
     def _kernel_arg(self, prompt_tokens, device) -> int | torch.Tensor:
         """``pool_scores``' kernel for rows of ``prompt_tokens`` (host ints): one int, or per-row taps."""

@@ -287,7 +287,7 @@ def pool_scores(scores: torch.Tensor, kernel: int | torch.Tensor, mode: str = "a
     Args:
         scores: ``[B, ..., L]``.
         kernel: odd window size (1 disables pooling), or per-row taps from :func:`row_taps`
-            (float ``[B, K]``: 1 on the row's window, centred, 0 outside), for rows pooled with
+            (bool ``[B, K]``: True on the row's window, centred), for rows pooled with
             different kernels in one call; each row then gets exactly what its own int kernel gives.
         mode: "avg" or "max".
     """
@@ -304,15 +304,15 @@ def pool_scores(scores: torch.Tensor, kernel: int | torch.Tensor, mode: str = "a
     fill = 0.0 if mode == "avg" else float("-inf")
     padded = F.pad(scores, (pad, pad), value=fill)
     if taps is not None:
-        taps = taps.to(scores.dtype).view(taps.shape[0], *(1,) * (scores.dim() - 2), width)
+        off = ~taps.view(taps.shape[0], *(1,) * (scores.dim() - 2), width)
         out = torch.zeros_like(scores) if mode == "avg" else torch.full_like(scores, float("-inf"))
         for shift in range(width):
-            tap, off = padded[..., shift : shift + L], taps[..., shift : shift + 1] == 0
+            tap = padded[..., shift : shift + L].masked_fill(off[..., shift : shift + 1], fill)
             if mode == "avg":
-                out += tap.masked_fill(off, 0.0)
+                out += tap
             else:
-                torch.maximum(out, tap.masked_fill(off, float("-inf")), out=out)
-        return out / taps.sum(-1, keepdim=True) if mode == "avg" else out
+                torch.maximum(out, tap, out=out)
+        return out / (~off).sum(-1, keepdim=True).to(scores.dtype) if mode == "avg" else out
     out = padded[..., 0:L].clone()
     for shift in range(1, width):
         tap = padded[..., shift : shift + L]
@@ -325,15 +325,14 @@ def pool_scores(scores: torch.Tensor, kernel: int | torch.Tensor, mode: str = "a
 
 def row_taps(kernels, device) -> int | torch.Tensor:
     """The ``kernel`` argument of :func:`pool_scores` for rows pooled with ``kernels`` (host ints,
-    one per row, odd): the int when they agree (the plain path), else float taps ``[B, K]``
+    one per row, odd): the int when they agree (the plain path), else bool taps ``[B, K]``
     (``K = max(kernels)``) on ``device``."""
     kernels = [int(k) for k in kernels]
     if len(set(kernels)) <= 1:
         return kernels[0] if kernels else 1
     width = max(kernels)
     offsets = torch.arange(width) - width // 2
-    taps = (offsets.abs()[None, :] <= torch.tensor(kernels)[:, None] // 2).float()
-    return taps.to(device)
+    return (offsets.abs()[None, :] <= torch.tensor(kernels)[:, None] // 2).to(device)
 
 
 def reduce_gqa(scores: torch.Tensor, num_heads: int, mode: str = "mean") -> torch.Tensor:
