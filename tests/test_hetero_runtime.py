@@ -400,6 +400,29 @@ def test_max_pooling_keeps_a_peak_with_its_neighbours(pooling, kept):
         assert torch.nonzero(mask[0, head]).flatten().tolist() == [*kept, L - 1]
 
 
+@pytest.mark.parametrize("options, kept", [(dict(), [10, 59]), (dict(score_window=8), [30, 59]),
+                                             (dict(window=8), [58, 59])])
+def test_score_window_scores_with_more_queries_than_it_keeps(options, kept):
+    """The last query attends to token 10, the seven before it to token 30. ``window=1`` scores with
+    the last query and keeps 10; ``score_window=8`` sums the eight and keeps 30, still protecting
+    only the last token; ``window=8`` protects the last eight, which use the whole count here."""
+    from heterocache.policies.base import PrefillContext
+
+    L, D = 60, 16
+    key = torch.zeros(1, 4, L, D)
+    key[..., :2] = -10.0
+    key[..., 10, 0] = key[..., 30, 1] = 1.0  # query e_0 favours token 10, query e_1 token 30
+    query = torch.zeros(1, 8, L, D)
+    query[:, :, -8:-1, 1] = query[:, :, -1, 0] = 1.0
+    ctx = PrefillContext(0, query, key, key.clone(), torch.ones(1, L, dtype=torch.bool), scaling=1.0)
+    policy = HeteroCachePolicy(profile=toy_profile(), budget=0.5, kernel=1, **options)
+    mask = policy.select(ctx, torch.tensor([[L, 2, 2, 2]]))
+    for head in (1, 2, 3):
+        assert torch.nonzero(mask[0, head]).flatten().tolist() == kept
+    with pytest.raises(ValueError, match="score_window"):
+        HeteroCachePolicy(profile=toy_profile(), score_window=0)
+
+
 def test_pooling_rejects_an_unknown_mode():
     with pytest.raises(ValueError, match="pooling"):
         HeteroCachePolicy(profile=toy_profile(), pooling="median")

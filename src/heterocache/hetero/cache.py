@@ -19,8 +19,9 @@ class HeteroCache(RaggedCache):
             folder, a bundled profile name such as "meta-llama/Llama-3.1-8B-Instruct", a Hub repo).
         budget: fraction of the prompt KV kept on the device, in (0, 1] (default 0.25).
         block_size, reserve: store layout (see ``RaggedCache``).
-        **params: the policy's parameters (``budget_tokens``, ``window``, ``kernel``, ``pooling``,
-            ``refresh_interval``, ``drift_threshold``, ``drift_topk``, ``refresh``, ``offload``,
+        **params: the policy's parameters (``budget_tokens``, ``window``, ``score_window``,
+            ``kernel``, ``pooling``, ``refresh_interval``, ``drift_threshold``, ``drift_topk``,
+            ``refresh``, ``offload``,
             ``inverse_stability``, ``asynchronous``, ``decision_lag``, ``turn_refresh``,
             ``turn_reselect``, ``turn_scoring``, ``turn_window``, ``anchor_offload``,
             ``pivot_offload``, ``page_size``, ``summaries_in_budget``, ``summary_memory``,

@@ -295,6 +295,10 @@ class HeteroCachePolicy(Policy):
             ``min(1, budget_tokens / prompt_tokens)`` per row).
         window: prompt queries whose attention selects the compressed heads' tokens (default 1, the
             last prompt query as in the paper's reference code); these last tokens are always kept.
+        score_window: prompt queries whose attention scores the selection when it should differ
+            from the tokens always kept (default None: ``window``). A question at the end of the
+            prompt is then read whole, as a later turn's is (``turn_window``), without its tokens
+            taking slots it would not win.
         kernel: pooling kernel of the selection and drift scores: an odd int, or "auto" (default):
             per prompt length, from the prompt tokens the compressed heads keep on average
             (``hetero.plan.auto_kernel``: 5 for SmolLM2 at budget 0.25 and 4096 tokens, 15 at 0.5
@@ -399,6 +403,7 @@ class HeteroCachePolicy(Policy):
     budget: float = 0.25
     budget_tokens: int | None = None
     window: int = 1
+    score_window: int | None = None
     kernel: int | str = "auto"
     pooling: str = "avg"
     refresh_interval: int = 5
@@ -434,8 +439,10 @@ class HeteroCachePolicy(Policy):
             value = getattr(self, name)
             if value != "auto" and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.turn_window is not None and self.turn_window < 1:
-            raise ValueError(f"turn_window must be >= 1, got {self.turn_window}")
+        for name in ("turn_window", "score_window"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.decision_lag < 0:
             raise ValueError(f"decision_lag must be >= 0, got {self.decision_lag}")
         if self.kernel != "auto" and self.kernel % 2 == 0:
@@ -646,7 +653,8 @@ class HeteroCachePolicy(Policy):
     # ------------------------------------------------------------------ prefill
     def select(self, ctx: PrefillContext, plan: torch.Tensor) -> torch.Tensor:
         H = ctx.key.shape[1]
-        scores = window_attention_scores(ctx.query, ctx.key, ctx.valid, self.window, ctx.scaling)
+        scores = window_attention_scores(ctx.query, ctx.key, ctx.valid, self.score_window or self.window,
+                                         ctx.scaling)
         kernel = self._kernel_arg(ctx.prompt_tokens.tolist(), ctx.key.device)  # prefill: host read is fine
         scores = reduce_gqa(pool_scores(scores, kernel, self.pooling), H, "max")
         return topk_keep(scores, ctx.valid, plan, protect_last=self.window)
