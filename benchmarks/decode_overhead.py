@@ -37,12 +37,15 @@ from heterocache import (
     StreamingLLMCache,
 )
 from heterocache._compat import cache_kwarg
-from heterocache.bench_cli import machine_info
 from heterocache.bench import kv_bytes, prompt_ids
+from heterocache.bench_cli import machine_info
 from heterocache.diagnostics import count_steps
 from heterocache.hetero import HeteroCache
+from heterocache.methods import make_cache, parse_method_spec
 from heterocache.models import load_smollm2
 from heterocache.ragged_attention import STRATEGY_ENV
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def methods(budget: float) -> dict:
@@ -54,11 +57,23 @@ def methods(budget: float) -> dict:
         "h2o": ("heterocache", lambda: H2OCache(budget=budget)),
         "pyramidkv": ("heterocache", lambda: PyramidKVCache(budget=budget)),
         "cake": ("heterocache", lambda: CAKECache(budget=budget)),
-        "heterocache": ("heterocache", lambda: HeteroCache("HuggingFaceTB/SmolLM2-135M-Instruct", budget=budget)),
+        "heterocache": ("heterocache", lambda: HeteroCache(SMOLLM2, budget=budget)),
         "quest": ("heterocache", lambda: QuestCache(budget=budget)),
         "omnikv": ("heterocache", lambda: OmniKVCache(budget=budget)),
         "shadowkv": ("heterocache", lambda: ShadowKVCache(budget=budget)),
     }
+
+
+def resolve(name: str, table: dict, budget: float):
+    """(attention, cache factory) of a method in ``table`` or of one with options
+    ("heterocache:pivot_offload=false", as ``--methods`` of the eval takes it)."""
+    if name in table:
+        return table[name]
+    base, _ = parse_method_spec(name)  # ValueError/TypeError: unknown method or option
+    if base not in table:
+        raise ValueError(f"unknown method {name!r}")
+    extra = {"profile": SMOLLM2} if base == "heterocache" else {}
+    return table[base][0], lambda: make_cache(name, budget, **extra)
 
 
 def _step(model, cache, token):
@@ -116,16 +131,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     table = methods(args.budget)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in table]
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {list(table)}")
+    try:
+        resolved = {name: resolve(name, table, args.budget) for name in names}
+    except (ValueError, TypeError) as err:
+        parser.error(f"{err}; choose from {list(table)}, optionally with options (name:key=value)")
     model, tokenizer = load_smollm2(attn_implementation="heterocache")
     rows = []
     for length in args.lengths:
         ids = prompt_ids(tokenizer, length)
         base = None
         for name in names:
-            attn, make = table[name]
+            attn, make = resolved[name]
             model.set_attn_implementation(attn)
             row = {"method": name, "prompt_tokens": length, "budget": None if name in ("dynamic", "fullkv") else args.budget}
             row.update(measure(model, ids, make, args.timed, args.counted))

@@ -24,7 +24,6 @@ from heterocache.hetero import HeteroCache
 from heterocache.models import load_smollm2
 
 
-
 def needle_prompt(tokenizer, tokens: int, seed: int):
     """A RULER-style single-needle prompt of ``tokens`` tokens (chat template applied).
 
@@ -112,7 +111,8 @@ def main() -> None:
         )
         if isinstance(cache, HeteroCache):
             stats = cache.stats()
-            print(f"   host memory (full KV of the satellites and anchors, for later turns): {stats['host_bytes'] / 2**20:.1f} MiB, "
+            print(f"   host memory (full KV of the compressed heads, for later turns): "
+                  f"{stats['host_bytes'] / 2**20:.1f} MiB, "
                   f"drift refreshes: {stats['refreshes']} ({stats['bytes_moved'] / 2**20:.2f} MiB copied)")
         print(f"   decode: {speed:.1f} tokens/s\n")
 

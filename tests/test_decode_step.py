@@ -29,7 +29,10 @@ METHODS = {
     "pyramidkv": lambda: PyramidKVCache(budget=0.3),
     "cake": lambda: CAKECache(budget=0.3),
     # A drift check and a refresh decision at every step: the worst case for the host.
-    "heterocache": lambda: HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0),
+    "heterocache": lambda: HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0,
+                                       pivot_offload=False),
+    # The default layout at this budget (pivot_offload="auto" compresses the pivots): no clusters.
+    "heterocache_pivots_compressed": lambda: HeteroCache(toy_profile(), budget=0.5),
 }
 
 
@@ -51,20 +54,24 @@ def test_decode_steps_read_no_more_device_values_than_dynamic_cache(method, stra
     cache = METHODS[method]()
     result = count_decode_steps(model, _ids(), cache, steps=8)
     assert result["host_reads"] <= dynamic_counts["host_reads"] + 1, result["reads_by_kind"]
+    compressed_pivots = getattr(getattr(cache, "policy", None), "pivot_offload", False)
+    assert compressed_pivots == (method == "heterocache_pivots_compressed")
     if method == "heterocache":
         cache.policy.flush()
         stats = cache.stats()
         assert stats["drift_checks"] > 0 and stats["satellite_refills"] > 0  # the checks ran in the window
 
 
-@pytest.mark.parametrize("method,ratio", [("fullkv", 1.2), ("snapkv", 1.2), ("heterocache", 1.5)])
+@pytest.mark.parametrize("method,ratio", [("fullkv", 1.2), ("snapkv", 1.2), ("heterocache", 1.5),
+                                          ("heterocache_pivots_compressed", 1.5)])
 def test_device_path_dispatches_few_ops_beyond_dynamic_cache(method, ratio, dynamic_counts, monkeypatch):
     """ATen ops per decode step (averaged, HeteroCache's drift checks at its default interval
     included) within the decode-step targets; each layer's attention is one registered op."""
     monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", "device")
     model = tiny_model("llama", **SHAPE)
     cache = {"fullkv": FullKVCache, "snapkv": lambda: SnapKVCache(budget=0.3),
-             "heterocache": lambda: HeteroCache(toy_profile(), budget=0.5)}[method]()
+             "heterocache": lambda: HeteroCache(toy_profile(), budget=0.5, pivot_offload=False),
+             "heterocache_pivots_compressed": lambda: HeteroCache(toy_profile(), budget=0.5)}[method]()
     steps = 10
     ops = Counter()
     with torch.no_grad():
@@ -138,7 +145,8 @@ def test_batched_pivot_scores_equal_the_per_row_scores():
 def _refills_per_step(**options) -> list[int]:
     """Satellite refills after each of 7 decode steps, checks every 3 steps, every pivot drifting."""
     model = tiny_model("llama", **SHAPE)
-    cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=3, drift_threshold=1.0, **options)
+    cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=3, drift_threshold=1.0, pivot_offload=False,
+                        **options)
     with torch.no_grad():
         model(_ids(B=1), past_key_values=cache)
         token = _ids(B=1, L=1, seed=9)

@@ -19,13 +19,45 @@ ROLES = toy_profile().roles
 
 def test_the_floor_falls_to_the_volatile_heads_share_and_the_errors_say_so():
     with pytest.raises(InfeasibleBudgetError, match=r"pivot_offload=True: its floor is 0\.1667"):
-        HeteroCachePolicy(profile=toy_profile(), budget=0.3)  # floor 5/12 with full pivots
+        HeteroCachePolicy(profile=toy_profile(), budget=0.3, pivot_offload=False)  # floor 5/12 with full pivots
     policy = HeteroCachePolicy(profile=toy_profile(), budget=0.3, pivot_offload=True)
     plan = policy.plan_for(120)
     assert int(plan.sum()) == round(0.3 * 12 * 120)  # exact total
     assert bool((plan[ROLES == Role.VOLATILE] == 120).all()) and bool((plan[ROLES == Role.PIVOT] < 120).all())
     with pytest.raises(InfeasibleBudgetError, match=r"2 of 12 KV heads are kept full \(volatile; pivot_offload"):
         HeteroCachePolicy(profile=toy_profile(), budget=0.15, pivot_offload=True)
+
+
+@pytest.mark.parametrize("budget, on", [(0.2, True), (0.3, True), (0.5, True), (0.6, False), (1.0, False)])
+def test_auto_compresses_the_pivots_where_that_at_least_doubles_the_other_heads_share(budget, on):
+    """Toy profile: full heads 5/12 (volatile + pivot), volatile 2/12. A compressed head keeps
+    (b - 5/12) / (7/12) of the prompt, or (b - 2/12) / (10/12) with the pivots compressed: at 0.5
+    0.143 against 0.4 (2.8x), at 0.6 0.314 against 0.52 (1.65x); under 5/12 only the latter fits."""
+    from heterocache.hetero.plan import PIVOT_OFFLOAD_GAIN, compressed_share
+
+    policy = HeteroCachePolicy(profile=toy_profile(), budget=budget)
+    assert policy.pivot_offload is on
+    full, volatile = (ROLES == Role.VOLATILE) | (ROLES == Role.PIVOT), ROLES == Role.VOLATILE
+    without = compressed_share(full, budget)
+    assert on == (without == 0.0 or compressed_share(volatile, budget) >= PIVOT_OFFLOAD_GAIN * without)
+    explicit = HeteroCachePolicy(profile=toy_profile(), budget=budget, pivot_offload=on)
+    assert torch.equal(policy.plan_for(120), explicit.plan_for(120)) and torch.equal(policy.full, explicit.full)
+
+
+@pytest.mark.parametrize("options", [dict(turn_reselect="pivot"), dict(offload=False), dict(anchor_offload=False),
+                                     dict(budget_tokens=60)])
+def test_auto_keeps_the_pivots_full_where_the_options_or_the_budget_spec_rule_it_out(options):
+    assert HeteroCachePolicy(profile=toy_profile(), budget=0.5, **options).pivot_offload is False
+    from heterocache.hetero.plan import pivot_offload_pays
+
+    volatile = ROLES == Role.VOLATILE  # a profile without pivots has nothing to compress
+    assert not pivot_offload_pays(volatile, torch.zeros_like(volatile), 0.2)
+    assert pivot_offload_pays(volatile, ROLES == Role.PIVOT, 0.2)
+
+
+def test_pivot_offload_rejects_a_mode_it_does_not_know():
+    with pytest.raises(ValueError, match="pivot_offload must be True, False or 'auto'"):
+        HeteroCachePolicy(profile=toy_profile(), budget=0.5, pivot_offload="yes")
 
 
 def test_shares_are_the_inverse_stability_ratios_over_every_compressed_head():

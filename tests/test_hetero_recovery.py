@@ -191,7 +191,7 @@ def test_options_off_give_the_previous_default_tokens(params):
 ])
 def test_host_bytes_include_the_anchors_copies_when_on(params, copied):
     model = toy_model()
-    cache = HeteroCache(toy_profile(), budget=0.5, **params)
+    cache = HeteroCache(toy_profile(), budget=0.5, **params, pivot_offload=False)
     with torch.no_grad():
         model(_ids(B=2, L=64), past_key_values=cache)
     heads = sum(len(toy_profile().heads(role)) for role in copied)
@@ -287,8 +287,8 @@ def test_summary_drift_needs_turn_reselect_own():
 
 def test_a_budget_that_cannot_pay_for_any_summaries_warns_and_keeps_the_plan():
     policy = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="own", turn_scoring="pages",
-                               page_size=4)
-    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="pivot")
+                               page_size=4, pivot_offload=False)
+    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="pivot", pivot_offload=False)
     with pytest.warns(UserWarning, match="summaries_in_budget=False"):
         plan = policy.plan_for(120)
     assert torch.equal(plan, plain.plan_for(120)) and not bool(policy.summarised_for(120).any())
@@ -314,9 +314,9 @@ def test_host_summaries_keep_the_device_plan_and_choose_what_device_summaries_ch
     summaries are host bytes, the device holds only the plan's store."""
     model = toy_model()
     kw = dict(OWN, budget=0.5)
-    host = HeteroCache(toy_profile(), summary_memory="host", **kw)
-    extra = HeteroCache(toy_profile(), summaries_in_budget=False, **kw)
-    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="pivot")
+    host = HeteroCache(toy_profile(), summary_memory="host", **kw, pivot_offload=False)
+    extra = HeteroCache(toy_profile(), summaries_in_budget=False, **kw, pivot_offload=False)
+    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="pivot", pivot_offload=False)
     _two_turns(model, host)
     _two_turns(model, extra)
     for n in (120, 100):
@@ -352,7 +352,7 @@ def test_a_single_turn_with_host_summaries_gives_the_default_tokens():
     mask[1, :20] = 0
     outs = []
     for kw in (dict(turn_reselect="pivot"), dict(turn_scoring="pages", summary_memory="host", page_size=4), {}):
-        cache = HeteroCache(toy_profile(), budget=0.5, **kw)
+        cache = HeteroCache(toy_profile(), budget=0.5, **kw, pivot_offload=False)
         outs.append(model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12,
                                    do_sample=False))
     assert all(torch.equal(outs[0], out) for out in outs[1:])
@@ -394,10 +394,11 @@ def assert_key_picks(cache, reference, mask, queries, turn_window: int) -> int:
 def test_key_scoring_rechooses_the_top_tokens_of_the_turns_attention_over_the_full_prompt_keys():
     model = toy_model()
     reference, mask = _reference_prompt(model)
-    cache = HeteroCache(toy_profile(), window=2, turn_window=3, **dict(OWN, budget=0.5, turn_scoring="keys"))
+    cache = HeteroCache(toy_profile(), window=2, turn_window=3, **dict(OWN, budget=0.5, turn_scoring="keys"),
+                        pivot_offload=False)
     _, _, queries = _two_turns(model, cache)
     policy = cache.policy
-    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="pivot")
+    plain = HeteroCachePolicy(profile=toy_profile(), budget=0.5, turn_reselect="pivot", pivot_offload=False)
     for row in range(2):  # nothing paid for summaries
         real = int(mask[row].sum())
         assert torch.equal(policy.plan_for(real), plain.plan_for(real))
@@ -410,8 +411,8 @@ def test_key_scoring_rechooses_the_top_tokens_of_the_turns_attention_over_the_fu
 def test_key_scoring_follows_row_changes_and_keeps_single_turn_tokens():
     model = toy_model()
     ids = _ids(B=2, L=120)
-    outs = [model.generate(ids, past_key_values=HeteroCache(toy_profile(), budget=0.5, **kw), max_new_tokens=8,
-                           do_sample=False, num_beams=2)
+    outs = [model.generate(ids, past_key_values=HeteroCache(toy_profile(), budget=0.5, **kw, pivot_offload=False),
+                           max_new_tokens=8, do_sample=False, num_beams=2)
             for kw in (dict(turn_reselect="pivot"), {})]
     assert torch.equal(outs[0], outs[1])  # beam search reorders rows; one turn re-chooses nothing
 

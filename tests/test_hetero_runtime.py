@@ -36,7 +36,7 @@ def test_budget_one_gives_exactly_fullkv_tokens(arch):
 def test_stored_tokens_follow_the_plan_and_roles(arch):
     model = toy_model(arch)
     profile = toy_profile()
-    cache = HeteroCache(profile, budget=0.5, refresh=False)
+    cache = HeteroCache(profile, budget=0.5, refresh=False, pivot_offload=False)
     ids, mask = _ids(B=2, L=100), torch.ones(2, 100, dtype=torch.long)
     mask[1, :30] = 0
     with torch.no_grad():
@@ -77,7 +77,7 @@ def _prefilled(model, profile, ids, **params):
 
 def test_forced_refresh_refills_satellites_from_host_at_pivot_top_positions():
     model = toy_model()
-    cache = _prefilled(model, toy_profile(), _ids(L=80), budget=0.5, refresh_interval=1000)
+    cache = _prefilled(model, toy_profile(), _ids(L=80), budget=0.5, refresh_interval=1000, pivot_offload=False)
     with torch.no_grad():  # a few decode steps so satellites hold appended tokens too
         for t in range(3):
             model(_ids(L=1, seed=10 + t), past_key_values=cache)
@@ -143,7 +143,7 @@ def test_generation_with_refresh_every_step_and_padding_runs(arch):
     model = toy_model(arch)
     ids, mask = _ids(B=2, L=70), torch.ones(2, 70, dtype=torch.long)
     mask[0, :9] = 0
-    cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0)
+    cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0, pivot_offload=False)
     out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12, do_sample=False)
     assert out.shape == (2, 82)
     stats = cache.stats()
@@ -157,7 +157,7 @@ def test_a_new_turn_is_checked_for_drift_before_its_answer_is_decoded():
     question = _ids(L=12, seed=3)
     checks = {}
     for refresh in (True, False):
-        cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=1.0, refresh=refresh)
+        cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=1.0, refresh=refresh, pivot_offload=False)
         with torch.no_grad():
             model(ids, past_key_values=cache)
             assert cache.stats()["drift_checks"] == 0
@@ -177,7 +177,8 @@ def _turn_events(turn_refresh, monkeypatch):
     attend = cache_module.extend_attention
     monkeypatch.setattr(cache_module, "extend_attention",
                         lambda store, *a, **k: events.append(("attend", id(store))) or attend(store, *a, **k))
-    cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=1.0, turn_refresh=turn_refresh)
+    cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=1.0, turn_refresh=turn_refresh,
+                        pivot_offload=False)
     refill = cache.policy._refill
     cache.policy._refill = lambda layer_idx, store, *a: events.append(("refill", id(store))) or refill(
         layer_idx, store, *a)
@@ -213,7 +214,8 @@ def test_always_refreshes_every_pivot_at_a_new_turn_even_without_drift():
     pivots = sum(len(toy_profile().clusters(layer)) for layer in range(3))
     refreshes = {}
     for turn_refresh in ("before", "always"):
-        cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=0.0, turn_refresh=turn_refresh)
+        cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=0.0, turn_refresh=turn_refresh,
+                            pivot_offload=False)
         with torch.no_grad():
             model(_ids(L=80), past_key_values=cache)
             model(_ids(L=12, seed=3), past_key_values=cache)
@@ -281,15 +283,15 @@ def test_profile_that_does_not_fit_the_model_is_rejected():
 def test_budget_below_the_floor_is_rejected_at_construction():
     # 5 of 12 heads are full: no prompt fits a budget <= 5/12, so the cache refuses it up front.
     with pytest.raises(InfeasibleBudgetError, match=r"must exceed 0\.4167"):
-        HeteroCache(toy_profile(), budget=0.2)
-    HeteroCache(toy_profile(), budget=0.42)  # just above the floor: accepted
+        HeteroCache(toy_profile(), budget=0.2, pivot_offload=False)
+    HeteroCache(toy_profile(), budget=0.42, pivot_offload=False)  # just above the floor: accepted
 
 
 def test_infeasible_budget_for_a_short_prompt_is_rejected_with_the_smallest_feasible_one():
     model = toy_model()
     # Above the floor but a 5-token prompt cannot give each of the 7 compressed heads a token.
     with pytest.raises(InfeasibleBudgetError, match=r"smallest feasible budget for a 5-token prompt is 0\.5333"):
-        _prefilled(model, toy_profile(), _ids(L=5), budget=0.45)
+        _prefilled(model, toy_profile(), _ids(L=5), budget=0.45, pivot_offload=False)
 
 
 @pytest.mark.parametrize("kwargs", [{"budget": 0}, {"budget": 1.5}, {"window": 0}, {"kernel": 4},
@@ -329,7 +331,7 @@ def _assert_satellites_match_host_copies(cache: HeteroCache) -> int:
 
 def test_refresh_on_every_step_leaves_every_satellite_equal_to_its_host_copy():
     model = toy_model()
-    cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0)
+    cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0, pivot_offload=False)
     model.generate(_ids(B=2, L=120), past_key_values=cache, max_new_tokens=24, do_sample=False)
     assert cache.stats()["refreshes"] > 0
     assert _assert_satellites_match_host_copies(cache) == 2 * len(toy_profile().heads("satellite"))

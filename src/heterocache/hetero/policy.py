@@ -43,7 +43,7 @@ from ..profile.clustering import budget_ratios
 from ..store import RaggedKVStore, segment_ranges_host, to_device
 from .drift import membership, pivot_scores, set_overlap, topk_sets
 from .host_store import SatelliteHostStore
-from .plan import auto_kernel, budget_floor, check_budget_above_floor, plan_tokens
+from .plan import auto_kernel, budget_floor, check_budget_above_floor, pivot_offload_pays, plan_tokens
 from .transfer import RefreshTransfer
 
 
@@ -363,15 +363,20 @@ class HeteroCachePolicy(Policy):
             report's host bytes). Default None: on exactly when the cache is meant for further
             turns, i.e. with ``turn_reselect="own"`` (the default); True/False to force it.
         pivot_offload: lower the budget floor from (volatile + pivot) / all KV heads to volatile /
-            all (default False): pivots are compressed on the device like the other heads (their
+            all: pivots are compressed on the device like the other heads (their
             inverse-stability share, chosen at prefill the same way) and keep their full prompt KV
             in host memory. A compressed pivot cannot score the whole prompt on the device, so there
             are no cluster refreshes: every compressed head (pivots, satellites, anchors, each with a
             host copy) is re-chosen from its own queries at a new turn (``turn_reselect="own"``,
             needed; so is ``anchor_offload``, on by default) and, with ``summary_drift``, on its own
             drift while decoding (``refresh``, ``turn_refresh`` have nothing to act on). On SmolLM2 at
-            budget 0.25 the compressed heads then keep ~950 tokens of 4096 instead of ~89; use a
-            wider ``kernel`` with it (README: 15).
+            budget 0.25 the compressed heads then keep ~950 tokens of 4096 instead of ~89 (the
+            ``"auto"`` kernel widens to 15). "auto" (default): on where it multiplies the compressed
+            heads' mean share of the prompt by ``PIVOT_OFFLOAD_GAIN`` (2) or more, or the budget is
+            under the volatile-and-pivot floor (``hetero.plan.pivot_offload_pays``: SmolLM2 up to
+            budget 0.36, Llama-3.1-8B up to 0.29), and the options allow it (``offload``,
+            ``turn_reselect="own"``, ``anchor_offload`` not False); off with ``budget_tokens``
+            (the fraction is only known per prompt). Resolved at construction to True or False.
         page_size: tokens per page of the re-selection summaries (default 16, Quest's).
         summaries_in_budget: (``turn_scoring="pages"``) count the summaries inside the budget
             (default True): a re-chosen head's summaries (``ceil(prompt / page_size)`` pages of a
@@ -419,7 +424,7 @@ class HeteroCachePolicy(Policy):
     turn_scoring: str = "keys"
     turn_window: int | None = TURN_WINDOW
     anchor_offload: bool | None = None
-    pivot_offload: bool = False
+    pivot_offload: bool | str = "auto"
     page_size: int = 16
     summaries_in_budget: bool = True
     summary_memory: str = "device"
@@ -472,14 +477,20 @@ class HeteroCachePolicy(Policy):
         if self.summary_drift and self.turn_reselect != "own":
             raise ValueError("summary_drift watches the heads turn_reselect='own' re-chooses from host copies: set "
                              "turn_reselect='own' (and offload=True)")
+        roles = self.profile.roles
+        pivots = roles == Role.PIVOT
+        if self.pivot_offload == "auto":  # where it buys the compressed heads far more tokens
+            self.pivot_offload = (self.budget_tokens is None and self.offload and self.turn_reselect == "own"
+                                  and self.anchor_offload is not False
+                                  and pivot_offload_pays(roles == Role.VOLATILE, pivots, self.budget))
+        elif not isinstance(self.pivot_offload, bool):
+            raise ValueError(f"pivot_offload must be True, False or 'auto', got {self.pivot_offload!r}")
         if self.pivot_offload and (not self.offload or self.turn_reselect != "own" or self.anchor_offload is False):
             raise ValueError("pivot_offload re-chooses every compressed head from its host copy at a new turn: "
                              "it needs offload=True, turn_reselect='own' and anchor_offload (not False)")
         if self.anchor_offload is None:  # on when the cache is meant for further turns
             self.anchor_offload = self.turn_reselect == "own"
         self.anchor_offload = bool(self.anchor_offload) and self.offload
-        roles = self.profile.roles
-        pivots = roles == Role.PIVOT
         self.full = (roles == Role.VOLATILE) | (pivots & (not self.pivot_offload))
         self.ratios = self._budget_ratios() if self.inverse_stability else torch.ones(roles.shape)
         # Compressed heads with a host copy of their full prompt KV (the ones a turn can re-choose).
