@@ -301,8 +301,9 @@ class HeteroCachePolicy(Policy):
             taking slots it would not win.
         kernel: pooling kernel of the selection and drift scores: an odd int, or "auto" (default):
             per prompt length, from the prompt tokens the compressed heads keep on average
-            (``hetero.plan.auto_kernel``: 5 for SmolLM2 at budget 0.25 and 4096 tokens, 15 at 0.5
-            or with ``pivot_offload``); rows of one batch may differ, each pooled with its own.
+            (``hetero.plan.auto_kernel``: for SmolLM2 at 4096 tokens 15 at budget 0.25, where the
+            pivots are compressed by default, 5 there with ``pivot_offload=False``, 15 at 0.5);
+            rows of one batch may differ, each pooled with its own.
         pooling: how the selection scores (prefill, and ``turn_scoring="keys"``) pool over
             ``kernel`` neighbours: "avg" (default, the paper's) or "max" (every token within
             ``kernel // 2`` of a peak scores as the peak, so a chosen peak brings its neighbours:
