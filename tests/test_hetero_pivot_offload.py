@@ -48,6 +48,9 @@ def test_auto_compresses_the_pivots_where_that_at_least_doubles_the_other_heads_
                                      dict(budget_tokens=60)])
 def test_auto_keeps_the_pivots_full_where_the_options_or_the_budget_spec_rule_it_out(options):
     assert HeteroCachePolicy(profile=toy_profile(), budget=0.5, **options).pivot_offload is False
+
+
+def test_compressing_no_pivots_never_pays():
     from heterocache.hetero.plan import pivot_offload_pays
 
     volatile = ROLES == Role.VOLATILE  # a profile without pivots has nothing to compress

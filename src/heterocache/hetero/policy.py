@@ -480,13 +480,14 @@ class HeteroCachePolicy(Policy):
                              "turn_reselect='own' (and offload=True)")
         roles = self.profile.roles
         pivots = roles == Role.PIVOT
+        # Compressed pivots are re-chosen from their host copies at a new turn, as every head then is.
+        pivots_can_offload = self.offload and self.turn_reselect == "own" and self.anchor_offload is not False
         if self.pivot_offload == "auto":  # where it buys the compressed heads far more tokens
-            self.pivot_offload = (self.budget_tokens is None and self.offload and self.turn_reselect == "own"
-                                  and self.anchor_offload is not False
+            self.pivot_offload = (pivots_can_offload and self.budget_tokens is None
                                   and pivot_offload_pays(roles == Role.VOLATILE, pivots, self.budget))
         elif not isinstance(self.pivot_offload, bool):
             raise ValueError(f"pivot_offload must be True, False or 'auto', got {self.pivot_offload!r}")
-        if self.pivot_offload and (not self.offload or self.turn_reselect != "own" or self.anchor_offload is False):
+        if self.pivot_offload and not pivots_can_offload:
             raise ValueError("pivot_offload re-chooses every compressed head from its host copy at a new turn: "
                              "it needs offload=True, turn_reselect='own' and anchor_offload (not False)")
         if self.anchor_offload is None:  # on when the cache is meant for further turns
