@@ -9,8 +9,8 @@ import torch
 from heterocache.profile import HeadProfile, ProfileError, Role
 from heterocache.profile.convert import convert_upstream, parse_upstream_settings
 
-# CI clones the repository with shared/ beside it.
-UPSTREAM = Path(__file__).resolve().parents[2] / "shared" / "upstream-profiles"
+# The published files themselves, carried as fixtures (tests/fixtures/upstream-profiles/README.md).
+UPSTREAM = Path(__file__).resolve().parent / "fixtures" / "upstream-profiles"
 LLAMA = UPSTREAM / "Head_Analysis_llama-3.1-8b-instruct_topk1024_th0.5_sim0.5_step5000.json"
 DEEPSEEK = UPSTREAM / "Head_Analysis_deepseek-r1-distill-llama-8b_topk1024_th0.5_sim0.4_step5000.json"
 QWEN = UPSTREAM / "Head_Analysis_qwen2.5-14b-instruct_topk1024_th0.4_sim0.5_step5000.json"
@@ -20,9 +20,6 @@ MODELS = {  # file: (model name, layers, query heads, KV heads, head_dim)
     DEEPSEEK: ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 32, 32, 8, 128),
     QWEN: ("Qwen/Qwen2.5-14B-Instruct", 48, 40, 8, 128),
 }
-
-pytestmark = pytest.mark.skipif(not UPSTREAM.is_dir(), reason=f"{UPSTREAM} not checked out")
-
 
 def convert(path, **changes):
     name, layers, q_heads, kv_heads, head_dim = MODELS[path]
