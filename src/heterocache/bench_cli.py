@@ -254,10 +254,10 @@ def run_bench(
 
 
 def _method_budgets(methods, budgets):
-    from .methods import get_method
+    from .methods import get_method, parse_method_spec
 
-    for method in methods:
-        if get_method(method).uses_budget:
+    for method in methods:  # a method may carry options: "heterocache:turn_reselect=pivot"
+        if get_method(parse_method_spec(method)[0]).uses_budget:
             yield from ((method, b) for b in budgets)
         else:
             yield method, None
