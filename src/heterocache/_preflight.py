@@ -31,7 +31,8 @@ class ModelSpec:
         name: the name the loaded model will carry (``config.name_or_path``), by which its
             profile is looked up.
         config: its config fields (layers, heads, context, ...), or None where they are known only
-            once it loads (a Hub id, a GGUF file, a folder without ``config.json``).
+            once it loads (a Hub id not in the local cache, a GGUF file, a folder without
+            ``config.json``).
     """
 
     spec: str

@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--model", default="smollm2",
-        help="'smollm2' (bundled), a local Hugging Face model folder, or a Hub id transformers has cached",
+        help="'smollm2' (bundled), a local Hugging Face model folder, or a Hub id (org/name)",
     )
     p.add_argument(
         "--attn",

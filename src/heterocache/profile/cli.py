@@ -104,7 +104,8 @@ def _device_or_auto(text: str) -> str:
 def _add_show(commands: Any) -> None:
     p = commands.add_parser("show", help="print role counts and a per-layer table",
                             formatter_class=HelpFormatter)
-    p.add_argument("profile", metavar="PROFILE", help="file, folder, bundled name or Hub repo id")
+    p.add_argument("profile", metavar="PROFILE",
+                   help="file, folder, bundled name (or a short model name: smollm2) or Hub repo id")
     p.add_argument("--revision", help="Hub revision")
     p.add_argument("--stability", action="store_true", help="also print each head's stability score")
     command(p, _show, _check_profiles("profile"))
@@ -113,7 +114,8 @@ def _add_show(commands: Any) -> None:
 def _add_plot(commands: Any) -> None:
     p = commands.add_parser("plot", help="role map, stability heatmap and cluster sizes in one figure",
                             formatter_class=HelpFormatter)
-    p.add_argument("profile", metavar="PROFILE", help="file, folder, bundled name or Hub repo id")
+    p.add_argument("profile", metavar="PROFILE",
+                   help="file, folder, bundled name (or a short model name: smollm2) or Hub repo id")
     p.add_argument("--out", required=True, help="image file (.png, .pdf, .svg); needs matplotlib")
     p.add_argument("--revision", help="Hub revision")
     command(p, _plot, _check_plot)
@@ -122,7 +124,7 @@ def _add_plot(commands: Any) -> None:
 def _add_compare(commands: Any) -> None:
     p = commands.add_parser("compare", help="role agreement and stability correlation of two profiles",
                             formatter_class=HelpFormatter)
-    p.add_argument("a", metavar="A", help="first profile (file, folder, bundled name or Hub repo id)")
+    p.add_argument("a", metavar="A", help="first profile (file, folder, bundled or short model name, or Hub repo id)")
     p.add_argument("b", metavar="B", help="second profile")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     command(p, _compare, _check_profiles("a", "b"))
