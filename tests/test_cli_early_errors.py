@@ -82,7 +82,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "bench max-batch on cpu": (["bench", "--max-batch", "4096", "--device", "cpu"], "needs --device cuda"),
         "bench out is a file": (["bench", "--out", str(a_file)], "argument --out: "),
         # eval
-        "eval unknown task": (["eval", "--tasks", "ruler,no_such_task"], "argument --tasks: unknown task 'no_such_task'"),
+        "eval unknown task": (["eval", "--tasks", "ruler,no_such_task"],
+                              "argument --tasks: unknown task 'no_such_task'"),
         "eval missing dataset": (["eval", "--tasks", "longbench/hotpotqa", "--data-dir", str(tmp)],
                                  "longbench/hotpotqa: data not found"),
         "eval unknown mode": (["eval", "--modes", "aware,sideways"], "argument --modes: unknown mode 'sideways'"),

@@ -204,8 +204,8 @@ def check_heterocache_profiles(methods, model: ModelSpec, profile: str | None = 
                                profile_option: str | None = "--profile") -> dict[str, Path | None]:
     """The profile file of every "heterocache" method in ``methods``, checked to exist and to
     fit the model: ``profile`` (the command's ``profile_option``, None for a command without
-    one) when given, else the method's own ``profile=`` option, else the model's own (:func:`default_profile`; None when it is found only
-    after loading).
+    one) when given, else the method's own ``profile=`` option, else the model's own
+    (:func:`default_profile`; None when it is found only after loading).
 
     Returns:
         method spec -> profile file (or None), for the heterocache methods only.

@@ -211,7 +211,7 @@ def check_command(args: argparse.Namespace) -> None:
     limit = (model.config or {}).get("max_position_embeddings")
     error = context_error(limit, args.lengths, args.max_new_tokens, fidelity_positions)
     if error:
-        raise UsageError(f"argument --lengths: {error}" if "lengths" in error else f"argument --fidelity-prefill: {error}")
+        raise UsageError(f"argument {'--lengths' if 'lengths' in error else '--fidelity-prefill'}: {error}")
     out = args.out or default_out(model.name)
     check_out_folder(out)
     setup = fingerprint(
