@@ -68,6 +68,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
             f"argument --profile: head profile of '{LLAMA}' does not fit model '{SMOLLM2}': layers: profile 32 != "
             "model 30; query heads: profile 32 != model 9; KV heads: profile 8 != model 3"),
         "bench not a profile": (["bench", "--profile", str(not_a_profile)], "not a valid safetensors file"),
+        "bench missing profile no method uses": (["bench", "--methods", "dynamic", "--profile", missing],
+                                                 "argument --profile: no head profile"),
         "bench bundled profile misfits truncated model": (
             ["bench", "--model", f"random:{LLAMA}", "--num-layers", "2", "--methods", "heterocache"],
             "layers: profile 32 != model 2"),

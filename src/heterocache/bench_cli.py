@@ -71,12 +71,20 @@ _MAX_BATCH_NEEDS_CUDA = "searches until the GPU runs out of memory; it needs --d
 def _check(args: argparse.Namespace) -> None:
     """Everything about the request that can be known without torch: the model and its config,
     the profile of every heterocache method and whether it fits the model, the output folder."""
-    from ._preflight import check_heterocache_profiles, check_model, check_out_folder
+    from ._preflight import (
+        check_heterocache_profiles,
+        check_model,
+        check_out_folder,
+        check_profile_fits,
+        resolve_profile,
+    )
 
     model = check_model(args.model, random=True, num_layers=args.num_layers)
     if args.max_batch and args.device and not args.device.startswith("cuda"):
         raise UsageError(f"argument --max-batch: {_MAX_BATCH_NEEDS_CUDA}")
     check_out_folder(args.out)
+    if args.profile is not None:  # checked even where no method uses it
+        check_profile_fits(resolve_profile(args.profile), model, "--profile")
     args.profiles = check_heterocache_profiles(args.methods, model, args.profile)
 
 
