@@ -94,9 +94,12 @@ def test_show_a_bundled_profile_by_short_name(capsys):
     assert "anchor          10    3.9%" in out and "ponytaill/HeteroCache" in out
 
 
-def test_errors_exit_with_1_and_a_message(tmp_path, capsys):
-    assert main(["show", str(tmp_path / "missing.safetensors")]) == 1
-    assert "error: no head profile" in capsys.readouterr().err
+def test_a_missing_profile_is_an_argument_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["show", str(tmp_path / "missing.safetensors")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("heterocache profile show: error: argument PROFILE: no head profile") and err.count("\n") == 1
 
 
 def test_compare_prints_agreement(tmp_path, capsys):

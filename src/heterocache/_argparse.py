@@ -1,5 +1,8 @@
-"""argparse pieces shared by the sub-commands: a help formatter that shows defaults, and value
-types that reject bad numbers while parsing (exit 2 with the reason, before any model loads).
+"""argparse pieces shared by the sub-commands: a parser whose errors are one line, a help
+formatter that shows defaults, value types that reject bad numbers while parsing, and the checks a
+command runs after parsing (:class:`UsageError`, :func:`dispatch`). Every refusal is
+``heterocache <command>: error: <reason>`` on one line with exit status 2, before any model loads
+and, where the reason can be known without it, before torch is imported.
 
 Standard library only: the command line imports this for ``--help``.
 """
@@ -7,8 +10,49 @@ Standard library only: the command line imports this for ``--help``.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, ``PROG: error: MESSAGE`` (exit status 2),
+    without the usage block (``--help`` shows it); its sub-parsers are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(self.prog, message)
+
+
+class UsageError(ValueError):
+    """A bad command-line request found after parsing (a file that does not exist, a profile that
+    does not fit the model, ...): :func:`dispatch` reports it like an argparse error."""
+
+
+def fail(prog: str, message: str) -> NoReturn:
+    """Print ``PROG: error: MESSAGE`` as one line on stderr and exit with status 2."""
+    text = " ".join(str(message).split())  # one line whatever the message
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def command(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace], Any],
+            check: Callable[[argparse.Namespace], None] | None = None) -> None:
+    """Make ``parser`` run ``func(args)``, after ``check(args)`` (which raises :class:`UsageError`
+    for a bad request, before any heavy import or model loading; see :func:`dispatch`)."""
+    parser.set_defaults(func=func, check=check, prog=parser.prog)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed command: its check first, then the command itself. A :class:`UsageError`
+    from either (a command raises one for what it can check only after importing torch, before
+    its model loads) becomes a one-line error and exit status 2."""
+    try:
+        check = getattr(args, "check", None)
+        if check is not None:
+            check(args)
+        return int(args.func(args) or 0)
+    except UsageError as err:
+        fail(getattr(args, "prog", "heterocache"), str(err))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -84,15 +128,50 @@ def text_value(value) -> str:
 def method_name(text: str) -> str:
     """An argparse ``type``: the registry name of a KV-cache method (aliases resolved; options
     as ``name:key=value:...`` kept, see ``heterocache.methods.parse_method_spec``), or an
-    error listing the known ones. Imports the registry (torch, transformers) only when the option
-    is given, which is still before the command loads a model."""
-    from .methods import parse_method_spec
+    error listing the known ones. Checked against :mod:`heterocache._method_names`, without
+    importing the registry (torch, transformers).
+
+    Raises:
+        ModuleNotFoundError: this build has no ``heterocache.methods`` (``err.name`` says so).
+    """
+    from ._method_names import parse_method_spec
 
     try:
         name, params = parse_method_spec(text)
-        return ":".join([name, *(f"{k}={text_value(v)}" for k, v in params.items())])
     except (ValueError, TypeError) as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+    return ":".join([name, *(f"{k}={text_value(v)}" for k, v in params.items())])
+
+
+def device_name(text: str) -> str:
+    """An argparse ``type``: a torch device written ``TYPE`` or ``TYPE:INDEX`` (``cpu``, ``cuda``,
+    ``cuda:1``, ``mps``, ...), checked for its form without importing torch."""
+    kind, sep, index = text.strip().partition(":")
+    if kind not in DEVICE_TYPES or (sep and not index.isdigit()):
+        raise argparse.ArgumentTypeError(
+            f"expected a device such as cpu, cuda, cuda:1 or mps, got {text!r} "
+            f"(device types: {', '.join(sorted(DEVICE_TYPES))})"
+        )
+    return text.strip()
+
+
+#: Device types ``torch.device`` accepts (with an optional index), and "npu" (Ascend's torch_npu
+#: renames "privateuseone" to it).
+DEVICE_TYPES = frozenset({"cpu", "cuda", "mps", "xpu", "xla", "meta", "hpu", "mtia", "ipu", "hip", "ve", "fpga",
+                          "maia", "lazy", "vulkan", "mkldnn", "opengl", "opencl", "ideep", "privateuseone", "npu"})
+
+
+def odd(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind(text)`` that must also be odd (e.g. a pooling kernel width)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value % 2 != 1:
+            raise argparse.ArgumentTypeError(f"must be odd, got {text}")
+        return value
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
 
 
 def _kind_name(kind: type) -> str:

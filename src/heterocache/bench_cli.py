@@ -28,7 +28,7 @@ from pathlib import Path
 
 # Only the standard library at import time: `heterocache --help` imports this module to list the
 # sub-command. torch and the measuring code are imported by the functions that run.
-from ._argparse import RawHelpFormatter, bounded, csv, method_name
+from ._argparse import RawHelpFormatter, UsageError, bounded, command, csv, device_name, method_name
 
 DEFAULT_METHODS = "dynamic,fullkv,heterocache,snapkv"
 
@@ -37,7 +37,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="decode ms/token, tokens/s and memory per method and context",
                               description=__doc__, formatter_class=RawHelpFormatter)
     p.add_argument("--model", default="smollm2",
-                   help="'smollm2', 'random:<published name or config.json>' (random weights) or a model folder")
+                   help="'smollm2', 'random:<published name or config.json>' (random weights) or a model folder; "
+                   "checked (and its config read) before anything loads")
     p.add_argument("--methods", type=csv(method_name), default=DEFAULT_METHODS.split(","),
                    help="method registry names, comma-separated (an unknown name lists the known ones)")
     p.add_argument("--budgets", type=csv(bounded(float, 0, 1, low_open=True)), default=[0.25],
@@ -49,22 +50,45 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch-limit", type=bounded(int, 1), default=256, help="stop doubling here")
     p.add_argument("--new-tokens", type=bounded(int, 1), default=32, help="timed decode steps (>= 1)")
     p.add_argument("--warmup", type=bounded(int, 0), default=3, help="untimed decode steps first")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--num-layers", type=bounded(int, 1), default=None,
                    help="random: models only: keep this many layers")
-    p.add_argument("--profile", default=None, help="HeteroCache profile (default: the model's bundled one)")
+    p.add_argument("--profile", default=None,
+                   help="HeteroCache profile: file, folder, bundled name or Hub id, checked against the model's "
+                   "shape before it loads (default: the model's own)")
     p.add_argument("--threads", type=bounded(int, 1), default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="prompt seed")
     p.add_argument("--out", default="runs/bench", help="output folder (bench.json, bench.png)")
     p.add_argument("--no-plot", action="store_true", help="do not draw bench.png (no matplotlib needed)")
-    p.set_defaults(func=_main)
+    command(p, _main, _check)
+
+
+_MAX_BATCH_NEEDS_CUDA = "searches until the GPU runs out of memory; it needs --device cuda"
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Everything about the request that can be known without torch: the model and its config,
+    the profile of every heterocache method and whether it fits the model, the output folder."""
+    from ._preflight import (
+        check_heterocache_profiles,
+        check_model,
+        check_out_folder,
+        check_profile_fits,
+        resolve_profile,
+    )
+
+    model = check_model(args.model, random=True, num_layers=args.num_layers)
+    if args.max_batch and args.device and not args.device.startswith("cuda"):
+        raise UsageError(f"argument --max-batch: {_MAX_BATCH_NEEDS_CUDA}")
+    check_out_folder(args.out)
+    if args.profile is not None:  # checked even where no method uses it
+        check_profile_fits(resolve_profile(args.profile), model, "--profile")
+    args.profiles = check_heterocache_profiles(args.methods, model, args.profile)
 
 
 def _main(args: argparse.Namespace) -> int:
-    import torch
-
     if not args.no_plot:
         from ._optional import MissingExtraError, require_matplotlib
 
@@ -72,9 +96,16 @@ def _main(args: argparse.Namespace) -> int:
             require_matplotlib("bench.png")  # fail now, not after the measurements
         except MissingExtraError as err:
             raise SystemExit(f"error: {err} (or pass --no-plot)") from None
+    import torch
+
+    from ._preflight import check_method_options
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.max_batch and device.type != "cuda":
-        raise SystemExit("error: --max-batch searches until the GPU runs out of memory; it needs --device cuda")
+        raise UsageError(f"argument --max-batch: {_MAX_BATCH_NEEDS_CUDA}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"argument --device: {args.device}: torch finds no CUDA device")
+    check_method_options(args.methods, args.budgets, getattr(args, "profiles", None))
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -83,7 +114,8 @@ def _main(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model, attn_implementation="heterocache", dtype=dtype, device=device,
                                   num_layers=args.num_layers)
-    if "heterocache" in args.methods and not args.profile:
+    hetero = [m for m in args.methods if m.split(":")[0] == "heterocache"]
+    if not args.profile and any("profile=" not in m for m in hetero):  # the profile found for the model
         from .profile import ProfileError, profile_for_model
 
         try:
@@ -94,7 +126,8 @@ def _main(args: argparse.Namespace) -> int:
         model, tokenizer, methods=args.methods, budgets=args.budgets, lengths=args.lengths,
         batch_sizes=args.batch_sizes, max_batch_lengths=args.max_batch, max_batch_limit=args.max_batch_limit,
         new_tokens=args.new_tokens, warmup=args.warmup, seed=args.seed,
-        params={"heterocache": {"profile": args.profile}} if args.profile else None,
+        # every heterocache spec, options or not, takes --profile
+        params={m: {"profile": args.profile} for m in hetero} if args.profile else None,
     )
     result["model"] = args.model
     result["command"] = shlex.join(["heterocache", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else None
@@ -229,10 +262,10 @@ def run_bench(
 
 
 def _method_budgets(methods, budgets):
-    from .methods import get_method
+    from .methods import get_method, parse_method_spec
 
-    for method in methods:
-        if get_method(method).uses_budget:
+    for method in methods:  # a method may carry options: "heterocache:turn_reselect=pivot"
+        if get_method(parse_method_spec(method)[0]).uses_budget:
             yield from ((method, b) for b in budgets)
         else:
             yield method, None

@@ -3,7 +3,8 @@
 Each feature module exposes ``register(subparsers)`` that adds its sub-command(s) and sets
 ``func`` on the parsed namespace; this file only wires them together. Registration modules import
 only the standard library: torch and transformers are imported inside the command functions that
-need them, so ``--help``, ``--version`` and ``profile list`` answer at once.
+need them, so ``--help``, ``--version`` and ``profile list`` answer at once, and every argument
+is checked before any of that work (one-line errors, exit status 2; :mod:`heterocache._argparse`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from ._argparse import HelpFormatter
+from ._argparse import ArgumentParser, HelpFormatter, dispatch
 from ._version import __version__
 
 # Feature modules that contribute sub-commands, in help order.
@@ -24,8 +25,7 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="heterocache", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="heterocache", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"heterocache {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
@@ -40,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return dispatch(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

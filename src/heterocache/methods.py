@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -30,6 +29,9 @@ from typing import Any
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
+from ._method_names import ALIASES, DEPRECATED_ALIASES, PROVIDERS
+from ._method_names import canonical_name as _canonical_name
+from ._method_names import spec_value as _spec_value
 from .architectures import check_architecture
 from .attention import ATTENTION_NAME
 from .cache import FullKVCache, RaggedCache, SnapKVCache
@@ -199,14 +201,9 @@ class Method:
 
 _REGISTRY: dict[str, Method] = {}
 
-#: Other names accepted for a method. "full" is the evaluation harness's old name for the
-#: uncompressed reference, transformers' own cache (which works with any attention implementation).
-ALIASES: dict[str, str] = {"full": "dynamic"}
-#: Aliases kept only so that old commands and scripts still run; using one warns.
-DEPRECATED_ALIASES = frozenset({"full"})
-
-#: Methods registered by a module of their own when that module is imported (lazily, on demand).
-PROVIDERS: dict[str, str] = {"heterocache": "heterocache.hetero"}
+# ALIASES (other names accepted for a method), DEPRECATED_ALIASES (those that warn) and PROVIDERS
+# (methods registered by a module of their own when that module is imported, lazily, on demand) are
+# shared with the command line's torch-free check of method names (heterocache._method_names).
 
 _ENGINE_PARAMS = {"block_size": 64, "reserve": 128}
 
@@ -300,13 +297,7 @@ def _load_provider(key: str) -> None:
 
 
 def _canonical(method: str) -> str:
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a name (str), got {method!r}")
-    key = method.strip().lower()
-    if key in DEPRECATED_ALIASES:
-        warnings.warn(f"method name {key!r} is deprecated; use {ALIASES[key]!r} (the same cache)",
-                      FutureWarning, stacklevel=3)
-    return ALIASES.get(key, key)
+    return _canonical_name(method, stacklevel=4)
 
 
 def get_method(method: str) -> Method:
@@ -346,20 +337,6 @@ def describe_methods() -> str:
         cls = f"`{m.cache_class.__name__}`" if m.cache_class is not None else "-"
         lines.append(f"| `{key}` | {cls} | {budget}{params} | {m.description} |")
     return "\n".join(lines)
-
-
-def _spec_value(text: str):
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:

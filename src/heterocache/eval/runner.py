@@ -59,6 +59,7 @@ from .shared_prefill import (
     prefill_many,
     supports_shared_prefill,
 )
+from .setup import context_error, fingerprint, stored_setup
 from .tasks import expand_task_names, get_task
 
 
@@ -151,32 +152,15 @@ class EvalResult:
 def _fingerprint(config: EvalConfig, model_name: str) -> dict:
     """The settings that change what a record means; they must match to resume in a folder."""
     fid = config.fidelity
-    return {
-        "model": model_name,
-        "seed": config.seed,
-        "chat_template": config.chat_template,
-        "max_new_tokens": config.max_new_tokens,
-        "fidelity_decode_tokens": fid.decode_tokens if fid else None,
-        "fidelity_text": str(fid.text_path) if fid and fid.text_path else None,
-    }
+    return fingerprint(
+        model_name, seed=config.seed, chat_template=config.chat_template, max_new_tokens=config.max_new_tokens,
+        fidelity_decode_tokens=fid.decode_tokens if fid else None,
+        fidelity_text=str(fid.text_path) if fid and fid.text_path else None,
+    )
 
 
 def _check_fingerprint(path: Path, fingerprint: dict) -> None:
-    if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        # Fidelity settings may be added to a folder that had none, and a run without fidelity
-        # may extend the tasks of a folder that has it.
-        diff = {
-            k: (old.get(k), v)
-            for k, v in fingerprint.items()
-            if old.get(k) != v and not (k.startswith("fidelity") and (old.get(k) is None or v is None))
-        }
-        if diff:
-            raise ValueError(
-                f"{path.parent} holds results of a different setup ({diff}, as (stored, now)); "
-                "use another output folder"
-            )
-        fingerprint = {k: v if v is not None else old.get(k) for k, v in fingerprint.items()}
+    fingerprint = stored_setup(path, fingerprint)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
 
@@ -231,17 +215,11 @@ def run_eval(
 
 
 def _check_context(model, config: EvalConfig) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if not limit:
-        return
-    too_long = [n for n in config.lengths if n + (config.max_new_tokens or 1) > limit]
-    if too_long:
-        raise ValueError(f"lengths {too_long} (+ generated tokens) exceed the model's context of {limit}")
     fid = config.fidelity
-    if fid and fid.prefill_tokens + fid.decode_tokens > limit:
-        raise ValueError(
-            f"fidelity needs {fid.prefill_tokens + fid.decode_tokens} positions; the model has {limit}"
-        )
+    error = context_error(getattr(model.config, "max_position_embeddings", None), config.lengths,
+                          config.max_new_tokens, fid.prefill_tokens + fid.decode_tokens if fid else None)
+    if error:
+        raise ValueError(error)
 
 
 def _feasible_pairs(pairs, factory: CacheFactory, model, prompt_tokens: int) -> tuple[dict, list]:

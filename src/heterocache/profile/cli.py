@@ -13,20 +13,21 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from .._argparse import HelpFormatter
+from .._argparse import ArgumentParser, HelpFormatter, UsageError, bounded, command, device_name, dispatch, odd
 from .._optional import MissingExtraError
 from .errors import ProfileError
 
 _RUN_FLAGS = (  # (flag, dest, type, default, help); defaults are the paper's
-    ("--num-texts", "num_texts", int, 50, "texts of the built-in calibration set"),
+    ("--num-texts", "num_texts", bounded(int, 1), 50, "texts of the built-in calibration set"),
     ("--seed", "seed", int, 0, "seed of the built-in calibration set"),
-    ("--prefill-tokens", "prefill_tokens", int, 5000, "prompt tokens per text"),
-    ("--decode-tokens", "decode_tokens", int, 100, "greedy decode steps per text"),
-    ("--topk", "topk", int, 1024, "size of the top-k position sets"),
-    ("--max-topk-fraction", "max_topk_fraction", float, 0.25, "cap on k as a fraction of the prompt length"),
-    ("--tau-stable", "tau_stable", float, 0.5, "anchor if stability >= this, else volatile"),
-    ("--tau-sim", "tau_sim", float, 0.5, "heads are neighbours if their top-k overlap >= this"),
-    ("--pool-kernel", "pool_kernel", int, 5, "width of the 1-D average pool"),
+    ("--prefill-tokens", "prefill_tokens", bounded(int, 1), 5000, "prompt tokens per text"),
+    ("--decode-tokens", "decode_tokens", bounded(int, 1), 100, "greedy decode steps per text"),
+    ("--topk", "topk", bounded(int, 1), 1024, "size of the top-k position sets"),
+    ("--max-topk-fraction", "max_topk_fraction", bounded(float, 0, 1), 0.25,
+     "cap on k as a fraction of the prompt length"),
+    ("--tau-stable", "tau_stable", bounded(float, 0, 1), 0.5, "anchor if stability >= this, else volatile"),
+    ("--tau-sim", "tau_sim", bounded(float, 0, 1), 0.5, "heads are neighbours if their top-k overlap >= this"),
+    ("--pool-kernel", "pool_kernel", odd(bounded(int, 1)), 5, "width of the 1-D average pool (odd)"),
 )
 
 
@@ -72,7 +73,7 @@ def register(subparsers: Any) -> None:
     _add_compare(commands)
     _add_convert(commands)
     listing = commands.add_parser("list", help="list the bundled profiles", formatter_class=HelpFormatter)
-    listing.set_defaults(func=_list)
+    command(listing, _list)
 
 
 def _add_run(commands: Any) -> None:
@@ -90,37 +91,43 @@ def _add_run(commands: Any) -> None:
     p.add_argument("--revision", help="model revision recorded in the profile")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype the model is loaded in")
-    p.add_argument("--device", default="cpu", help="torch device, or 'auto'")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", type=_device_or_auto, default="cpu", help="torch device, or 'auto'")
+    p.add_argument("--threads", type=bounded(int, 1), help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=_run)
+    command(p, _run, _check_run)
+
+
+def _device_or_auto(text: str) -> str:
+    return "auto" if text.strip() == "auto" else device_name(text)
 
 
 def _add_show(commands: Any) -> None:
     p = commands.add_parser("show", help="print role counts and a per-layer table",
                             formatter_class=HelpFormatter)
-    p.add_argument("profile", metavar="PROFILE", help="file, folder, bundled name or Hub repo id")
+    p.add_argument("profile", metavar="PROFILE",
+                   help="file, folder, bundled name (or a short model name: smollm2) or Hub repo id")
     p.add_argument("--revision", help="Hub revision")
     p.add_argument("--stability", action="store_true", help="also print each head's stability score")
-    p.set_defaults(func=_show)
+    command(p, _show, _check_profiles("profile"))
 
 
 def _add_plot(commands: Any) -> None:
     p = commands.add_parser("plot", help="role map, stability heatmap and cluster sizes in one figure",
                             formatter_class=HelpFormatter)
-    p.add_argument("profile", metavar="PROFILE", help="file, folder, bundled name or Hub repo id")
+    p.add_argument("profile", metavar="PROFILE",
+                   help="file, folder, bundled name (or a short model name: smollm2) or Hub repo id")
     p.add_argument("--out", required=True, help="image file (.png, .pdf, .svg); needs matplotlib")
     p.add_argument("--revision", help="Hub revision")
-    p.set_defaults(func=_plot)
+    command(p, _plot, _check_plot)
 
 
 def _add_compare(commands: Any) -> None:
     p = commands.add_parser("compare", help="role agreement and stability correlation of two profiles",
                             formatter_class=HelpFormatter)
-    p.add_argument("a", metavar="A", help="first profile (file, folder, bundled name or Hub repo id)")
+    p.add_argument("a", metavar="A", help="first profile (file, folder, bundled or short model name, or Hub repo id)")
     p.add_argument("b", metavar="B", help="second profile")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    p.set_defaults(func=_compare)
+    command(p, _compare, _check_profiles("a", "b"))
 
 
 def _add_convert(commands: Any) -> None:
@@ -129,15 +136,59 @@ def _add_convert(commands: Any) -> None:
     p.add_argument("json_file", metavar="JSON", help="Head_Analysis_*.json of ponytaill/HeteroCache data/clusters")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--model-name", required=True, help="Hub id of the model, e.g. meta-llama/Llama-3.1-8B-Instruct")
-    p.add_argument("--num-attention-heads", type=int, required=True, help="query heads per layer")
-    p.add_argument("--head-dim", type=int, required=True)
-    p.add_argument("--num-layers", type=int, help="checked against the JSON")
-    p.add_argument("--num-kv-heads", type=int, help="checked against the JSON")
+    p.add_argument("--num-attention-heads", type=bounded(int, 1), required=True, help="query heads per layer")
+    p.add_argument("--head-dim", type=bounded(int, 1), required=True)
+    p.add_argument("--num-layers", type=bounded(int, 1), help="checked against the JSON")
+    p.add_argument("--num-kv-heads", type=bounded(int, 1), help="checked against the JSON")
     p.add_argument("--revision")
-    p.add_argument("--topk", type=int, help="default: from the file name")
-    p.add_argument("--tau-stable", type=float, help="default: from the file name")
-    p.add_argument("--tau-sim", type=float, help="default: from the file name")
-    p.set_defaults(func=_convert)
+    p.add_argument("--topk", type=bounded(int, 1), help="default: from the file name")
+    p.add_argument("--tau-stable", type=bounded(float, 0, 1), help="default: from the file name")
+    p.add_argument("--tau-sim", type=bounded(float, 0, 1), help="default: from the file name")
+    command(p, _convert, _check_convert)
+
+
+# ---- checks before any work (torch-free; a UsageError is a one-line error, exit status 2)
+def _check_run(args: argparse.Namespace) -> None:
+    from .._preflight import check_model, check_out_file
+
+    check_model(args.model, option="MODEL", hub=True, gguf=True)
+    if args.calibration is not None:
+        from pathlib import Path
+
+        path = Path(args.calibration)
+        if not path.exists():
+            raise UsageError(f"argument --calibration: no such file or folder: {path}")
+        if path.is_dir() and not any(path.glob("*.txt")):
+            raise UsageError(f"argument --calibration: folder {path} holds no .txt files")
+    check_out_file(args.out)
+
+
+def _check_profiles(*dests: str):
+    """A check that the profiles named by these arguments exist and are profiles (headers only);
+    ``smollm2`` and the other short model names are accepted, as by ``--model``."""
+
+    def check(args: argparse.Namespace) -> None:
+        from .._preflight import resolve_profile
+
+        for dest in dests:
+            option = "PROFILE" if dest == "profile" else dest.upper()
+            resolve_profile(getattr(args, dest), option, revision=getattr(args, "revision", None))
+
+    return check
+
+
+def _check_plot(args: argparse.Namespace) -> None:
+    from .._preflight import check_out_file
+
+    _check_profiles("profile")(args)
+    check_out_file(args.out)
+
+
+def _check_convert(args: argparse.Namespace) -> None:
+    from .._preflight import check_input_file, check_out_file
+
+    check_input_file(args.json_file, "JSON")
+    check_out_file(args.out)
 
 
 def _errors_to_exit(func):
@@ -256,7 +307,6 @@ def _list(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m heterocache.profile`` (same commands as ``heterocache profile``)."""
-    parser = argparse.ArgumentParser(prog="heterocache", formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="heterocache", formatter_class=HelpFormatter)
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["profile", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
+    return dispatch(parser.parse_args(["profile", *(sys.argv[1:] if argv is None else argv)]))

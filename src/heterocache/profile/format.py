@@ -22,12 +22,8 @@ from safetensors.torch import save as st_save
 
 from .errors import ProfileError, ProfileNotFoundError
 from .head_profile import HeadProfile
+from .io.header import FORMAT_TAG, FORMAT_VERSION, PROFILE_FILENAME, check_format  # noqa: F401  (defined there)
 from .roles import ROLE_CODES
-
-FORMAT_TAG = "heterocache.head_profile"
-FORMAT_VERSION = 1
-#: Name of the profile file inside a folder or a Hub repository.
-PROFILE_FILENAME = "heterocache_profile.safetensors"
 
 _TENSOR_DTYPES = {
     "roles": torch.int8,
@@ -158,22 +154,7 @@ def _load(path: Path) -> HeadProfile:
 
 
 def _check_format(metadata: dict[str, str], path: Path) -> None:
-    tag = metadata.get("format")
-    if tag != FORMAT_TAG:
-        raise ProfileError(
-            f"not a heterocache head profile (metadata 'format' is {tag!r}, expected {FORMAT_TAG!r})"
-        )
-    try:
-        version = int(metadata.get("format_version", ""))
-    except ValueError:
-        raise ProfileError(f"malformed format_version {metadata.get('format_version')!r}") from None
-    if version > FORMAT_VERSION:
-        raise ProfileError(
-            f"profile format version {version} is newer than this library reads ({FORMAT_VERSION}); "
-            "upgrade heterocache"
-        )
-    if version < 1:
-        raise ProfileError(f"invalid profile format version {version}")
+    check_format(metadata)
 
 
 def _json_field(metadata: dict[str, str], key: str) -> Any:

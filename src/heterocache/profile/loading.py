@@ -21,13 +21,13 @@ def load_model(spec: str, *, dtype: str = "float32", device: str = "cpu") -> tup
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from heterocache.models import SMOLLM2_NAME, load_smollm2, short_model_name
+
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.lower() == "smollm2":
-        from heterocache.models import load_smollm2
-
+    if short_model_name(spec) == SMOLLM2_NAME:
         model, tokenizer = load_smollm2(attn_implementation="sdpa", dtype=_DTYPES[dtype])
         return model.to(device), tokenizer
     path = Path(spec)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import ProfileError
 from .roles import ROLE_CODES, Role
+from .shape import ModelShape, misfit_message, model_shape, shape_mismatches  # noqa: F401  (ModelShape: re-export)
 
 if TYPE_CHECKING:
     from .head_profile import HeadProfile
@@ -137,66 +137,15 @@ def _check_metadata(profile: "HeadProfile") -> None:
         raise ProfileError(f"model_name must be a string, got {profile.model_name!r}")
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """Attention shape of a decoder model, as far as a head profile cares."""
-
-    num_layers: int
-    num_attention_heads: int
-    num_kv_heads: int
-    head_dim: int
-    name: str | None = None
-
-
-def model_shape(config_or_model: Any) -> ModelShape:
-    """Attention shape of a model, a transformers config, or a plain dict of config fields.
-
-    Reads ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads`` (default: the
-    query heads) and ``head_dim`` (default: ``hidden_size // num_attention_heads``); for
-    multimodal configs the text config is used.
-    """
-    config = getattr(config_or_model, "config", config_or_model)
-    if isinstance(config, dict):
-        fields = dict(config)
-        name = fields.get("name_or_path") or fields.get("_name_or_path")
-    else:
-        if hasattr(config, "get_text_config"):
-            config = config.get_text_config()
-        fields = {key: getattr(config, key, None) for key in (
-            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size")}
-        name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
-    try:
-        layers = int(fields["num_hidden_layers"])
-        q_heads = int(fields["num_attention_heads"])
-    except (KeyError, TypeError):
-        raise ProfileError(
-            f"cannot read num_hidden_layers / num_attention_heads from {type(config).__name__}"
-        ) from None
-    kv_heads = fields.get("num_key_value_heads") or q_heads
-    head_dim = fields.get("head_dim") or (int(fields["hidden_size"]) // q_heads if fields.get("hidden_size") else None)
-    if head_dim is None:
-        raise ProfileError(f"cannot read head_dim or hidden_size from {type(config).__name__}")
-    return ModelShape(layers, q_heads, int(kv_heads), int(head_dim), name or None)
-
-
 def check_fits(profile: "HeadProfile", config_or_model: Any) -> None:
     """Raise :class:`ProfileError` listing every shape field where ``profile`` and the model differ.
 
     A different model name with an identical shape (a fine-tune, a local copy) only warns.
     """
     shape = model_shape(config_or_model)
-    pairs = (
-        ("layers", profile.num_layers, shape.num_layers),
-        ("query heads", profile.num_attention_heads, shape.num_attention_heads),
-        ("KV heads", profile.num_kv_heads, shape.num_kv_heads),
-        ("head_dim", profile.head_dim, shape.head_dim),
-    )
-    mismatches = [f"{what}: profile {ours} != model {theirs}" for what, ours, theirs in pairs if ours != theirs]
+    mismatches = shape_mismatches(profile, shape)
     if mismatches:
-        raise ProfileError(
-            f"head profile of '{profile.model_name}' does not fit model '{shape.name or '?'}': "
-            + "; ".join(mismatches)
-        )
+        raise ProfileError(misfit_message(profile.model_name, shape.name, mismatches))
     if shape.name and profile.model_name and not _same_model_name(shape.name, profile.model_name):
         warnings.warn(
             f"head profile was made for '{profile.model_name}' but is used with '{shape.name}' "

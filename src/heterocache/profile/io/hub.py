@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ProfileNotFoundError
-from ..format import PROFILE_FILENAME
+from .header import PROFILE_FILENAME
 
 if TYPE_CHECKING:
     from ..head_profile import HeadProfile

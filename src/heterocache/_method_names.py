@@ -1,0 +1,121 @@
+"""The built-in KV-cache methods by name, with their option names, without importing them.
+
+The registry (:mod:`heterocache.methods`) imports torch and transformers, which takes seconds; the
+command line checks ``--methods`` against this table while parsing instead, so that a misspelt name
+or option is refused at once. The table must list what the registry registers (names in its order,
+whether each uses the budget, its option names); ``tests/test_cli_early_errors.py`` compares them.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from typing import Any, NamedTuple
+
+
+class MethodName(NamedTuple):
+    """What the command line knows of a registered method before it is imported."""
+
+    uses_budget: bool
+    params: tuple[str, ...]
+    #: the module that registers it when it is not registered by :mod:`heterocache.methods` itself
+    provider: str | None = None
+
+
+_ENGINE = ("block_size", "reserve")
+_SNAPKV = ("budget_tokens", "window", "kernel", "pooling", "gqa_reduce")
+
+#: Registry name -> what the command line checks, in registration order.
+METHODS: dict[str, MethodName] = {
+    "dynamic": MethodName(False, ()),
+    "fullkv": MethodName(False, _ENGINE),
+    "streamingllm": MethodName(True, ("budget_tokens", "sinks", "evict_during_decode", *_ENGINE)),
+    "h2o": MethodName(True, ("budget_tokens", "recent_ratio", "evict_during_decode", "gqa_reduce", *_ENGINE)),
+    "snapkv": MethodName(True, (*_SNAPKV, *_ENGINE)),
+    "pyramidkv": MethodName(True, (*_SNAPKV, "beta", *_ENGINE)),
+    "cake": MethodName(True, (*_SNAPKV, "tau1", "tau2", "gamma", "cascade", "evict_during_decode", *_ENGINE)),
+    "quest": MethodName(True, ("budget_tokens", "page_size", "dense_layers", "min_pages", "gqa_reduce", *_ENGINE)),
+    "omnikv": MethodName(True, ("budget_tokens", "filter_layers", "dense_after_filter", "scores", "offload",
+                                *_ENGINE)),
+    "shadowkv": MethodName(True, ("budget_tokens", "rank", "rank_dims", "chunk_size", "outlier_chunks",
+                                  "local_chunks", *_ENGINE)),
+    "heterocache": MethodName(
+        True,
+        ("profile", "budget_tokens", "window", "score_window", "kernel", "pooling", "refresh_interval",
+         "drift_threshold", "drift_topk", "refresh", "offload", "inverse_stability", "asynchronous",
+         "decision_lag", "turn_refresh", "turn_reselect", "turn_scoring", "turn_window", "anchor_offload",
+         "pivot_offload", "page_size", "summaries_in_budget", "summary_memory", "summary_drift", *_ENGINE),
+        provider="heterocache.hetero",
+    ),
+}
+
+#: Other names accepted for a method. "full" is the evaluation harness's old name for the
+#: uncompressed reference, transformers' own cache (which works with any attention implementation).
+ALIASES: dict[str, str] = {"full": "dynamic"}
+#: Aliases kept only so that old commands and scripts still run; using one warns.
+DEPRECATED_ALIASES = frozenset({"full"})
+#: Methods registered by a module of their own when that module is imported (lazily, on demand).
+PROVIDERS: dict[str, str] = {name: m.provider for name, m in METHODS.items() if m.provider}
+
+
+def canonical_name(method: str, *, stacklevel: int = 3) -> str:
+    """``method`` in lower case with aliases resolved; a deprecated alias warns (FutureWarning)."""
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a name (str), got {method!r}")
+    key = method.strip().lower()
+    if key in DEPRECATED_ALIASES:
+        warnings.warn(f"method name {key!r} is deprecated; use {ALIASES[key]!r} (the same cache)",
+                      FutureWarning, stacklevel=stacklevel)
+    return ALIASES.get(key, key)
+
+
+def spec_value(text: str) -> Any:
+    """An option value as written in a method spec: ``true``/``false``, ``none``, a number, else text."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``heterocache.methods.parse_method_spec`` for the built-in methods, without importing them:
+    the method's registry name and its options, or the registry's error.
+
+    Raises:
+        ValueError: unknown method (the message lists the known ones), a method whose module is not
+            in this build, or an option written without ``=``.
+        TypeError: an option the method does not have.
+        ModuleNotFoundError: this build has no ``heterocache.methods`` (``err.name`` says so).
+    """
+    if importlib.util.find_spec("heterocache.methods") is None:
+        raise ModuleNotFoundError("No module named 'heterocache.methods'", name="heterocache.methods")
+    if not isinstance(spec, str):
+        raise TypeError(f"method must be a name (str), got {spec!r}")
+    name, *items = spec.split(":")
+    key = canonical_name(name, stacklevel=4)
+    method = METHODS.get(key)
+    if method is None:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    if method.provider is not None and importlib.util.find_spec(method.provider) is None:
+        raise ValueError(f"method {name!r} is provided by {method.provider}, which is not available; "
+                         f"available methods: {', '.join(k for k, m in METHODS.items() if m.provider is None)}")
+    params: dict[str, Any] = {}
+    for item in items:
+        option, sep, value = item.partition("=")
+        option = option.strip()
+        if not sep or not option:
+            raise ValueError(f"method option {item!r} of {spec!r} must be written key=value")
+        if option not in method.params:
+            raise TypeError(f"method {key!r} has no parameter {option!r}; its parameters: "
+                            f"{', '.join(method.params) or 'none'}")
+        params[option] = spec_value(value.strip())
+    return key, params
