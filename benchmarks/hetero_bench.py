@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from heterocache import FullKVCache
+from heterocache._compat import cache_kwarg
 from heterocache.bench import measure_decode
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.tasks.ruler import NeedleTask
@@ -45,7 +46,7 @@ def needle_accuracy(model, tokenizer, samples, formatter, make_cache, max_new_to
     for sample in samples:
         ids = torch.tensor([formatter.encode(sample).input_ids])
         cache = make_cache()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwarg(model, cache),
                              max_new_tokens=max_new_tokens, do_sample=False)
         hits += sample.answers[0] in tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         if hasattr(cache, "stats"):

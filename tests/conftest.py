@@ -14,6 +14,7 @@ from transformers import (
 )
 
 import heterocache  # noqa: F401  (registers the attention)
+from heterocache._compat import cache_kwarg
 
 TINY = dict(
     vocab_size=256,
@@ -66,7 +67,7 @@ def dynamic_reference(shape: dict, L: int = 90, pad: tuple[int, int] = (1, 11), 
     mask = torch.ones_like(ids)
     mask[pad[0], : pad[1]] = 0
     kw = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
-    return model, ids, kw, ref_model.generate(ids, past_key_values=DynamicCache(), **kw)
+    return model, ids, kw, ref_model.generate(ids, **cache_kwarg(ref_model, DynamicCache()), **kw)
 
 
 @pytest.fixture(scope="module")

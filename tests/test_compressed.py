@@ -10,6 +10,7 @@ from conftest import tiny_model
 from transformers import DynamicCache
 
 from heterocache import SnapKVCache
+from heterocache._compat import cache_kwarg
 from heterocache.budget import tokens_for_budget
 from heterocache.policies import PrefillContext, SnapKVPolicy
 
@@ -22,7 +23,7 @@ def test_memory_report_tokens_equal_plan_per_row_and_head(arch, budget):
     ids[0, :37], mask[0, :37] = 0, 0
     cache = SnapKVCache(budget=budget)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **cache_kwarg(model, cache))
     plan = tokens_for_budget(budget, mask.sum(-1))  # per row, every head
     report = cache.memory_report()
     assert len(report.layers) == model.config.num_hidden_layers
@@ -50,9 +51,9 @@ def test_budget_one_gives_dynamic_cache_tokens(arch):
     model = tiny_model(arch)
     ids = torch.randint(1, 256, (1, 64), generator=torch.Generator().manual_seed(3))
     model.set_attn_implementation("sdpa")
-    ref = model.generate(ids, max_new_tokens=16, do_sample=False, past_key_values=DynamicCache())
+    ref = model.generate(ids, max_new_tokens=16, do_sample=False, **cache_kwarg(model, DynamicCache()))
     model.set_attn_implementation("heterocache")
-    out = model.generate(ids, max_new_tokens=16, do_sample=False, past_key_values=SnapKVCache(budget=1.0))
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, **cache_kwarg(model, SnapKVCache(budget=1.0)))
     assert torch.equal(out, ref)
 
 
@@ -86,7 +87,7 @@ def test_smollm2_finds_the_needle_with_compressed_cache(smollm2):
     inputs, code = _needle_prompt(tokenizer, seed=0)
     assert inputs["input_ids"].shape[1] > 700
     cache = SnapKVCache(budget=0.5, window=8)
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=14, do_sample=False)
+    out = model.generate(**inputs, **cache_kwarg(model, cache), max_new_tokens=14, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert code in answer
     report = cache.memory_report()

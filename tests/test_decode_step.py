@@ -11,6 +11,7 @@ from conftest import tiny_model
 from transformers import DynamicCache
 
 from heterocache import CAKECache, FullKVCache, H2OCache, PyramidKVCache, SnapKVCache, StreamingLLMCache
+from heterocache._compat import cache_kwarg
 from heterocache.diagnostics import HostReadCounter, count_decode_steps
 from heterocache.hetero import HeteroCache
 from heterocache.hetero.drift import pivot_scores, prompt_scores
@@ -75,10 +76,10 @@ def test_device_path_dispatches_few_ops_beyond_dynamic_cache(method, ratio, dyna
     steps = 10
     ops = Counter()
     with torch.no_grad():
-        token = model(_ids(), past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = model(_ids(), **cache_kwarg(model, cache)).logits[:, -1:].argmax(-1)
         for _ in range(steps):
             with HostReadCounter() as counter:
-                token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+                token = model(token, **cache_kwarg(model, cache)).logits[:, -1:].argmax(-1)
             ops.update(counter.op_counts)
     assert ops["heterocache.block_decode.default"] == steps * SHAPE["num_hidden_layers"]
     assert sum(ops.values()) / steps <= ratio * dynamic_counts["aten_ops"], ops.most_common(12)
@@ -94,7 +95,7 @@ def test_the_device_path_gives_the_tokens_and_logits_of_the_cpu_path(method, mon
     outs = {}
     for strategy in ("segments", "device"):
         monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", strategy)
-        out = model.generate(ids, attention_mask=mask, past_key_values=METHODS[method](), max_new_tokens=12,
+        out = model.generate(ids, attention_mask=mask, **cache_kwarg(model, METHODS[method]()), max_new_tokens=12,
                              do_sample=False, output_logits=True, return_dict_in_generate=True)
         outs[strategy] = out
     assert torch.equal(outs["device"].sequences, outs["segments"].sequences)
@@ -107,9 +108,9 @@ def test_fullkv_on_the_device_path_gives_dynamic_cache_tokens(monkeypatch):
     model = tiny_model("qwen2", **SHAPE)
     ids = _ids()
     model.set_attn_implementation("sdpa")
-    ref = model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=10, do_sample=False)
+    ref = model.generate(ids, **cache_kwarg(model, DynamicCache()), max_new_tokens=10, do_sample=False)
     model.set_attn_implementation("heterocache")
-    out = model.generate(ids, past_key_values=FullKVCache(), max_new_tokens=10, do_sample=False)
+    out = model.generate(ids, **cache_kwarg(model, FullKVCache()), max_new_tokens=10, do_sample=False)
     assert torch.equal(out, ref)
 
 
@@ -120,7 +121,7 @@ def test_equal_layouts_share_one_plan_per_step(strategy, plans_per_step, monkeyp
     cache = SnapKVCache(budget=0.3, reserve=64)  # every layer has the same layout
     steps = 6
     with torch.no_grad():
-        model.generate(_ids(), past_key_values=cache, max_new_tokens=steps + 1, do_sample=False)
+        model.generate(_ids(), **cache_kwarg(model, cache), max_new_tokens=steps + 1, do_sample=False)
     # Capacity-keyed device plans are built once for the whole generation (no growth at reserve 64);
     # length-keyed CPU plans once per step. Never once per layer.
     assert cache.planner.built == 1 + plans_per_step * (steps - 1)
@@ -148,11 +149,11 @@ def _refills_per_step(**options) -> list[int]:
     cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=3, drift_threshold=1.0, pivot_offload=False,
                         **options)
     with torch.no_grad():
-        model(_ids(B=1), past_key_values=cache)
+        model(_ids(B=1), **cache_kwarg(model, cache))
         token = _ids(B=1, L=1, seed=9)
         refills = []
         for _ in range(7):
-            model(token, past_key_values=cache)
+            model(token, **cache_kwarg(model, cache))
             refills.append(cache.policy.stats.satellite_refills)
     return refills
 
@@ -197,10 +198,10 @@ def test_the_device_half_of_a_decode_step_compiles_as_one_graph(method, monkeypa
         if compiled:
             cache.decode_step = torch.compile(cache.decode_step, fullgraph=True, backend="aot_eager", dynamic=False)
         with torch.no_grad():
-            out = model(ids, past_key_values=cache)
+            out = model(ids, **cache_kwarg(model, cache))
             token, steps = out.logits[:, -1:].argmax(-1), []
             for _ in range(4):
-                out = model(token, past_key_values=cache)
+                out = model(token, **cache_kwarg(model, cache))
                 steps.append(out.logits[:, -1])
                 token = out.logits[:, -1:].argmax(-1)
         logits[compiled] = torch.stack(steps)

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 
 import heterocache
 from heterocache import AttentionNotEnabledError, FullKVCache, RaggedCache, SnapKVCache
+from heterocache._compat import cache_kwarg
 from heterocache.policies import SnapKVPolicy
 
 
@@ -28,14 +29,14 @@ def test_ragged_cache_on_model_without_heterocache_attention_raises():
     model = tiny_model("llama", attn="sdpa")
     ids = torch.randint(1, 256, (1, 20))
     with pytest.raises(AttentionNotEnabledError, match="heterocache.enable"):
-        model.generate(ids, past_key_values=FullKVCache(), max_new_tokens=3, do_sample=False)
+        model.generate(ids, **cache_kwarg(model, FullKVCache()), max_new_tokens=3, do_sample=False)
 
 
 def test_single_layer_model_without_heterocache_attention_raises_on_next_step():
     model = tiny_model("llama", attn="sdpa", num_hidden_layers=1)
     ids = torch.randint(1, 256, (1, 20))
     with pytest.raises(AttentionNotEnabledError):
-        model.generate(ids, past_key_values=SnapKVCache(budget=0.5), max_new_tokens=3, do_sample=False)
+        model.generate(ids, **cache_kwarg(model, SnapKVCache(budget=0.5)), max_new_tokens=3, do_sample=False)
 
 
 def test_heterocache_attention_with_other_caches_is_exactly_sdpa(arch):
@@ -44,11 +45,11 @@ def test_heterocache_attention_with_other_caches_is_exactly_sdpa(arch):
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     with torch.no_grad():
-        ref = model(ids, attention_mask=mask, past_key_values=DynamicCache()).logits
+        ref = model(ids, attention_mask=mask, **cache_kwarg(model, DynamicCache())).logits
         no_cache = model(ids, attention_mask=mask, use_cache=False).logits
         heterocache.enable(model)
         assert model.config._attn_implementation == "heterocache"
-        out = model(ids, attention_mask=mask, past_key_values=DynamicCache()).logits
+        out = model(ids, attention_mask=mask, **cache_kwarg(model, DynamicCache())).logits
         out_no_cache = model(ids, attention_mask=mask, use_cache=False).logits
     assert torch.equal(out, ref) and torch.equal(out_no_cache, no_cache)
 
@@ -94,7 +95,7 @@ def test_crop_with_positive_count_is_rejected():
     model = tiny_model("llama")
     cache = FullKVCache()
     with torch.no_grad():
-        model(torch.randint(1, 256, (1, 10)), past_key_values=cache)
+        model(torch.randint(1, 256, (1, 10)), **cache_kwarg(model, cache))
     with pytest.raises(ValueError, match="negative"):
         cache.crop(3)
 
@@ -114,4 +115,4 @@ def test_a_policy_passed_as_the_cache_is_a_clear_error():
 
     model = tiny_model("llama")
     with pytest.raises(TypeError, match=r"policy, not a cache: pass RaggedCache\(SnapKVPolicy"):
-        model.generate(torch.randint(1, 200, (1, 20)), past_key_values=SnapKVPolicy(budget=0.5), max_new_tokens=2)
+        model.generate(torch.randint(1, 200, (1, 20)), **cache_kwarg(model, SnapKVPolicy(budget=0.5)), max_new_tokens=2)

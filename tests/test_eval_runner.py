@@ -66,7 +66,7 @@ def counted(model, monkeypatch):
     original = model.generate
 
     def generate(*args, **kwargs):
-        calls.append(kwargs.get("past_key_values"))
+        calls.append(kwargs.get("cache", kwargs.get("past_key_values")))  # past_key_values before transformers 5.24
         return original(*args, **kwargs)
 
     monkeypatch.setattr(model, "generate", generate)

@@ -8,13 +8,14 @@ from conftest import tiny_model
 from transformers import DynamicCache
 
 from heterocache import FullKVCache, SnapKVCache
+from heterocache._compat import cache_kwarg
 
 
 def _generate(model, ids, cache, attn, **kwargs):
     model.set_attn_implementation(attn)
     kwargs.setdefault("max_new_tokens", 24)
     kwargs.setdefault("do_sample", False)
-    return model.generate(ids, past_key_values=cache, pad_token_id=0, **kwargs)
+    return model.generate(ids, **cache_kwarg(model, cache), pad_token_id=0, **kwargs)
 
 
 def test_greedy_tokens_equal_dynamic_cache(arch):
@@ -101,10 +102,10 @@ def test_crop_removes_the_last_tokens_like_dynamic_cache():
     for name, cache in (("dyn", DynamicCache()), ("ours", FullKVCache())):
         model.set_attn_implementation("sdpa" if name == "dyn" else "heterocache")
         with torch.no_grad():
-            model(ids, past_key_values=cache)
+            model(ids, **cache_kwarg(model, cache))
             cache.crop(-4)
             assert cache.get_seq_length() == 26
-            logits[name] = model(nxt, past_key_values=cache).logits
+            logits[name] = model(nxt, **cache_kwarg(model, cache)).logits
     torch.testing.assert_close(logits["ours"], logits["dyn"], rtol=1e-4, atol=1e-5)
 
 
@@ -116,10 +117,10 @@ def test_batch_repeat_and_select_match_dynamic_cache():
     for name, cache in (("dyn", DynamicCache()), ("ours", FullKVCache())):
         model.set_attn_implementation("sdpa" if name == "dyn" else "heterocache")
         with torch.no_grad():
-            model(ids, past_key_values=cache)
+            model(ids, **cache_kwarg(model, cache))
             cache.batch_repeat_interleave(3)  # rows 0,0,0,1,1,1
             cache.batch_select_indices(torch.tensor([0, 3, 4, 1]))  # rows 0,1,1,0
-            logits[name] = model(nxt, past_key_values=cache).logits
+            logits[name] = model(nxt, **cache_kwarg(model, cache)).logits
     torch.testing.assert_close(logits["ours"], logits["dyn"], rtol=1e-4, atol=1e-5)
 
 

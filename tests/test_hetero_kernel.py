@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from heterocache._compat import cache_kwarg
 from heterocache.hetero import HeteroCache, HeteroCachePolicy
 from heterocache.hetero.plan import AUTO_KERNEL_RANGE, AUTO_KERNEL_UNCOMPRESSED, auto_kernel
 from heterocache.policies.scoring import pool_scores, row_taps
@@ -68,27 +69,27 @@ def test_rows_with_different_auto_kernels_keep_what_each_keeps_alone():
     steps = torch.randint(1, 256, (2, 3), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        model(ids, attention_mask=mask, position_ids=positions, past_key_values=batch)
+        model(ids, attention_mask=mask, position_ids=positions, **cache_kwarg(model, batch))
         kernels = [batch.policy.kernel_for(n) for n in (L, short)]
         assert kernels[0] != kernels[1], kernels  # the case under test
         for t in range(steps.shape[1]):
             m = torch.cat([mask, torch.ones(2, t + 1, dtype=torch.long)], 1)
             model(steps[:, t : t + 1], attention_mask=m, position_ids=positions[:, -1:] + t + 1,
-                  past_key_values=batch)
+                  **cache_kwarg(model, batch))
     assert batch.stats()["satellite_refills"] > 0
     for row, n in enumerate((L, short)):
         alone = HeteroCache(toy_profile(), **options, pivot_offload=False)
         with torch.no_grad():
-            model(ids[row : row + 1, L - n :], past_key_values=alone)
+            model(ids[row : row + 1, L - n :], **cache_kwarg(model, alone))
             for t in range(steps.shape[1]):
-                model(steps[row : row + 1, t : t + 1], past_key_values=alone)
+                model(steps[row : row + 1, t : t + 1], **cache_kwarg(model, alone))
         shift = L - n
         got = [[p - shift for p in seg] for seg in _positions(batch, row)]
         assert got == _positions(alone, 0), row
         # "auto" resolved to an int kernel: the same tokens as that kernel given explicitly
         fixed = HeteroCache(toy_profile(), **options, kernel=kernels[row], pivot_offload=False)
         with torch.no_grad():
-            model(ids[row : row + 1, L - n :], past_key_values=fixed)
+            model(ids[row : row + 1, L - n :], **cache_kwarg(model, fixed))
             for t in range(steps.shape[1]):
-                model(steps[row : row + 1, t : t + 1], past_key_values=fixed)
+                model(steps[row : row + 1, t : t + 1], **cache_kwarg(model, fixed))
         assert _positions(fixed, 0) == _positions(alone, 0), row

@@ -8,6 +8,7 @@ import torch
 from test_hetero_recovery import D, _ids, _reference_prompt, _two_turns, assert_key_picks, toy_model
 from transformers import DynamicCache
 
+from heterocache._compat import cache_kwarg
 from heterocache.hetero import HeteroCache, HeteroCachePolicy, InfeasibleBudgetError
 from heterocache.profile import Role
 from heterocache.profile.clustering import budget_ratios
@@ -122,8 +123,8 @@ def test_budget_one_gives_the_tokens_of_dynamic_cache_over_two_turns():
     question = _ids(L=12, seed=3)
     outs = []
     for cache in (DynamicCache(), HeteroCache(toy_profile(), budget=1.0, pivot_offload=True)):
-        out = model.generate(_ids(), past_key_values=cache, max_new_tokens=5, do_sample=False)
-        outs.append(model.generate(torch.cat([out, question], 1), past_key_values=cache, max_new_tokens=6,
+        out = model.generate(_ids(), **cache_kwarg(model, cache), max_new_tokens=5, do_sample=False)
+        outs.append(model.generate(torch.cat([out, question], 1), **cache_kwarg(model, cache), max_new_tokens=6,
                                    do_sample=False))
     assert torch.equal(outs[0], outs[1])
     assert cache.stats()["reselected_heads"] == 0 and cache.memory_report().host_bytes > 0  # copies kept, none used
@@ -133,8 +134,9 @@ def test_generation_with_summary_drift_keeps_heads_equal_to_their_host_copies():
     model = toy_model()
     cache = HeteroCache(toy_profile(), budget=0.4, pivot_offload=True, turn_scoring="pages", page_size=4,
                         summaries_in_budget=False, summary_drift=True, refresh_interval=2, drift_threshold=1.0)
-    out = model.generate(_ids(), past_key_values=cache, max_new_tokens=4, do_sample=False)
-    model.generate(torch.cat([out, _ids(L=12, seed=3)], 1), past_key_values=cache, max_new_tokens=9, do_sample=False)
+    out = model.generate(_ids(), **cache_kwarg(model, cache), max_new_tokens=4, do_sample=False)
+    model.generate(torch.cat([out, _ids(L=12, seed=3)], 1), **cache_kwarg(model, cache), max_new_tokens=9,
+                   do_sample=False)
     policy = cache.policy
     policy.flush()
     policy.synchronize()

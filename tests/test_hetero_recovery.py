@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_model
 from transformers import DynamicCache
 
+from heterocache._compat import cache_kwarg
 from heterocache.hetero import HeteroCache, HeteroCachePolicy
 from heterocache.profile import Role
 from heterocache.profile.testing import toy_profile
@@ -44,9 +45,9 @@ def _two_turns(model, cache, B=2, pad=20, L=120, q_len=12):
 
     cache.policy.before_extend = spy
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **cache_kwarg(model, cache))
         turn_mask = torch.cat([mask, torch.ones(B, q_len, dtype=torch.long)], 1)
-        model(_ids(B=B, L=q_len, seed=3), attention_mask=turn_mask, past_key_values=cache)
+        model(_ids(B=B, L=q_len, seed=3), attention_mask=turn_mask, **cache_kwarg(model, cache))
     cache.policy.synchronize()
     return ids, mask, queries
 
@@ -74,7 +75,7 @@ def _reference_prompt(model):
     ids, mask = _ids(B=2), torch.ones(2, 120, dtype=torch.long)
     mask[1, :20] = 0
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=reference)
+        model(ids, attention_mask=mask, **cache_kwarg(model, reference))
     return reference, mask
 
 
@@ -125,8 +126,8 @@ def test_summaries_are_paid_for_inside_the_budget():
     own = HeteroCache(toy_profile(), **OWN)
     pivot = HeteroCache(toy_profile(), budget=OWN["budget"], turn_reselect="pivot")
     with torch.no_grad():
-        model(_ids(), past_key_values=own)
-        model(_ids(), past_key_values=pivot)
+        model(_ids(), **cache_kwarg(model, own))
+        model(_ids(), **cache_kwarg(model, pivot))
     pages = math.ceil(120 / OWN["page_size"])
     marks = own.policy.summarised_for(120)
     base = pivot.policy.plan_for(120)
@@ -143,7 +144,7 @@ def test_summaries_outside_the_budget_keep_the_plan_and_are_reported():
     model = toy_model()
     cache = HeteroCache(toy_profile(), summaries_in_budget=False, **OWN)
     with torch.no_grad():
-        model(_ids(), past_key_values=cache)
+        model(_ids(), **cache_kwarg(model, cache))
     plain = HeteroCachePolicy(profile=toy_profile(), budget=OWN["budget"], turn_reselect="pivot")
     assert torch.equal(cache.policy.plan_for(120), plain.plan_for(120))
     compressed = torch.isin(toy_profile().roles, torch.tensor([int(Role.ANCHOR), int(Role.SATELLITE)]))
@@ -159,8 +160,8 @@ def test_budget_one_gives_the_tokens_of_dynamic_cache_over_two_turns():
     question = _ids(L=12, seed=3)
     outs = []
     for cache in (DynamicCache(), HeteroCache(toy_profile(), budget=1.0, turn_reselect="own", page_size=4)):
-        out = model.generate(_ids(), past_key_values=cache, max_new_tokens=5, do_sample=False)
-        outs.append(model.generate(torch.cat([out, question], 1), past_key_values=cache, max_new_tokens=6,
+        out = model.generate(_ids(), **cache_kwarg(model, cache), max_new_tokens=5, do_sample=False)
+        outs.append(model.generate(torch.cat([out, question], 1), **cache_kwarg(model, cache), max_new_tokens=6,
                                    do_sample=False))
     assert torch.equal(outs[0], outs[1])
 
@@ -176,8 +177,8 @@ GOLDEN = [183, 183, 183, 183, 115, 206, 17, 204, 38, 73, 56, 91, 226, 201, 167, 
 def test_options_off_give_the_previous_default_tokens(params):
     model = toy_model()
     cache = HeteroCache(toy_profile(), budget=0.5, **params)
-    out = model.generate(_ids(), past_key_values=cache, max_new_tokens=6, do_sample=False)
-    out = model.generate(torch.cat([out, _ids(L=12, seed=3)], 1), past_key_values=cache, max_new_tokens=8,
+    out = model.generate(_ids(), **cache_kwarg(model, cache), max_new_tokens=6, do_sample=False)
+    out = model.generate(torch.cat([out, _ids(L=12, seed=3)], 1), **cache_kwarg(model, cache), max_new_tokens=8,
                          do_sample=False)
     assert out[0, 120:].tolist() == GOLDEN
     assert cache.stats()["reselected_heads"] == 0
@@ -193,7 +194,7 @@ def test_host_bytes_include_the_anchors_copies_when_on(params, copied):
     model = toy_model()
     cache = HeteroCache(toy_profile(), budget=0.5, **params, pivot_offload=False)
     with torch.no_grad():
-        model(_ids(B=2, L=64), past_key_values=cache)
+        model(_ids(B=2, L=64), **cache_kwarg(model, cache))
     heads = sum(len(toy_profile().heads(role)) for role in copied)
     assert cache.memory_report().host_bytes == 2 * heads * 64 * D * 4 * 2  # rows x heads x tokens x D x fp32 x KV
 
@@ -205,9 +206,9 @@ def test_reselection_follows_row_changes(options):
     ids, mask = _ids(B=2), torch.ones(2, 120, dtype=torch.long)
     mask[1, :20] = 0
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **cache_kwarg(model, cache))
         cache.batch_select_indices(torch.tensor([1]))  # keep the padded row only
-        model(_ids(L=12, seed=3), attention_mask=torch.ones(1, 132, dtype=torch.long), past_key_values=cache)
+        model(_ids(L=12, seed=3), attention_mask=torch.ones(1, 132, dtype=torch.long), **cache_kwarg(model, cache))
     policy = cache.policy
     assert cache.stats()["reselected_heads"] == int(policy.summarised_for(100).sum())
     for layer_idx, state in policy._layers.items():
@@ -232,7 +233,7 @@ def test_summary_drift_rechooses_a_drifted_head_with_the_top_pages_of_its_decode
     model = toy_model()
     reference = DynamicCache()
     with torch.no_grad():
-        model(_ids(), past_key_values=reference)
+        model(_ids(), **cache_kwarg(model, reference))
     cache = HeteroCache(toy_profile(), summary_drift=True, refresh_interval=3, **OWN)
     _two_turns(model, cache, B=1)
     policy, g = cache.policy, torch.Generator().manual_seed(5)
@@ -261,8 +262,9 @@ def test_summary_drift_rechooses_a_drifted_head_with_the_top_pages_of_its_decode
 def test_summary_drift_during_generation_is_deferred_and_keeps_heads_equal_to_their_host_copies():
     model = toy_model()
     cache = HeteroCache(toy_profile(), summary_drift=True, refresh_interval=2, drift_threshold=1.0, **OWN)
-    out = model.generate(_ids(), past_key_values=cache, max_new_tokens=4, do_sample=False)
-    model.generate(torch.cat([out, _ids(L=12, seed=3)], 1), past_key_values=cache, max_new_tokens=9, do_sample=False)
+    out = model.generate(_ids(), **cache_kwarg(model, cache), max_new_tokens=4, do_sample=False)
+    model.generate(torch.cat([out, _ids(L=12, seed=3)], 1), **cache_kwarg(model, cache), max_new_tokens=9,
+                   do_sample=False)
     policy = cache.policy
     policy.flush()
     policy.synchronize()
@@ -353,7 +355,7 @@ def test_a_single_turn_with_host_summaries_gives_the_default_tokens():
     outs = []
     for kw in (dict(turn_reselect="pivot"), dict(turn_scoring="pages", summary_memory="host", page_size=4), {}):
         cache = HeteroCache(toy_profile(), budget=0.5, **kw, pivot_offload=False)
-        outs.append(model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12,
+        outs.append(model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=12,
                                    do_sample=False))
     assert all(torch.equal(outs[0], out) for out in outs[1:])
 
@@ -411,7 +413,7 @@ def test_key_scoring_rechooses_the_top_tokens_of_the_turns_attention_over_the_fu
 def test_key_scoring_follows_row_changes_and_keeps_single_turn_tokens():
     model = toy_model()
     ids = _ids(B=2, L=120)
-    outs = [model.generate(ids, past_key_values=HeteroCache(toy_profile(), budget=0.5, **kw, pivot_offload=False),
+    outs = [model.generate(ids, **cache_kwarg(model, HeteroCache(toy_profile(), budget=0.5, **kw, pivot_offload=False)),
                            max_new_tokens=8, do_sample=False, num_beams=2)
             for kw in (dict(turn_reselect="pivot"), {})]
     assert torch.equal(outs[0], outs[1])  # beam search reorders rows; one turn re-chooses nothing

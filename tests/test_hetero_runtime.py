@@ -8,6 +8,7 @@ from conftest import tiny_model
 from transformers import DynamicCache
 
 from heterocache import FullKVCache, RaggedCache
+from heterocache._compat import cache_kwarg
 from heterocache.cache import RaggedLayer
 from heterocache.hetero import HeteroCache, HeteroCachePolicy, InfeasibleBudgetError
 from heterocache.profile import HeadProfile, ProfileError, Role
@@ -28,8 +29,9 @@ def _ids(B=1, L=120, seed=0):
 def test_budget_one_gives_exactly_fullkv_tokens(arch):
     model = toy_model(arch)
     ids = _ids(L=90)
-    ref = model.generate(ids, past_key_values=FullKVCache(), max_new_tokens=20, do_sample=False)
-    out = model.generate(ids, past_key_values=HeteroCache(toy_profile(), budget=1.0), max_new_tokens=20, do_sample=False)
+    ref = model.generate(ids, **cache_kwarg(model, FullKVCache()), max_new_tokens=20, do_sample=False)
+    cache = HeteroCache(toy_profile(), budget=1.0)
+    out = model.generate(ids, **cache_kwarg(model, cache), max_new_tokens=20, do_sample=False)
     assert torch.equal(out, ref)
 
 
@@ -40,7 +42,7 @@ def test_stored_tokens_follow_the_plan_and_roles(arch):
     ids, mask = _ids(B=2, L=100), torch.ones(2, 100, dtype=torch.long)
     mask[1, :30] = 0
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **cache_kwarg(model, cache))
     report = cache.memory_report()
     for row, n in enumerate([100, 70]):
         plan = cache.policy.plan_for(n)
@@ -58,20 +60,20 @@ def test_only_satellites_are_copied_to_host_memory():
     model = toy_model()
     cache = HeteroCache(toy_profile(), budget=0.5, turn_reselect="pivot")
     with torch.no_grad():
-        model(_ids(B=2, L=64), past_key_values=cache)
+        model(_ids(B=2, L=64), **cache_kwarg(model, cache))
     host = cache.memory_report().host_bytes
     satellites = int((toy_profile().roles == Role.SATELLITE).sum())  # 4 of 12 heads
     assert host == 2 * satellites * 64 * 16 * 4 * 2  # rows x heads x tokens x dim x fp32 x (K, V)
     no_offload = HeteroCache(toy_profile(), budget=0.5, offload=False)
     with torch.no_grad():
-        model(_ids(B=2, L=64), past_key_values=no_offload)
+        model(_ids(B=2, L=64), **cache_kwarg(model, no_offload))
     assert no_offload.memory_report().host_bytes == 0
 
 
 def _prefilled(model, profile, ids, **params):
     cache = HeteroCache(profile, **params)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwarg(model, cache))
     return cache
 
 
@@ -80,7 +82,7 @@ def test_forced_refresh_refills_satellites_from_host_at_pivot_top_positions():
     cache = _prefilled(model, toy_profile(), _ids(L=80), budget=0.5, refresh_interval=1000, pivot_offload=False)
     with torch.no_grad():  # a few decode steps so satellites hold appended tokens too
         for t in range(3):
-            model(_ids(L=1, seed=10 + t), past_key_values=cache)
+            model(_ids(L=1, seed=10 + t), **cache_kwarg(model, cache))
     policy, layer = cache.policy, 0  # layer 0: pivot 0 with satellites 1 and 2
     store = cache.layers[layer].store
     state = policy._layers[layer]
@@ -144,7 +146,7 @@ def test_generation_with_refresh_every_step_and_padding_runs(arch):
     ids, mask = _ids(B=2, L=70), torch.ones(2, 70, dtype=torch.long)
     mask[0, :9] = 0
     cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0, pivot_offload=False)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=12, do_sample=False)
     assert out.shape == (2, 82)
     stats = cache.stats()
     assert stats["drift_checks"] > 0 and stats["refreshes"] > 0 and stats["bytes_moved"] > 0
@@ -159,9 +161,9 @@ def test_a_new_turn_is_checked_for_drift_before_its_answer_is_decoded():
     for refresh in (True, False):
         cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=1.0, refresh=refresh, pivot_offload=False)
         with torch.no_grad():
-            model(ids, past_key_values=cache)
+            model(ids, **cache_kwarg(model, cache))
             assert cache.stats()["drift_checks"] == 0
-            model(question, past_key_values=cache)  # the second turn: several tokens at once
+            model(question, **cache_kwarg(model, cache))  # the second turn: several tokens at once
         checks[refresh] = cache.stats()
     pivots = sum(len(toy_profile().clusters(layer)) for layer in range(3))
     assert checks[True]["drift_checks"] == pivots and checks[True]["refreshes"] > 0
@@ -184,8 +186,8 @@ def _turn_events(turn_refresh, monkeypatch):
         layer_idx, store, *a)
     model = toy_model()
     with torch.no_grad():
-        model(_ids(L=80), past_key_values=cache)
-        model(_ids(L=12, seed=3), past_key_values=cache)
+        model(_ids(L=80), **cache_kwarg(model, cache))
+        model(_ids(L=12, seed=3), **cache_kwarg(model, cache))
     return events, cache
 
 
@@ -217,8 +219,8 @@ def test_always_refreshes_every_pivot_at_a_new_turn_even_without_drift():
         cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=0.0, turn_refresh=turn_refresh,
                             pivot_offload=False)
         with torch.no_grad():
-            model(_ids(L=80), past_key_values=cache)
-            model(_ids(L=12, seed=3), past_key_values=cache)
+            model(_ids(L=80), **cache_kwarg(model, cache))
+            model(_ids(L=12, seed=3), **cache_kwarg(model, cache))
         refreshes[turn_refresh] = cache.stats()["refreshes"]
     assert refreshes == {"before": 0, "always": pivots}
 
@@ -236,10 +238,10 @@ def test_rows_with_different_padding_are_planned_independently():
     cache = HeteroCache(toy_profile(), budget=0.5, refresh=False)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate() derives them from the mask
     with torch.no_grad():
-        model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        model(ids, attention_mask=mask, position_ids=positions, **cache_kwarg(model, cache))
     single = HeteroCache(toy_profile(), budget=0.5, refresh=False)
     with torch.no_grad():
-        model(ids[1:, 20:], past_key_values=single)
+        model(ids[1:, 20:], **cache_kwarg(model, single))
     for layer_b, layer_s in zip(cache.layers, single.layers):
         for h in range(4):
             kb, _, pb = layer_b.store.segment(4 + h)  # row 1
@@ -252,9 +254,9 @@ def test_beam_search_at_budget_one_equals_dynamic_cache():
     model = toy_model()
     ids = _ids(B=1, L=40)
     model.set_attn_implementation("sdpa")
-    ref = model.generate(ids, past_key_values=DynamicCache(), num_beams=3, max_new_tokens=8, do_sample=False)
+    ref = model.generate(ids, **cache_kwarg(model, DynamicCache()), num_beams=3, max_new_tokens=8, do_sample=False)
     model.set_attn_implementation("heterocache")
-    out = model.generate(ids, past_key_values=HeteroCache(toy_profile(), budget=1.0), num_beams=3,
+    out = model.generate(ids, **cache_kwarg(model, HeteroCache(toy_profile(), budget=1.0)), num_beams=3,
                          max_new_tokens=8, do_sample=False)
     assert torch.equal(out, ref)
 
@@ -277,7 +279,7 @@ def test_absolute_token_budget():
 def test_profile_that_does_not_fit_the_model_is_rejected():
     model = tiny_model("llama")  # 3 layers but 2 KV heads, head_dim 16
     with pytest.raises(ProfileError, match="KV heads: profile 4 != model 2"):
-        model.generate(_ids(L=20), past_key_values=HeteroCache(toy_profile(), budget=0.5), max_new_tokens=2)
+        model.generate(_ids(L=20), **cache_kwarg(model, HeteroCache(toy_profile(), budget=0.5)), max_new_tokens=2)
 
 
 def test_budget_below_the_floor_is_rejected_at_construction():
@@ -332,7 +334,7 @@ def _assert_satellites_match_host_copies(cache: HeteroCache) -> int:
 def test_refresh_on_every_step_leaves_every_satellite_equal_to_its_host_copy():
     model = toy_model()
     cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0, pivot_offload=False)
-    model.generate(_ids(B=2, L=120), past_key_values=cache, max_new_tokens=24, do_sample=False)
+    model.generate(_ids(B=2, L=120), **cache_kwarg(model, cache), max_new_tokens=24, do_sample=False)
     assert cache.stats()["refreshes"] > 0
     assert _assert_satellites_match_host_copies(cache) == 2 * len(toy_profile().heads("satellite"))
 
@@ -342,7 +344,7 @@ def test_refresh_on_every_step_leaves_every_satellite_equal_to_its_host_copy():
 def test_gpu_async_refresh_every_step_stress_leaves_no_corruption():
     model = toy_model().cuda()
     cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0, asynchronous=True)
-    model.generate(_ids(B=2, L=2000).cuda(), past_key_values=cache, max_new_tokens=200, do_sample=False)
+    model.generate(_ids(B=2, L=2000).cuda(), **cache_kwarg(model, cache), max_new_tokens=200, do_sample=False)
     assert cache.stats()["refreshes"] > 100
     assert _assert_satellites_match_host_copies(cache) > 0
 
@@ -355,7 +357,7 @@ def test_gpu_async_refresh_gives_the_tokens_of_the_synchronous_path():
     outs = []
     for asynchronous in (False, True):
         cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0, asynchronous=asynchronous)
-        outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=64, do_sample=False))
+        outs.append(model.generate(ids, **cache_kwarg(model, cache), max_new_tokens=64, do_sample=False))
         assert cache.stats()["refreshes"] > 0
     assert torch.equal(outs[0], outs[1])
 

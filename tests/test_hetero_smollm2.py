@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from heterocache._compat import cache_kwarg
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.tasks.ruler import NeedleTask
 from heterocache.hetero import HeteroCache, min_feasible_budget
@@ -27,7 +28,7 @@ def test_bundled_profile_at_budget_0_3_finds_the_needle_in_4k_prompts(smollm2):
         ids = torch.tensor([formatter.encode(sample).input_ids])
         assert 3900 <= ids.shape[1] <= 4100
         cache = HeteroCache.for_model(model, budget=BUDGET, window=WINDOW)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwarg(model, cache),
                              max_new_tokens=16, do_sample=False)
         found += sample.answers[0] in tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         reports.append(cache.memory_report())

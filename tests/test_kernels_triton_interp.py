@@ -119,6 +119,7 @@ def _worker() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from heterocache import QuestCache
+    from heterocache._compat import cache_kwarg
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
@@ -132,9 +133,9 @@ def _worker() -> None:
     for backend in ("torch", "triton"):
         os.environ["HETEROCACHE_DECODE_BACKEND"] = backend
         with torch.no_grad():
-            runs[backend] = model.generate(ids, attention_mask=mask, past_key_values=QuestCache(budget=0.3, dense_layers=1,
-                                           page_size=8), max_new_tokens=4, do_sample=False, output_scores=True,
-                                           return_dict_in_generate=True)
+            cache = QuestCache(budget=0.3, dense_layers=1, page_size=8)
+            runs[backend] = model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=4,
+                                           do_sample=False, output_scores=True, return_dict_in_generate=True)
     os.environ.pop("HETEROCACHE_DECODE_BACKEND")
     # The registered op (torch.library.triton_op) the device decode path calls, eagerly.
     from heterocache.kernels.ops import ragged_decode_triton
@@ -154,7 +155,7 @@ def _worker() -> None:
         for name, make in (("fullkv", FullKVCache), ("snapkv", lambda: SnapKVCache(budget=0.4))):
             with torch.no_grad():
                 device_runs[backend, name] = model.generate(
-                    ids, attention_mask=mask, past_key_values=make(), max_new_tokens=4, do_sample=False,
+                    ids, attention_mask=mask, **cache_kwarg(model, make()), max_new_tokens=4, do_sample=False,
                     output_scores=True, return_dict_in_generate=True)
     os.environ.pop("HETEROCACHE_DECODE_BACKEND")
     os.environ.pop("HETEROCACHE_DECODE_STRATEGY")

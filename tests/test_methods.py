@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 import heterocache.methods as methods
 from heterocache import CAKECache, FullKVCache, H2OCache, PyramidKVCache, SnapKVCache, StreamingLLMCache
+from heterocache._compat import cache_kwarg
 from heterocache.methods import describe_methods, get_method, list_methods, make_cache, register_method
 
 BASELINES = ["dynamic", "fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv", "cake"]
@@ -128,7 +129,7 @@ def test_make_cache_is_the_evaluation_harness_default_factory():
     cache = new_cache(factory, "cake", 0.25, model)
     assert isinstance(cache, CAKECache)
     ids = torch.randint(1, 256, (1, 40))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    out = model.generate(ids, **cache_kwarg(model, cache), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 43)
 
 
@@ -179,7 +180,7 @@ def test_heterocache_is_registered_and_takes_a_profile_or_finds_the_models():
     cache = make_cache("heterocache", 0.6, model, profile=toy_profile(), refresh_interval=2)
     assert type(cache) is HeteroCache and cache.policy.refresh_interval == 2
     ids = torch.randint(1, 256, (1, 60), generator=torch.Generator().manual_seed(0))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    out = model.generate(ids, **cache_kwarg(model, cache), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 64)
     with pytest.raises(ValueError, match="needs the model"):
         make_cache("heterocache", 0.5)

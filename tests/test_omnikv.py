@@ -11,6 +11,7 @@ from conftest import tiny_model
 from transformers import DynamicCache
 
 from heterocache import FullKVCache, OmniKVCache, OmniKVPolicy, PrefillContext
+from heterocache._compat import cache_kwarg
 from heterocache.diagnostics import count_decode_steps
 from heterocache.policies.omnikv import scaled_filter_layers
 from heterocache.store import RaggedKVStore
@@ -168,8 +169,8 @@ def test_a_budget_covering_every_token_gives_exactly_dynamic_cache_tokens(kwargs
     ref_model = tiny_model("llama", attn="sdpa", **SHAPE)
     ids, mask = _padded_batch()
     kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False)
-    ref = ref_model.generate(ids, past_key_values=DynamicCache(), **kw)
-    assert torch.equal(model.generate(ids, past_key_values=OmniKVCache(budget=1.0, **kwargs), **kw), ref)
+    ref = ref_model.generate(ids, **cache_kwarg(ref_model, DynamicCache()), **kw)
+    assert torch.equal(model.generate(ids, **cache_kwarg(model, OmniKVCache(budget=1.0, **kwargs)), **kw), ref)
 
 
 def test_padded_batch_and_second_turn_with_and_without_offload():
@@ -178,8 +179,8 @@ def test_padded_batch_and_second_turn_with_and_without_offload():
     kw = dict(filter_layers=(1,), dense_after_filter=0, budget=0.2)
     caches = {offload: OmniKVCache(offload=offload, **kw) for offload in (False, True)}
     gen = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    results = {o: model.generate(ids, past_key_values=c, **gen) for o, c in caches.items()}
-    results["full"] = model.generate(ids, past_key_values=FullKVCache(), **gen)
+    results = {o: model.generate(ids, **cache_kwarg(model, c), **gen) for o, c in caches.items()}
+    results["full"] = model.generate(ids, **cache_kwarg(model, FullKVCache()), **gen)
     logits = {o: torch.stack(r.logits) for o, r in results.items()}
     outs = {o: r.sequences for o, r in results.items()}
     # Same tokens attended in the same order: host offload changes where they live, not one bit of the result.
@@ -194,7 +195,7 @@ def test_padded_batch_and_second_turn_with_and_without_offload():
     ids2 = torch.cat([outs[False], turn], 1)
     mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
     gen2 = dict(gen, attention_mask=mask2, max_new_tokens=5)
-    results2 = {o: model.generate(ids2, past_key_values=c, **gen2) for o, c in caches.items()}
+    results2 = {o: model.generate(ids2, **cache_kwarg(model, c), **gen2) for o, c in caches.items()}
     assert torch.equal(torch.stack(results2[False].logits), torch.stack(results2[True].logits))
     assert results2[True].sequences.shape == (2, ids2.shape[1] + 5)
     context = [120 + 6 + 7, 111 + 6 + 7]  # prompt, 6 answer tokens (the last fed in turn 2), the turn
@@ -209,7 +210,7 @@ def test_beam_search_reorders_the_context_and_host_copies():
     model = tiny_model("llama", **SHAPE)
     ids = torch.randint(1, 256, (1, 70), generator=torch.Generator().manual_seed(5))
     kw = dict(filter_layers=(1,), dense_after_filter=0, budget=0.25)
-    outs = [model.generate(ids, past_key_values=OmniKVCache(offload=o, **kw), max_new_tokens=4, num_beams=2,
+    outs = [model.generate(ids, **cache_kwarg(model, OmniKVCache(offload=o, **kw)), max_new_tokens=4, num_beams=2,
                            do_sample=False) for o in (False, True)]
     assert torch.equal(outs[0], outs[1])
 
@@ -224,7 +225,7 @@ def test_memory_report_on_device_and_host_by_hand():
     kw = dict(filter_layers=(1,), dense_after_filter=0, budget=0.25)
     full, kept, offloaded = FullKVCache(), OmniKVCache(**kw), OmniKVCache(offload=True, **kw)
     for cache in (full, kept, offloaded):
-        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3, do_sample=False)
+        model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=3, do_sample=False)
     rf, rk, ro = full.memory_report(), kept.memory_report(), offloaded.memory_report()
     # Without offload every token stays on the device, exactly as FullKV's stores.
     assert rk.device_bytes == rf.device_bytes and rk.device_used_bytes == rf.device_used_bytes and rk.host_bytes == 0
@@ -270,7 +271,7 @@ def test_bad_parameters_are_rejected(kwargs):
 def test_filter_layers_beyond_the_models_depth_are_a_clear_error():
     model = tiny_model("llama", **SHAPE)
     with pytest.raises(ValueError, match=r"below the model's 4 full-attention layers"):
-        model.generate(torch.randint(1, 256, (1, 20)), past_key_values=OmniKVCache(filter_layers=(1, 4)),
+        model.generate(torch.randint(1, 256, (1, 20)), **cache_kwarg(model, OmniKVCache(filter_layers=(1, 4))),
                        max_new_tokens=2, do_sample=False)
 
 
@@ -302,7 +303,7 @@ def test_offload_on_cuda_reads_the_pinned_context_from_the_device_and_keeps_the_
     kw = dict(filter_layers=(1,), dense_after_filter=0, budget=0.2)
     gen = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     caches = {o: OmniKVCache(offload=o, **kw) for o in (False, True)}
-    logits = {o: torch.stack(model.generate(ids, past_key_values=c, **gen).logits) for o, c in caches.items()}
+    logits = {o: torch.stack(model.generate(ids, **cache_kwarg(model, c), **gen).logits) for o, c in caches.items()}
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
     host = caches[True].policy._contexts[2].host
     assert host.k_rows.mode == "uva" and host.k_rows.sync_gathers == 0 and host.v_rows.sync_gathers == 0

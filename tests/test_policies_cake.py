@@ -10,6 +10,7 @@ from test_policies_common import EachStep, decode_step, padded_batch, positions,
 from transformers import LogitsProcessorList
 
 from heterocache import CAKECache
+from heterocache._compat import cache_kwarg
 from heterocache.budget import allocate_proportional, round_preserving_sum, tokens_for_budget
 from heterocache.policies import CAKEPolicy
 from heterocache.store import RaggedKVStore
@@ -89,7 +90,7 @@ def test_decode_keeps_every_layer_at_its_budget():
     cache = CAKECache(budget=0.25, window=4)
     seen = []
     check = EachStep(lambda: seen.append(torch.stack(cache.stored_tokens(), -1)))
-    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12, do_sample=False,
+    model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=12, do_sample=False,
                    pad_token_id=0, logits_processor=LogitsProcessorList([check]))
     budgets = cache.policy.layer_budgets() + 4  # [B, m]
     for stored in seen:
@@ -123,7 +124,7 @@ def test_rows_of_different_length_get_their_own_budgets():
     ids, mask = padded_batch((64, 40))
     cache = CAKECache(budget_tokens=12, window=4, evict_during_decode=False)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **cache_kwarg(model, cache))
     stored = torch.stack(cache.stored_tokens(), -1)
     assert torch.equal(stored.sum(-1), torch.full((2, 2), 36))
 

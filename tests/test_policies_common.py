@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+from heterocache._compat import cache_kwarg
 from heterocache.budget import tokens_for_budget
 from heterocache.methods import make_cache
 from heterocache.policies import (
@@ -102,7 +103,8 @@ def test_generate_runs_with_padded_batch(arch, method):
     ids, mask = padded_batch()
     params = {"window": 4} if method in ("snapkv", "pyramidkv", "cake") else {}
     cache = make_cache(method, 0.3, model, **params)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=3, do_sample=False,
+                         pad_token_id=0)
     assert out.shape == (2, ids.shape[1] + 3)
     for lengths in cache.stored_tokens():
         assert lengths.shape == (2, model.config.num_key_value_heads)
@@ -115,7 +117,7 @@ def test_uniform_methods_store_their_plan_in_every_layer_and_head(method):
     ids, mask = padded_batch()
     cache = make_cache(method, 0.2, model)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **cache_kwarg(model, cache))
     expected = tokens_for_budget(0.2, mask.sum(-1))[:, None].expand(2, 2).tolist()
     report = cache.memory_report()
     assert len(report.layers) == 3
@@ -182,10 +184,12 @@ def test_budget_one_gives_full_cache_tokens(method):
     model = tiny_model("qwen3")
     ids, mask = padded_batch((40, 33), seed=4)
     model.set_attn_implementation("sdpa")
-    ref = model.generate(ids, attention_mask=mask, past_key_values=DynamicCache(), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, attention_mask=mask, **cache_kwarg(model, DynamicCache()), max_new_tokens=8,
+                         do_sample=False, pad_token_id=0)
     model.set_attn_implementation("heterocache")
     cache = make_cache(method, 1.0, model, **_exact_variant(method))
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=8, do_sample=False,
+                         pad_token_id=0)
     assert torch.equal(out, ref)
 
 
@@ -196,7 +200,7 @@ def test_methods_evicting_while_decoding_hold_the_prompt_size_at_budget_one(meth
     cache = make_cache(method, 1.0, model)
     seen = []
     check = EachStep(lambda: seen.append([t.clone() for t in cache.stored_tokens()]))
-    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False,
+    model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=6, do_sample=False,
                    pad_token_id=0, logits_processor=LogitsProcessorList([check]))
     assert len(seen) == 6
     for step in seen:
@@ -209,7 +213,7 @@ def test_methods_evicting_while_decoding_cannot_be_cropped(method):
     model = tiny_model("llama")
     cache = make_cache(method, 0.5, model)
     with torch.no_grad():
-        model(torch.randint(1, 256, (1, 20)), past_key_values=cache)
+        model(torch.randint(1, 256, (1, 20)), **cache_kwarg(model, cache))
     with pytest.raises(NotImplementedError, match="evicts tokens while decoding"):
         cache.crop(-2)
     assert make_cache(method, 0.5, model, evict_during_decode=False).is_croppable

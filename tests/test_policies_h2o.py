@@ -9,6 +9,7 @@ from test_policies_common import EachStep, decode_step, padded_batch, positions,
 from transformers import LogitsProcessorList
 
 from heterocache import H2OCache
+from heterocache._compat import cache_kwarg
 from heterocache.policies import H2OPolicy, PrefillContext
 from heterocache.policies.h2o import SCORE_BUFFER
 from heterocache.policies.scoring import accumulated_attention
@@ -134,7 +135,7 @@ def test_never_exceeds_budget_during_a_long_decode():
     budget = [[10, 10], [7, 7]]
     lengths = []
     check = EachStep(lambda: lengths.append([t.tolist() for t in cache.stored_tokens()]))
-    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40, do_sample=False,
+    model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=40, do_sample=False,
                    pad_token_id=0, logits_processor=LogitsProcessorList([check]))
     assert len(lengths) == 40
     assert all(layer == budget for step in lengths for layer in step)
@@ -144,7 +145,7 @@ def test_beam_search_reorders_rows_and_scores_with_the_store():
     model = tiny_model("llama")
     ids, mask = padded_batch((36, 30))
     cache = H2OCache(budget=0.3)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, num_beams=2,
+    out = model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=6, num_beams=2,
                          do_sample=False, pad_token_id=0)
     assert out.shape[0] == 2
     for layer in cache.layers:
@@ -158,7 +159,8 @@ def test_prefill_only_variant_appends_decoded_tokens():
     model = tiny_model("llama")
     ids, mask = padded_batch((40, 29))
     cache = H2OCache(budget=0.25, evict_during_decode=False)
-    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=5, do_sample=False,
+                   pad_token_id=0)
     for lengths in cache.stored_tokens():
         assert lengths.tolist() == [[14, 14], [11, 11]]  # budget + 4 decoded tokens
     assert cache.is_croppable

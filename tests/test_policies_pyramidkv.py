@@ -8,6 +8,7 @@ from conftest import tiny_model
 from test_policies_common import padded_batch, random_ctx
 
 from heterocache import PyramidKVCache
+from heterocache._compat import cache_kwarg
 from heterocache.budget import tokens_for_budget
 from heterocache.policies import PyramidKVPolicy, SnapKVPolicy
 from heterocache.policies.pyramidkv import pyramid_budgets
@@ -41,7 +42,7 @@ def test_stored_tokens_follow_the_schedule_in_every_layer_and_head():
     ids, mask = padded_batch((64, 45))
     cache = PyramidKVCache(budget=0.25, window=4)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **cache_kwarg(model, cache))
     n = mask.sum(-1)
     expected = pyramid_budgets(tokens_for_budget(0.25, n), n, 4, 4, 20.0)
     report = cache.memory_report()

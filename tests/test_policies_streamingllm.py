@@ -9,6 +9,7 @@ from test_policies_common import EachStep, padded_batch
 from transformers import LogitsProcessorList
 
 from heterocache import StreamingLLMCache
+from heterocache._compat import cache_kwarg
 from heterocache.policies import PrefillContext, StreamingLLMPolicy
 
 
@@ -52,7 +53,7 @@ def test_window_slides_while_decoding_and_sinks_stay():
                     steps.append(1)
 
     steps = []
-    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12, do_sample=False,
+    model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=12, do_sample=False,
                    pad_token_id=0, logits_processor=LogitsProcessorList([EachStep(check)]))
     assert len(steps) == 12 * 3 * 2 * 2
 
@@ -61,7 +62,8 @@ def test_prefill_only_variant_keeps_decoded_tokens():
     model = tiny_model("llama")
     ids, mask = padded_batch((40, 31))
     cache = StreamingLLMCache(budget=0.25, evict_during_decode=False)
-    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=5, do_sample=False,
+                   pad_token_id=0)
     for lengths in cache.stored_tokens():
         assert lengths.tolist() == [[14, 14], [12, 12]]  # round(0.25 n) + 4 decoded tokens
     assert cache.is_croppable

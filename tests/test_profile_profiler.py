@@ -3,7 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
+from heterocache._compat import cache_kwarg
 from heterocache.profile import HeadProfile, profile_model
 from heterocache.profile.profiler import ProfilerSettings, collect_statistics
 from heterocache.profile.recorder import ATTENTION_NAME, TopKRecorder, active, profiler_attention_enabled
@@ -29,13 +31,14 @@ def reference_statistics(model, ids, settings):
             sets.append([set(s.tolist()) for s in pooled.topk(k, -1).indices])
         return sets
 
+    cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=ids[None], output_attentions=True, use_cache=True)
+        out = model(input_ids=ids[None], **cache_kwarg(model, cache), output_attentions=True, use_cache=True)
         prefill = top_sets(out.attentions)
         steps = []
         for _ in range(settings.decode_tokens):
             token = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = model(input_ids=token, past_key_values=out.past_key_values, output_attentions=True, use_cache=True)
+            out = model(input_ids=token, **cache_kwarg(model, cache), output_attentions=True, use_cache=True)
             steps.append(top_sets(out.attentions))
     overlaps = torch.tensor([[[len(p & s) / k for p, s in zip(pl, sl)] for pl, sl in zip(prefill, step)]
                              for step in steps])

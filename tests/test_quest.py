@@ -9,6 +9,7 @@ import torch
 from conftest import dynamic_reference, tiny_model
 
 from heterocache import FullKVCache, QuestCache, QuestPolicy
+from heterocache._compat import cache_kwarg
 from heterocache.diagnostics import count_decode_steps
 from heterocache.policies.quest import PageSummaries
 from heterocache.ragged_attention import SlotSelection, selected_decode_attention
@@ -128,8 +129,8 @@ def test_the_policy_reads_the_top_pages_and_the_current_one():
 
 def test_budget_one_and_dense_layers_give_exactly_dynamic_cache_tokens_on_a_padded_batch():
     model, ids, kw, ref = dynamic_reference(SHAPE)
-    assert torch.equal(model.generate(ids, past_key_values=QuestCache(budget=1.0), **kw), ref)
-    assert torch.equal(model.generate(ids, past_key_values=QuestCache(budget=0.1, dense_layers=4), **kw), ref)
+    assert torch.equal(model.generate(ids, **cache_kwarg(model, QuestCache(budget=1.0)), **kw), ref)
+    assert torch.equal(model.generate(ids, **cache_kwarg(model, QuestCache(budget=0.1, dense_layers=4)), **kw), ref)
 
 
 def test_a_small_budget_reads_fewer_tokens_and_survives_a_second_turn():
@@ -138,7 +139,7 @@ def test_a_small_budget_reads_fewer_tokens_and_survives_a_second_turn():
     mask = torch.ones_like(ids)
     mask[0, :9] = 0
     cache = QuestCache(budget=0.2, page_size=8)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=6, do_sample=False)
     policy = cache.policy
     assert set(policy._summaries) == {2, 3}  # the first two layers are dense
     store = cache.layers[3].store
@@ -146,7 +147,7 @@ def test_a_small_budget_reads_fewer_tokens_and_survives_a_second_turn():
     turn = torch.randint(1, 256, (2, 7), generator=torch.Generator().manual_seed(2))
     ids2 = torch.cat([out, turn], 1)
     mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
-    out2 = model.generate(ids2, attention_mask=mask2, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    out2 = model.generate(ids2, attention_mask=mask2, **cache_kwarg(model, cache), max_new_tokens=5, do_sample=False)
     assert out2.shape[1] == ids2.shape[1] + 5
     # Summaries cover the second turn exactly (rebuilt at the turn, then updated per step).
     rebuilt = PageSummaries.build(cache.layers[3].store, 8)
@@ -159,7 +160,7 @@ def test_memory_report_counts_every_token_and_the_summaries():
     ids = torch.randint(1, 256, (1, 100), generator=torch.Generator().manual_seed(3))
     full, quest = FullKVCache(), QuestCache(budget=0.25)
     for cache in (full, quest):
-        model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+        model.generate(ids, **cache_kwarg(model, cache), max_new_tokens=3, do_sample=False)
     rf, rq = full.memory_report(), quest.memory_report()
     assert rq.device_used_bytes == rf.device_used_bytes  # Quest saves bandwidth, not memory
     summaries = sum(s.nbytes() for s in quest.policy._summaries.values())
@@ -186,7 +187,7 @@ def test_bad_parameters_are_rejected(kwargs):
 def test_crop_is_refused_not_stale():
     model = tiny_model("llama", **SHAPE)
     cache = QuestCache(budget=0.5)
-    model.generate(torch.randint(1, 256, (1, 40)), past_key_values=cache, max_new_tokens=2, do_sample=False)
+    model.generate(torch.randint(1, 256, (1, 40)), **cache_kwarg(model, cache), max_new_tokens=2, do_sample=False)
     assert not cache.is_croppable
 
 
@@ -255,8 +256,8 @@ def test_gqa_none_gives_each_query_head_its_own_top_pages():
 
 def test_gqa_none_generates_and_equals_dynamic_cache_at_full_budget():
     model, ids, kw, ref = dynamic_reference(SHAPE, L=70, pad=(0, 6), new_tokens=6, seed=5)
-    assert torch.equal(model.generate(ids, past_key_values=QuestCache(budget=1.0, gqa_reduce="none"), **kw), ref)
-    out = model.generate(ids, past_key_values=QuestCache(budget=0.2, page_size=4, gqa_reduce="none"), **kw)
+    assert torch.equal(model.generate(ids, **cache_kwarg(model, QuestCache(budget=1.0, gqa_reduce="none")), **kw), ref)
+    out = model.generate(ids, **cache_kwarg(model, QuestCache(budget=0.2, page_size=4, gqa_reduce="none")), **kw)
     assert out.shape == ref.shape
 
 

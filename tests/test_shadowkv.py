@@ -12,6 +12,7 @@ from conftest import dynamic_reference, tiny_model
 from transformers import LlamaConfig
 
 from heterocache import FullKVCache, ShadowKVCache, ShadowKVPolicy
+from heterocache._compat import cache_kwarg
 from heterocache.diagnostics import count_decode_steps
 from heterocache.host_rows import HostRows
 from heterocache.policies import PrefillContext
@@ -203,7 +204,7 @@ def test_the_pre_rope_keys_are_those_the_model_made():
     mask = torch.ones_like(ids)
     mask[1, :11] = 0
     cache = ShadowKVCache(budget_tokens=4, chunk_size=4, outlier_chunks=1, local_chunks=1, rank=1.0)
-    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, do_sample=False)
+    model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=2, do_sample=False)
     hook.remove()
     layer = cache.policy.layer(1)
     pre = made[0].view(2, 60, 2, 16)  # [B, L, H, D] before RoPE
@@ -322,7 +323,7 @@ def test_host_rows_are_read_by_the_device_from_pinned_memory():  # pragma: no co
 def test_nothing_compressed_gives_exactly_dynamic_cache_tokens():
     model, ids, kw, ref = dynamic_reference(SHAPE)
     for cache in (ShadowKVCache(budget=1.0, **{**SMALL, "budget_tokens": None}), ShadowKVCache()):
-        assert torch.equal(model.generate(ids, past_key_values=cache, **kw), ref)
+        assert torch.equal(model.generate(ids, **cache_kwarg(model, cache), **kw), ref)
         assert cache.policy.layer(0) is None and cache.policy.layer(1) is None
 
 
@@ -330,7 +331,7 @@ def _padded_turn(model, cache, steps=6):
     ids = torch.randint(1, 256, (2, 120), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, :9] = 0
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=steps, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=steps, do_sample=False)
     return out, mask
 
 
@@ -357,7 +358,7 @@ def test_generate_on_a_left_padded_batch_and_a_second_turn(monkeypatch):
     turn = torch.randint(1, 256, (2, 7), generator=torch.Generator().manual_seed(2))
     ids2 = torch.cat([out, turn], 1)
     mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
-    out2 = model.generate(ids2, attention_mask=mask2, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    out2 = model.generate(ids2, attention_mask=mask2, **cache_kwarg(model, cache), max_new_tokens=5, do_sample=False)
     assert out2.shape == (2, 133 + 5) and torch.equal(out2[:, :126], out)
     # The turn's 8 new tokens (the last answer token + 7) attended the exact tokens plus the chunks its
     # queries chose (8 tokens per head: the budget) and were stored exact, as the 4 decoded after them.

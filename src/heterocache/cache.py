@@ -147,7 +147,7 @@ class RaggedCache(Cache):
 
         import heterocache
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="heterocache")
-        out = model.generate(**inputs, past_key_values=SnapKVCache(budget=0.25))
+        out = model.generate(**inputs, cache=SnapKVCache(budget=0.25))  # past_key_values= before transformers 5.24
 
     Args:
         policy: what to keep (default: ``FullKVPolicy``, keeps everything).

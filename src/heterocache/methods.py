@@ -7,7 +7,7 @@
 
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="heterocache")
     cache = make_cache("snapkv", 0.25, model)            # a fresh transformers Cache
-    model.generate(**inputs, past_key_values=cache)
+    model.generate(**inputs, cache=cache)                # past_key_values= before transformers 5.24
     make_cache("h2o", None, model, budget_tokens=512)    # an absolute budget: 512 tokens per head
 
 Each compressing method is a policy dataclass (``heterocache.policies``) and a convenience cache

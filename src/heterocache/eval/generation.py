@@ -92,7 +92,7 @@ def generate_answer(
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
-        past_key_values=cache,
+        **cache_kwarg(model, cache),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=pad,

@@ -30,7 +30,7 @@ class HeteroCache(RaggedCache):
     Example::
 
         cache = HeteroCache("HuggingFaceTB/SmolLM2-135M-Instruct", budget=0.25)
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        out = model.generate(**inputs, cache=cache, max_new_tokens=64)  # past_key_values= before transformers 5.24
         print(cache.memory_report()); print(cache.stats())
     """
 
