@@ -18,15 +18,16 @@ generators), so the test does not depend on the prompt generators either.
 
 Recorded per entry ``"<method>@<budget>/<mode>"`` (budget ``"-"`` for methods without one) and
 prompt: the generated token ids (and their text); for ragged caches also ``memory_report()``'s
-``device_bytes``, ``device_used_bytes`` and ``host_bytes``, and ``stored_tokens()`` summed per
-layer (over rows and KV heads), all as the cache is after generation.
+``device_bytes``, ``device_used_bytes`` and ``host_bytes``, ``stored_tokens()`` summed per layer
+(over rows and KV heads) and a digest per layer of the positions kept (:func:`kept_positions`), all
+as the cache is after generation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
-import re
 
 import torch
 
@@ -67,9 +68,20 @@ def config() -> dict:
 
 
 def dumps(golden: dict) -> str:
-    """The golden file's text: sorted keys, one line per list of numbers (token ids, per-layer counts)."""
-    text = json.dumps(golden, sort_keys=True, indent=1)
-    return re.sub(r"\[\n[-0-9.,\s]*\]", lambda m: json.dumps(json.loads(m.group(0))), text) + "\n"
+    """The golden file's text: sorted keys, one line per list of scalars (token ids, per-layer counts
+    and digests), so that a diff shows which entries and fields changed."""
+
+    def render(value, indent: str) -> str:
+        if isinstance(value, dict) and value:
+            inner = indent + " "
+            items = [f"{inner}{json.dumps(k)}: {render(value[k], inner)}" for k in sorted(value)]
+            return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+        if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+            inner = indent + " "
+            return "[\n" + ",\n".join(inner + render(v, inner) for v in value) + "\n" + indent + "]"
+        return json.dumps(value)
+
+    return render(golden, "") + "\n"
 
 
 def budgets_for(method: str) -> list[float | None]:
@@ -134,6 +146,22 @@ def run_prompt(model, tokenizer, input_ids: list[int], context_len: int, cache, 
     return out[0, ids.shape[1]:].tolist()
 
 
+def kept_positions(cache) -> list[str]:
+    """Per layer a short digest of which token positions each (row, KV head) keeps, as a set (the
+    order of the slots is not pinned): what ``stored_tokens`` alone would not catch, a method
+    keeping as many tokens but other ones. Reads the layers' ``store`` (the engine's own field)."""
+    out = []
+    for layer in cache.layers:
+        store = getattr(layer, "store", None)
+        if store is None:
+            continue
+        _, _, valid, pos = store.padded()
+        kept = pos.masked_fill(~valid, torch.iinfo(torch.int64).max).sort(-1).values.to(torch.int64)
+        digest = hashlib.sha256(repr(tuple(kept.shape)).encode() + kept.cpu().numpy().tobytes())
+        out.append(digest.hexdigest()[:12])
+    return out
+
+
 def compute_entry(model, tokenizer, prompts: dict[str, dict], spec: str, budget: float | None, mode: str) -> dict:
     """The golden record of one entry (``spec``: a registry name, options allowed):
     ``{prompt name: {...}}`` for every prompt in ``prompts``
@@ -155,6 +183,7 @@ def compute_entry(model, tokenizer, prompts: dict[str, dict], spec: str, budget:
                 record["device_used_bytes"] = int(report.device_used_bytes)
                 record["host_bytes"] = int(report.host_bytes)
                 record["stored_tokens"] = [int(t.sum()) for t in cache.stored_tokens()]
+                record["kept_positions"] = kept_positions(cache)
             out[name] = record
         return out
     finally:
@@ -170,6 +199,11 @@ def compare_entry(key: str, expected: dict, actual: dict) -> list[str]:
             continue
         exp, act = expected[name], actual[name]
         for field in sorted(set(exp) | set(act)):
-            if exp.get(field) != act.get(field):
-                problems.append(f"{key} [{name}] {field}: golden {exp.get(field)!r} != now {act.get(field)!r}")
+            a, b = exp.get(field), act.get(field)
+            if a == b:
+                continue
+            where = ""
+            if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+                where = f" (at index {', '.join(str(i) for i, (x, y) in enumerate(zip(a, b)) if x != y)})"
+            problems.append(f"{key} [{name}] {field}{where}: golden {a!r} != now {b!r}")
     return problems
