@@ -46,8 +46,9 @@ METHOD_PARAMS: dict[str, dict] = {}
 #: Greedy tokens generated per entry.
 MAX_NEW_TOKENS = 12
 #: Torch threads for every golden computation. One: on a machine whose cores other processes share,
-#: two OpenMP threads spin-wait for each other and run 10x slower (measured); the results are the
-#: same with 2 threads (``make_golden.py --threads 2`` writes the same entries).
+#: two OpenMP threads wait for each other and ran 10x slower (measured; on a quiet 2-core machine
+#: two were only ~10% faster). The results do not depend on it here: ``make_golden.py --threads 2``
+#: wrote the same entries.
 THREADS = 1
 #: Entry budget label of the methods that ignore the budget.
 NO_BUDGET = "-"
@@ -64,6 +65,18 @@ def config() -> dict:
         "prompt_seed": PROMPT_SEED,
         "prompts": {name: list(spec) for name, spec in PROMPTS.items()},
         "threads": THREADS,
+    }
+
+
+def environment() -> dict:
+    """Library versions and the CPU's vector capability (information only: exact equality is
+    expected on the machine type the file was made on; elsewhere float rounding may differ)."""
+    import transformers
+
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
     }
 
 

@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     G.THREADS = args.threads
 
     import torch
-    import transformers
 
     torch.set_num_threads(G.THREADS)  # the model's loading; compute_entry sets it for each entry too
     from heterocache.models import load_smollm2
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     golden = {
         "about": "pinned behaviour of every method; regenerate with tests/golden/make_golden.py (see golden_cases.py)",
         "config": G.config(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},  # information only
+        "versions": G.environment(),  # information only
         "prompts": prompts,
         "entries": entries,
     }

@@ -5,8 +5,9 @@
 layer and the device/host bytes after generation. This test recomputes every entry through the
 same function (``golden_cases.compute_entry``) and requires exact equality, so that refactors
 (moving files, rewriting a method's module) provably change nothing. A new method fails until the
-file is regenerated. Exact equality assumes the same machine type and library versions as the
-file (recorded under "versions"); a float-level difference elsewhere can flip a greedy token.
+file is regenerated. Exact equality assumes the machine type and library versions the file was
+made with (recorded under "versions" and named in a failure's message when they differ here): a
+float-level difference elsewhere can flip a greedy token or a kept position.
 """
 
 from __future__ import annotations
@@ -61,5 +62,7 @@ def test_entry_is_unchanged(smollm2, golden, key, spec, budget, mode):
     actual = G.compute_entry(model, tokenizer, golden["prompts"], spec, budget, mode)
     problems = G.compare_entry(key, expected, actual)
     if problems:
+        made, here = golden.get("versions"), G.environment()
+        note = "" if made == here else f"\n(Note: the file was made with {made}, this run has {here}.)"
         pytest.fail(f"{key} differs from {GOLDEN.name}:\n  " + "\n  ".join(problems)
-                    + f"\nIf the change is intended, {G.MAKE_HINT}", pytrace=False)
+                    + f"\nIf the change is intended, {G.MAKE_HINT}{note}", pytrace=False)
