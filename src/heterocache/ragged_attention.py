@@ -308,12 +308,14 @@ def _decode_uniform(store: RaggedKVStore, query: torch.Tensor, scaling: float, p
     H, c, n = store.num_heads, plan.cap, plan.length
     k = store.k[: store.num_segments * c].view(B, H, c, D)[:, :, :n]
     v = store.v[: store.num_segments * c].view(B, H, c, D)[:, :, :n]
+    # The G query heads of a KV head as G query rows over its keys ([B, H, G, D]): one pass over each
+    # KV head's keys, where SDPA's enable_gqa reads them once per query head (2x slower on CPU).
+    q = query.reshape(B, H, Hq // H, D).to(store.dtype)
     mask = None
     if plan.masked:
-        valid = torch.arange(n, device=store.device)[None, :] < store.length[:, None]  # [S, n]
-        mask = valid.view(B, H, 1, 1, n).expand(B, H, Hq // H, 1, n).reshape(B, Hq, 1, n)
-    out = F.scaled_dot_product_attention(query.to(store.dtype), k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-    return out.to(query.dtype).transpose(1, 2)
+        mask = (torch.arange(n, device=store.device)[None, :] < store.length[:, None]).view(B, H, 1, n)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)  # [B, H, G, D]
+    return out.to(query.dtype).view(B, 1, Hq, D)
 
 
 def _decode_segments(store: RaggedKVStore, query: torch.Tensor, scaling: float, plan: DecodePlan) -> torch.Tensor:
