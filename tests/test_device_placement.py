@@ -19,7 +19,7 @@ from heterocache.hetero.transfer import RefreshTransfer
 from heterocache.methods import make_cache
 from heterocache.profile.testing import toy_profile
 from heterocache.ragged_attention import plan_key
-from heterocache.store import RaggedKVStore
+from heterocache.store.ragged import RaggedKVStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,7 @@ from heterocache import FullKVCache, OmniKVCache, OmniKVPolicy, PrefillContext
 from heterocache._compat import cache_kwarg
 from heterocache.diagnostics import count_decode_steps
 from heterocache.policies.omnikv import scaled_filter_layers
-from heterocache.store import RaggedKVStore
+from heterocache.store.ragged import RaggedKVStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

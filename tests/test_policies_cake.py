@@ -13,7 +13,7 @@ from heterocache import CAKECache
 from heterocache._compat import cache_kwarg
 from heterocache.budget import allocate_proportional, round_preserving_sum, tokens_for_budget
 from heterocache.policies import CAKEPolicy
-from heterocache.store import RaggedKVStore
+from heterocache.store.ragged import RaggedKVStore
 
 
 def test_preference_and_indicator_follow_the_papers_definitions():

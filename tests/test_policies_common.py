@@ -20,7 +20,7 @@ from heterocache.policies import (
     SnapKVPolicy,
     StreamingLLMPolicy,
 )
-from heterocache.store import RaggedKVStore
+from heterocache.store.ragged import RaggedKVStore
 
 COMPRESSING = ["streamingllm", "h2o", "snapkv", "pyramidkv", "cake"]
 

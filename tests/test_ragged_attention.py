@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from heterocache.ragged_attention import decode_attention, extend_attention
-from heterocache.store import RaggedKVStore
+from heterocache.store.ragged import RaggedKVStore
 
 
 def _random_store(B, H, D, lengths, dtype, seed=0, block_size=16):

@@ -18,7 +18,7 @@ from heterocache.host_rows import HostRows
 from heterocache.policies import PrefillContext
 from heterocache.ragged_attention import selected_decode_attention
 from heterocache.rope import Rotary
-from heterocache.store import RaggedKVStore
+from heterocache.store.ragged import RaggedKVStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

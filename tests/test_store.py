@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from heterocache.store import RaggedKVStore, segment_ranges_host
+from heterocache.store.ragged import RaggedKVStore, segment_ranges_host
 
 
 def _store(B=2, H=2, L=10, D=4, block_size=8, reserve=3):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heterocache.store import RaggedKVStore
+from heterocache.store.ragged import RaggedKVStore
 
 
 def _store(B=2, H=2, L=10, D=4, block_size=8, reserve=3, seed=0):

@@ -30,7 +30,7 @@ from .parallel import KVShard, TensorParallelError, kv_head_shard
 from .policies import FullKVPolicy, Policy, PrefillContext, SnapKVPolicy
 from .ragged_attention import (DecodePlanner, decode_attention, decode_step, extend_attention,
                                selected_decode_attention)
-from .store import RaggedKVStore
+from .store.ragged import RaggedKVStore
 
 
 class RaggedLayer(CacheLayerMixin):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import kernels
 from .kernels import ops as kernel_ops
 from .kernels.triton_decode import _num_sms, choose_num_splits
-from .store import RaggedKVStore
+from .store.ragged import RaggedKVStore
 
 #: Environment variable choosing the decode strategy ("auto", "device", "segments", "blocks", "kernel";
 #: "kernel" is "device" under its earlier name, "blocks" the device path's PyTorch half alone).

@@ -40,7 +40,7 @@ from ..policies.base import Policy, PrefillContext
 from ..policies.scoring import pool_scores, reduce_gqa, row_taps, topk_keep, window_attention_scores
 from ..profile import HeadProfile, Role
 from ..profile.clustering import budget_ratios
-from ..store import RaggedKVStore, segment_ranges_host, to_device
+from ..store.ragged import RaggedKVStore, segment_ranges_host, to_device
 from .drift import membership, pivot_scores, set_overlap, topk_sets
 from .host_store import SatelliteHostStore
 from .plan import auto_kernel, budget_floor, check_budget_above_floor, pivot_offload_pays, plan_tokens

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..store import RaggedKVStore
+from ..store.ragged import RaggedKVStore
 
 
 class RefreshTransfer:

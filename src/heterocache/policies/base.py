@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..store import RaggedKVStore
+from ..store.ragged import RaggedKVStore
 
 
 @dataclass

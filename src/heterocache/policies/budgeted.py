@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..budget import check_budget_spec, tokens_for_budget
-from ..store import RaggedKVStore, to_device
+from ..store.ragged import RaggedKVStore, to_device
 from .base import Policy, PrefillContext
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..budget import allocate_proportional, round_preserving_sum
-from ..store import RaggedKVStore
+from ..store.ragged import RaggedKVStore
 from .base import PrefillContext
 from .budgeted import BudgetedPolicy, LayerState, evict_to_limit, num_layers_of, per_segment
 from .scoring import pool_scores, reduce_gqa, stored_attention, topk_keep, window_attention_stats

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..store import RaggedKVStore
+from ..store.ragged import RaggedKVStore
 from .base import PrefillContext
 from .budgeted import BudgetedPolicy, LayerState, evict_to_limit
 from .scoring import accumulated_attention, reduce_gqa, stored_attention, topk_keep

@@ -27,7 +27,7 @@ import torch
 from ..budget import check_budget_spec
 from ..host_rows import HostRows
 from ..ragged_attention import SlotSelection
-from ..store import RaggedKVStore, to_device
+from ..store.ragged import RaggedKVStore, to_device
 from .base import Policy, PrefillContext
 
 #: The reference's filter layers (``do_select_layers`` of ``configs/example.json``) for its 32-layer
@@ -516,7 +516,7 @@ class HostContext:
 
     def select_segments(self, segments: np.ndarray) -> None:
         """Keep (reorder, repeat) segments: segment i becomes old segment ``segments[i]``."""
-        from ..store import segment_ranges_host
+        from ..store.ragged import segment_ranges_host
 
         segments = np.asarray(segments, np.int64)
         rows = torch.from_numpy(segment_ranges_host(self.offsets_h[segments], self.lengths_h[segments]))

@@ -42,7 +42,7 @@ from ..budget import check_budget
 from ..host_rows import HostRows
 from ..ragged_attention import SlotSelection
 from ..rope import Rotary
-from ..store import RaggedKVStore, to_device
+from ..store.ragged import RaggedKVStore, to_device
 from .base import Policy, PrefillContext
 from .budgeted import HostDevice
 
