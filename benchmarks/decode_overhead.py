@@ -43,7 +43,7 @@ from heterocache.diagnostics import count_steps
 from heterocache.hetero import HeteroCache
 from heterocache.methods import make_cache, parse_method_spec
 from heterocache.models import load_smollm2
-from heterocache.ragged_attention import STRATEGY_ENV
+from heterocache.attention.plan import STRATEGY_ENV
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

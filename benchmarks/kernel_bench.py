@@ -78,8 +78,8 @@ def build_store(lengths: torch.Tensor, D: int, dtype: torch.dtype, slack: int):
 
 
 def run_config(args, scenario: str, S: int, L: int, copy_bw: float) -> dict:
-    from heterocache.kernels.ragged_decode import ragged_decode_attention_torch
-    from heterocache.kernels.triton_decode import (
+    from heterocache.attention.kernels.ragged_decode import ragged_decode_attention_torch
+    from heterocache.attention.kernels.triton_decode import (
         _num_sms,
         choose_num_splits,
         ragged_decode_attention_triton,
@@ -170,7 +170,11 @@ def run_config(args, scenario: str, S: int, L: int, copy_bw: float) -> dict:
 
 def tune(args, copy_bw: float) -> list[dict]:
     """Launch-parameter sweep at S=8, L=128K (uniform) and S=1, L=1M."""
-    from heterocache.kernels.triton_decode import _num_sms, choose_num_splits, ragged_decode_attention_triton
+    from heterocache.attention.kernels.triton_decode import (
+        _num_sms,
+        choose_num_splits,
+        ragged_decode_attention_triton,
+    )
 
     G, D, dtype = args.group, args.head_dim, getattr(torch, args.dtype)
     rows = []

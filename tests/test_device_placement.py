@@ -18,7 +18,7 @@ from heterocache._compat import cache_kwarg
 from heterocache.hetero.transfer import RefreshTransfer
 from heterocache.methods import make_cache
 from heterocache.profile.testing import toy_profile
-from heterocache.ragged_attention import plan_key
+from heterocache.attention.plan import plan_key
 from heterocache.store.ragged import RaggedKVStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heterocache.kernels import ragged_decode_attention, resolve_backend
-from heterocache.kernels.ragged_decode import ragged_decode_attention_torch
-from heterocache.kernels.testing import make_ragged_case
+from heterocache.attention.kernels import ragged_decode_attention, resolve_backend
+from heterocache.attention.kernels.ragged_decode import ragged_decode_attention_torch
+from heterocache.attention.kernels.testing import make_ragged_case
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,7 +24,7 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 @pytest.fixture(scope="module")
 def tri():
     pytest.importorskip("triton")
-    from heterocache.kernels.triton_decode import ragged_decode_attention_triton
+    from heterocache.attention.kernels.triton_decode import ragged_decode_attention_triton
 
     return ragged_decode_attention_triton
 
@@ -96,7 +96,7 @@ def test_the_triton_op_compiles_without_a_graph_break(tri, backend):
     ``torch.compile(fullgraph=True)``: the compiled call gives the eager result."""
     import torch._dynamo
 
-    from heterocache.kernels.ops import ragged_decode_triton
+    from heterocache.attention.kernels.ops import ragged_decode_triton
 
     torch._dynamo.reset()
     case = make_ragged_case([3000, 7, 0, 1024], 4, 128, torch.bfloat16, "cuda", seed=13)
@@ -117,7 +117,7 @@ def test_dispatcher_auto_uses_triton_on_cuda(tri, monkeypatch):
 
 
 def test_flash_backend_matches_reference():
-    from heterocache.kernels.flash_decode import HAS_FLASH_ATTN, ragged_decode_attention_flash
+    from heterocache.attention.kernels.flash_decode import HAS_FLASH_ATTN, ragged_decode_attention_flash
 
     if not HAS_FLASH_ATTN:
         pytest.skip("flash-attn not installed")

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from heterocache.kernels import ragged_decode_attention, resolve_backend
-from heterocache.kernels.ragged_decode import ragged_decode_attention_torch
-from heterocache.kernels.testing import make_ragged_case
+from heterocache.attention.kernels import ragged_decode_attention, resolve_backend
+from heterocache.attention.kernels.ragged_decode import ragged_decode_attention_torch
+from heterocache.attention.kernels.testing import make_ragged_case
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 LENGTHS = [0, 1, 2, 63, 64, 65, 130, 7, 1, 0, 200, 33]  # 0 and 1, tile edges, very unequal
@@ -169,7 +169,7 @@ def test_auto_picks_torch_on_cpu(monkeypatch):
 
 
 def test_auto_would_pick_triton_on_cuda(monkeypatch):
-    import heterocache.kernels as kernels
+    import heterocache.attention.kernels as kernels
 
     monkeypatch.delenv("HETEROCACHE_DECODE_BACKEND", raising=False)
     monkeypatch.setattr(kernels, "triton_available", lambda: True)
@@ -203,7 +203,7 @@ def test_forced_triton_on_cpu_says_why_it_cannot_run():
 
 
 def test_forced_flash_without_flash_attn_raises_import_error():
-    from heterocache.kernels.flash_decode import HAS_FLASH_ATTN
+    from heterocache.attention.kernels.flash_decode import HAS_FLASH_ATTN
 
     if HAS_FLASH_ATTN:
         pytest.skip("flash-attn is installed")
@@ -219,9 +219,9 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError("blocked for the test")
 sys.meta_path.insert(0, Block())
 import torch
-import heterocache.kernels as K
-from heterocache.kernels import triton_decode
-from heterocache.kernels.testing import make_ragged_case
+import heterocache.attention.kernels as K
+from heterocache.attention.kernels import triton_decode
+from heterocache.attention.kernels.testing import make_ragged_case
 assert not triton_decode.HAS_TRITON
 K.triton_available = lambda: False  # find_spec is blocked too, but be explicit
 out = K.ragged_decode_attention(**make_ragged_case([3, 0], 2, 64), scale=0.1)

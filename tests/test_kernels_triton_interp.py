@@ -40,10 +40,10 @@ def _worker() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from heterocache.kernels import ragged_decode_attention
-    from heterocache.kernels.ragged_decode import ragged_decode_attention_torch
-    from heterocache.kernels.testing import make_ragged_case
-    from heterocache.kernels.triton_decode import choose_num_splits, ragged_decode_attention_triton
+    from heterocache.attention.kernels import ragged_decode_attention
+    from heterocache.attention.kernels.ragged_decode import ragged_decode_attention_torch
+    from heterocache.attention.kernels.testing import make_ragged_case
+    from heterocache.attention.kernels.triton_decode import choose_num_splits, ragged_decode_attention_triton
 
     def compare(case, kw):
         scale = case["q"].shape[-1] ** -0.5
@@ -90,7 +90,7 @@ def _worker() -> None:
     results["dispatcher_forced_triton"] = {"err": (out - ref).abs().max().item(), "nan": bool(out.isnan().any())}
     # Table mode (a per-step selection: Quest's pages): against the gather + SDPA oracle, with
     # unused entries anywhere (whole leading tiles too), a segment with none, several splits.
-    from heterocache.kernels.triton_decode import table_decode_attention_triton
+    from heterocache.attention.kernels.triton_decode import table_decode_attention_triton
 
     g = torch.Generator().manual_seed(7)
     T, S, N = 300, 4, 70
@@ -138,7 +138,7 @@ def _worker() -> None:
                                            do_sample=False, output_scores=True, return_dict_in_generate=True)
     os.environ.pop("HETEROCACHE_DECODE_BACKEND")
     # The registered op (torch.library.triton_op) the device decode path calls, eagerly.
-    from heterocache.kernels.ops import ragged_decode_triton
+    from heterocache.attention.kernels.ops import ragged_decode_triton
 
     case = make_ragged_case([9, 0, 20, 130], 3, 64, seed=101)
     out = ragged_decode_triton(case["q"], case["k_buf"], case["v_buf"], case["seg_start"], case["seg_len"],
@@ -238,7 +238,7 @@ def test_the_device_path_through_the_triton_op_gives_the_stand_ins_tokens(result
 
 def test_choose_num_splits():
     pytest.importorskip("triton")
-    from heterocache.kernels.triton_decode import MIN_TOKENS_PER_SPLIT, choose_num_splits
+    from heterocache.attention.kernels.triton_decode import MIN_TOKENS_PER_SPLIT, choose_num_splits
 
     assert choose_num_splits(0, 0, 132) == 1
     assert choose_num_splits(100, 800, 132) == 1  # short segments: one split each

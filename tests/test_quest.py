@@ -12,7 +12,7 @@ from heterocache import FullKVCache, QuestCache, QuestPolicy
 from heterocache._compat import cache_kwarg
 from heterocache.diagnostics import count_decode_steps
 from heterocache.policies.quest import PageSummaries
-from heterocache.ragged_attention import SlotSelection, selected_decode_attention
+from heterocache.attention.decode import SlotSelection, selected_decode_attention
 from heterocache.store.ragged import RaggedKVStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heterocache.ragged_attention import decode_attention, extend_attention
+from heterocache.attention.decode import decode_attention
+from heterocache.attention.extend import extend_attention
 from heterocache.store.ragged import RaggedKVStore
 
 
@@ -104,7 +105,7 @@ def test_extend_attention_equals_dense_causal_attention(group):
 @pytest.mark.parametrize("lengths", [[20, 20, 20, 20, 20, 20], [17, 26, 20, 18, 25, 22]])
 @pytest.mark.parametrize("group", [1, 3])
 def test_equal_capacity_layers_take_the_one_call_path_and_equal_dense_attention(lengths, group):
-    from heterocache.ragged_attention import plan_decode
+    from heterocache.attention.plan import plan_decode
 
     B, H, D = 2, 3, 16
     store, key, value, keep = _random_store(B, H, D, lengths, torch.float32, seed=5)
@@ -117,7 +118,7 @@ def test_equal_capacity_layers_take_the_one_call_path_and_equal_dense_attention(
 
 
 def test_unequal_capacities_fall_back_to_the_segment_loop():
-    from heterocache.ragged_attention import plan_decode
+    from heterocache.attention.plan import plan_decode
 
     store, *_ = _random_store(1, 2, 8, [3, 40], torch.float32)
     plan = plan_decode(store, "segments")
@@ -125,7 +126,7 @@ def test_unequal_capacities_fall_back_to_the_segment_loop():
 
 
 def test_device_plan_depends_on_capacities_only_and_is_reused_across_layers_and_steps():
-    from heterocache.ragged_attention import DecodePlanner
+    from heterocache.attention.plan import DecodePlanner
 
     planner = DecodePlanner()
     a, *_ = _random_store(1, 2, 8, [3, 40], torch.float32)
@@ -144,8 +145,8 @@ def test_device_plan_depends_on_capacities_only_and_is_reused_across_layers_and_
 
 
 def test_planner_resolves_the_selection_backend_once_per_step(monkeypatch):
-    from heterocache import kernels
-    from heterocache.ragged_attention import DecodePlanner
+    from heterocache.attention import kernels
+    from heterocache.attention.plan import DecodePlanner
 
     calls = []
     real = kernels.resolve_backend
@@ -160,7 +161,7 @@ def test_planner_resolves_the_selection_backend_once_per_step(monkeypatch):
 
 
 def test_strategy_comes_from_the_environment(monkeypatch):
-    from heterocache.ragged_attention import resolve_strategy
+    from heterocache.attention.plan import resolve_strategy
 
     assert resolve_strategy(torch.device("cpu")) == "segments"
     monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", "device")

@@ -16,7 +16,7 @@ from heterocache._compat import cache_kwarg
 from heterocache.diagnostics import count_decode_steps
 from heterocache.host_rows import HostRows
 from heterocache.policies import PrefillContext
-from heterocache.ragged_attention import selected_decode_attention
+from heterocache.attention.decode import selected_decode_attention
 from heterocache.rope import Rotary
 from heterocache.store.ragged import RaggedKVStore
 
@@ -269,7 +269,7 @@ def test_chunk_scores_are_the_groups_max_of_per_head_softmax():
 
 
 def test_a_later_turn_attends_the_extra_tokens_as_if_they_were_stored():
-    from heterocache.ragged_attention import extend_attention
+    from heterocache.attention.extend import extend_attention
 
     g = torch.Generator().manual_seed(5)
     B, H, G, D, L, M, q = 2, 2, 2, 8, 9, 5, 4

@@ -16,9 +16,9 @@ from ._version import __version__
 _EXPORTS = {
     "UnsupportedArchitectureError": "architectures",
     "check_architecture": "architectures",
-    "ATTENTION_NAME": "attention",
-    "AttentionNotEnabledError": "attention",
-    "enable": "attention",
+    "ATTENTION_NAME": "engine.integration",
+    "AttentionNotEnabledError": "engine.integration",
+    "enable": "engine.integration",
     "check_budget": "budget",
     "FullKVCache": "cache",
     "RaggedCache": "cache",
@@ -60,4 +60,4 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), __all__)
 
 
 if not _started_as_cli():
-    from . import attention  # noqa: F401, E402  (registers the attention with transformers)
+    from .engine import integration as _integration  # noqa: F401, E402  (registers the attention with transformers)

@@ -3,7 +3,7 @@
 ``heterocache/__init__.py`` registers the attention implementation with transformers, which
 imports torch and transformers (seconds). The command line skips that so that ``--help``,
 ``--version`` and ``profile list/show`` answer at once; its commands that run models import
-:mod:`heterocache.attention` themselves. Only the interpreter's own command line
+:mod:`heterocache.engine.integration` themselves. Only the interpreter's own command line
 (``sys.orig_argv``, which user code does not rewrite) decides, so a program that imports
 heterocache always gets the registration.
 """

@@ -2,7 +2,7 @@
 
 ``RaggedCache`` is a thin container (like transformers' own caches): one ``RaggedLayer`` per model
 layer, each holding a ``RaggedKVStore``, and a ``Policy`` that decides what is kept. The model's
-attention must be ``"heterocache"`` (see ``heterocache.attention``): ``update()`` only records the
+attention must be ``"heterocache"`` (see ``heterocache.engine.integration``): ``update()`` only records the
 new keys and values and hands them back unchanged; the attention function computes the output
 from the ragged store and then commits the new tokens (after the prefill's attention has run, so
 the policy can score the prompt with its queries).
@@ -22,14 +22,15 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import attention as _attention
+from .engine import integration as _attention
 from .architectures import ArchitectureSpec, check_architecture, check_attention_call
 from .budget import check_budget
 from .memory import MemoryReport, build_memory_report
 from .parallel import KVShard, TensorParallelError, kv_head_shard
 from .policies import FullKVPolicy, Policy, PrefillContext, SnapKVPolicy
-from .ragged_attention import (DecodePlanner, decode_attention, decode_step, extend_attention,
-                               selected_decode_attention)
+from .attention.plan import DecodePlanner
+from .attention.decode import decode_attention, decode_step, selected_decode_attention
+from .attention.extend import extend_attention
 from .store.ragged import RaggedKVStore
 
 

@@ -33,7 +33,7 @@ from ._method_names import ALIASES, DEPRECATED_ALIASES, PROVIDERS
 from ._method_names import canonical_name as _canonical_name
 from ._method_names import spec_value as _spec_value
 from .architectures import check_architecture
-from .attention import ATTENTION_NAME
+from .engine.integration import ATTENTION_NAME
 from .cache import FullKVCache, RaggedCache, SnapKVCache
 from .policies import (
     CAKEPolicy,

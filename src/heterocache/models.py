@@ -79,7 +79,7 @@ def load_smollm2(attn_implementation: str = "heterocache", dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if attn_implementation == "heterocache":
-        import heterocache.attention  # noqa: F401  (registers the attention function)
+        import heterocache.engine.integration  # noqa: F401  (registers the attention function)
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -135,7 +135,7 @@ def random_model(name: str, *, attn_implementation: str = "heterocache", dtype=N
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if attn_implementation == "heterocache":
-        import heterocache.attention  # noqa: F401
+        import heterocache.engine.integration  # noqa: F401
     key = {k.lower(): k for k in KNOWN_SHAPES}.get(name.lower())
     if key is not None:
         config = AutoConfig.for_model(**KNOWN_SHAPES[key])
@@ -170,7 +170,7 @@ def load_model(spec: str, *, attn_implementation: str = "heterocache", dtype=Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if attn_implementation == "heterocache":
-        import heterocache.attention  # noqa: F401
+        import heterocache.engine.integration  # noqa: F401
     if spec.startswith("random:"):
         return random_model(spec[len("random:"):], attn_implementation=attn_implementation, dtype=dtype,
                             device=device, num_layers=num_layers), None

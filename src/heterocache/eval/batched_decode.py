@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .. import attention as _attention
+from ..engine import integration as _attention
 from .._compat import cache_kwarg
 from ..cache import RaggedCache
 from .shared_prefill import _step

@@ -148,8 +148,8 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def default_attention() -> str:
-    """``heterocache`` when :mod:`heterocache.attention` exists, else ``sdpa``."""
-    return "heterocache" if importlib.util.find_spec("heterocache.attention") else "sdpa"
+    """``heterocache`` when :mod:`heterocache.engine.integration` exists, else ``sdpa``."""
+    return "heterocache" if importlib.util.find_spec("heterocache.engine.integration") else "sdpa"
 
 
 def load_model(spec: str, attn: str = "auto", dtype: str = "float32", device: str | None = None):
@@ -166,7 +166,7 @@ def load_model(spec: str, attn: str = "auto", dtype: str = "float32", device: st
         name = SMOLLM2_NAME
     else:
         if attn == "heterocache":
-            import heterocache.attention  # noqa: F401  (registers the attention function)
+            import heterocache.engine.integration  # noqa: F401  (registers the attention function)
         tokenizer = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, attn_implementation=attn)
         name = getattr(model.config, "name_or_path", None) or spec

@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..attention import ATTENTION_NAME
+from ..engine.integration import ATTENTION_NAME
 from .._compat import cache_kwarg
 from ..cache import RaggedCache, _key_validity
 from ..policies.scoring import shared_scores

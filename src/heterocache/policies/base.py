@@ -126,7 +126,7 @@ class Policy:
 
     def decode_selection(self, layer_idx: int, store: RaggedKVStore, query: torch.Tensor, scaling: float):
         """The slots each segment attends to at this decode step (the new token already stored):
-        a ``heterocache.ragged_attention.SlotSelection``, or None for all of them. Called only
+        a ``heterocache.attention.decode.SlotSelection``, or None for all of them. Called only
         when ``selects_per_step``; must not read device values on the host."""
         return None
 

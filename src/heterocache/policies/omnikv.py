@@ -26,7 +26,7 @@ import torch
 
 from ..budget import check_budget_spec
 from ..host_rows import HostRows
-from ..ragged_attention import SlotSelection
+from ..attention.decode import SlotSelection
 from ..store.ragged import RaggedKVStore, to_device
 from .base import Policy, PrefillContext
 

@@ -19,7 +19,7 @@ import torch
 
 from ..budget import check_budget_spec
 from ..page_summaries import page_bounds, page_minmax
-from ..ragged_attention import SlotSelection
+from ..attention.decode import SlotSelection
 from ..store.ragged import RaggedKVStore
 from .base import Policy, PrefillContext
 

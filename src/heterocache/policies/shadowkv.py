@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..budget import check_budget
 from ..host_rows import HostRows
-from ..ragged_attention import SlotSelection
+from ..attention.decode import SlotSelection
 from ..rope import Rotary
 from ..store.ragged import RaggedKVStore, to_device
 from .base import Policy, PrefillContext

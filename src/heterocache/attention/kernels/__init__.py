@@ -1,11 +1,11 @@
 """Attention kernels over the ragged per-head KV store.
 
-Backends of one contract (see :mod:`heterocache.kernels.ragged_decode` for the layout):
+Backends of one contract (see :mod:`heterocache.attention.kernels.ragged_decode` for the layout):
 
 - ``torch``: :func:`ragged_decode_attention_torch`, plain PyTorch, CPU or GPU; the test oracle.
-- ``triton``: :func:`heterocache.kernels.triton_decode.ragged_decode_attention_triton`,
+- ``triton``: :func:`heterocache.attention.kernels.triton_decode.ragged_decode_attention_triton`,
   split-K flash-decoding (needs triton and CUDA tensors, or ``TRITON_INTERPRET=1``).
-- ``flash``: :func:`heterocache.kernels.flash_decode.ragged_decode_attention_flash` (needs
+- ``flash``: :func:`heterocache.attention.kernels.flash_decode.ragged_decode_attention_flash` (needs
   flash-attn; only when asked for).
 
 ``triton`` and ``flash_attn`` are optional: importing this package imports neither.

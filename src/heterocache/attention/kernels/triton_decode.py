@@ -1,6 +1,6 @@
 """Split-K flash-decoding over the ragged per-head KV store, in Triton.
 
-Same contract as :func:`heterocache.kernels.ragged_decode.ragged_decode_attention_torch`.
+Same contract as :func:`heterocache.attention.kernels.ragged_decode.ragged_decode_attention_torch`.
 
 Design:
 

@@ -16,7 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .architectures import check_architecture, check_attention_call
+from ..architectures import check_architecture, check_attention_call
 
 ATTENTION_NAME = "heterocache"
 

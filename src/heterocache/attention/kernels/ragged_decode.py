@@ -1,6 +1,6 @@
 """Decode attention over a ragged per-head KV store: the plain-PyTorch reference.
 
-Layout (shared by every backend in :mod:`heterocache.kernels`):
+Layout (shared by every backend in :mod:`heterocache.attention.kernels`):
 
 - ``k_buf``, ``v_buf``: ``[T, D]`` flat packed buffers of one layer (fp16, bf16 or fp32).
 - Segment ``s = batch_row * num_kv_heads + kv_head`` (``S`` segments) owns the slots
