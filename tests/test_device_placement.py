@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_model
 
 from heterocache._compat import cache_kwarg
-from heterocache.hetero.transfer import RefreshTransfer
+from heterocache.offload.transfer import RefreshTransfer
 from heterocache.methods import make_cache
 from heterocache.profile.testing import toy_profile
 from heterocache.attention.plan import plan_key

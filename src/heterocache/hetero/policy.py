@@ -42,9 +42,9 @@ from ..profile import HeadProfile, Role
 from ..profile.clustering import budget_ratios
 from ..store.ragged import RaggedKVStore, segment_ranges_host, to_device
 from .drift import membership, pivot_scores, set_overlap, topk_sets
-from .host_store import SatelliteHostStore
+from ..offload.host_store import SatelliteHostStore
 from .plan import auto_kernel, budget_floor, check_budget_above_floor, pivot_offload_pays, plan_tokens
-from .transfer import RefreshTransfer
+from ..offload.transfer import RefreshTransfer
 
 
 @dataclass

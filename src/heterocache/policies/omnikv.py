@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..budget import check_budget_spec
-from ..host_rows import HostRows
+from ..offload.host_rows import HostRows
 from ..attention.decode import SlotSelection
 from ..store.ragged import RaggedKVStore, to_device
 from .base import Policy, PrefillContext
@@ -227,7 +227,7 @@ class OmniKVPolicy(Policy):
             context = host.lengths_h.copy()
             if store.device.type == "cuda" and str(store.device) not in self._transfers:
                 # imported here: heterocache.hetero imports the engine, which imports the policies
-                from ..hetero.transfer import RefreshTransfer
+                from ..offload.transfer import RefreshTransfer
 
                 self._transfers[str(store.device)] = RefreshTransfer(store.device)
         else:

@@ -15,7 +15,7 @@ What a compressed layer holds, per batch row:
 Each decode step, per KV head: the query's attention over the landmarks (softmax per query head,
 maximum over the GQA group) picks the top chunks up to the per-step budget; their keys are rebuilt
 from ``U @ SV`` and rotated at their positions, their values fetched from host memory
-(:class:`heterocache.host_rows.HostRows`: a device kernel reading pinned memory on CUDA, no host
+(:class:`heterocache.offload.host_rows.HostRows`: a device kernel reading pinned memory on CUDA, no host
 synchronisation), and attention reads the exact tokens plus the chosen chunks
 (``SlotSelection.extra_*``).
 
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..budget import check_budget
-from ..host_rows import HostRows
+from ..offload.host_rows import HostRows
 from ..attention.decode import SlotSelection
 from ..rope import Rotary
 from ..store.ragged import RaggedKVStore, to_device

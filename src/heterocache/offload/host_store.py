@@ -6,7 +6,7 @@ Only those heads are copied, never whole layers. Row ``b``'s copy holds its real
 tokens in order, so index ``j`` is the ``j``-th real token: the same index as the ``j``-th prompt
 slot of a pivot's (full) segment.
 
-Why not :class:`heterocache.host_rows.HostRows` (ShadowKV, OmniKV): those gather by indices that
+Why not :class:`heterocache.offload.host_rows.HostRows` (ShadowKV, OmniKV): those gather by indices that
 live on the device, through a device kernel reading pinned memory. A satellite refresh is decided
 on the host (its drift decision arrives with ``decision_lag``), so its indices are host values and
 the gather runs on the host into fresh pinned staging, the source of one asynchronous
