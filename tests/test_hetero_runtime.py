@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from heterocache import FullKVCache, RaggedCache
 from heterocache._compat import cache_kwarg
-from heterocache.cache import RaggedLayer
+from heterocache.engine.cache import RaggedLayer
 from heterocache.hetero import HeteroCache, HeteroCachePolicy, InfeasibleBudgetError
 from heterocache.profile import HeadProfile, ProfileError, Role
 from heterocache.profile.testing import toy_profile
@@ -173,7 +173,7 @@ def test_a_new_turn_is_checked_for_drift_before_its_answer_is_decoded():
 def _turn_events(turn_refresh, monkeypatch):
     """(event, layer store) in order while a question turn follows a prefill: the turn's extend
     attentions and the satellite refills."""
-    import heterocache.cache as cache_module
+    import heterocache.engine.cache as cache_module
 
     events = []
     attend = cache_module.extend_attention

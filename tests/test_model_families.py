@@ -207,7 +207,7 @@ def test_unsupported_models_are_refused_before_anything_runs():
 
 
 def test_attention_calls_asking_for_what_we_do_not_compute_are_refused():
-    from heterocache.architectures import check_attention_call
+    from heterocache.engine.architectures import check_attention_call
 
     module = torch.nn.Module()
     k = torch.zeros(1, 2, 3, 16)

@@ -11,8 +11,8 @@ from conftest import tiny_model
 from heterocache import FullKVCache, HeteroCache
 from heterocache._compat import cache_kwarg
 from heterocache.hetero.policy import _ClusterLayout
-from heterocache.memory import LayerMemory, MemoryReport, merge_reports
-from heterocache.parallel import KVShard, TensorParallelError, kv_head_shard
+from heterocache.engine.memory import LayerMemory, MemoryReport, merge_reports
+from heterocache.engine.parallel import KVShard, TensorParallelError, kv_head_shard
 from heterocache.profile.testing import toy_profile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -124,7 +124,7 @@ def test_reports_of_different_layers_are_not_merged():
 
 
 def test_unequal_or_misplaced_shards_are_refused():
-    from heterocache.parallel import KVShard, TensorParallelError
+    from heterocache.engine.parallel import KVShard, TensorParallelError
 
     with pytest.raises(TensorParallelError, match="only equal contiguous shards"):
         KVShard(0, 2, 0, 3, 4)  # 3 of 4 heads on rank 0

@@ -17,7 +17,7 @@ from heterocache.diagnostics import count_decode_steps
 from heterocache.offload.host_rows import HostRows
 from heterocache.policies import PrefillContext
 from heterocache.attention.decode import selected_decode_attention
-from heterocache.rope import Rotary
+from heterocache.engine.rope import Rotary
 from heterocache.store.ragged import RaggedKVStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -432,7 +432,7 @@ def test_shadowkv_is_registered_with_the_published_defaults():
 
 
 def test_tensor_parallel_shadowkv_says_it_factors_each_ranks_heads_alone():
-    from heterocache.parallel import KVShard
+    from heterocache.engine.parallel import KVShard
     from heterocache.policies import ShadowKVPolicy
 
     policy = ShadowKVPolicy()

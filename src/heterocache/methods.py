@@ -32,9 +32,9 @@ from transformers.cache_utils import Cache
 from ._method_names import ALIASES, DEPRECATED_ALIASES, PROVIDERS
 from ._method_names import canonical_name as _canonical_name
 from ._method_names import spec_value as _spec_value
-from .architectures import check_architecture
+from .engine.architectures import check_architecture
 from .engine.integration import ATTENTION_NAME
-from .cache import FullKVCache, RaggedCache, SnapKVCache
+from .engine.cache import FullKVCache, RaggedCache, SnapKVCache
 from .policies import (
     CAKEPolicy,
     FullKVPolicy,
@@ -389,7 +389,7 @@ def make_cache(method: str, budget: float | None = None, model=None, **params) -
     Raises:
         ValueError: unknown method, invalid budget, or a model whose attention cannot read the cache.
         UnsupportedArchitectureError: (a ValueError) a ragged method for a model whose architecture
-            the engine cannot serve exactly (``heterocache.architectures``).
+            the engine cannot serve exactly (``heterocache.engine.architectures``).
         TypeError: a parameter the method does not have.
     """
     name, options = parse_method_spec(method)

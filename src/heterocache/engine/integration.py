@@ -16,7 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..architectures import check_architecture, check_attention_call
+from .architectures import check_architecture, check_attention_call
 
 ATTENTION_NAME = "heterocache"
 
@@ -67,7 +67,7 @@ def heterocache_mask(*args, config=None, **kwargs):
     refuses an unsupported architecture before any layer runs.
 
     Raises:
-        UnsupportedArchitectureError: see ``heterocache.architectures``.
+        UnsupportedArchitectureError: see ``heterocache.engine.architectures``.
     """
     if config is not None:
         check_architecture(config)
@@ -89,7 +89,7 @@ def enable(model):
 
     Raises:
         UnsupportedArchitectureError: an architecture the engine cannot serve exactly (a
-            ``ValueError``; see ``heterocache.architectures`` and docs/models.md).
+            ``ValueError``; see ``heterocache.engine.architectures`` and docs/models.md).
         ValueError: the model's architecture cannot switch attention implementations.
     """
     register()

@@ -22,7 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..engine import integration as _attention
 from .._compat import cache_kwarg
-from ..cache import RaggedCache
+from ..engine.cache import RaggedCache
 from .shared_prefill import _step
 
 

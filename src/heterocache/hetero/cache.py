@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from ..cache import RaggedCache
-from ..memory import build_memory_report
+from ..engine.cache import RaggedCache
+from ..engine.memory import build_memory_report
 from ..profile import HeadProfile, profile_for_model
 from .policy import HeteroCachePolicy
 

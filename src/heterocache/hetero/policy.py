@@ -13,7 +13,7 @@ Per KV head, from the profile:
   ``drift_threshold``, the reference set moves to the newest step's and the pivot's satellites get
   their prompt slots refilled, from host memory, with the positions the pivot now attends to most.
 
-Tensor parallel (``heterocache.parallel``): each rank holds a contiguous slice of every layer's KV
+Tensor parallel (``heterocache.engine.parallel``): each rank holds a contiguous slice of every layer's KV
 heads. The budget plan is the whole model's, each rank keeping its heads' columns; a pivot is
 scored on its rank, a satellite refilled on its own. A profile's clusters may cross the shards
 (the profiler never sees the tensor-parallel layout): then the pivot's rank computes the refill
@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..architectures import check_architecture
+from ..engine.architectures import check_architecture
 from ..budget import check_budget_spec
 from ..page_summaries import page_bounds, page_minmax
-from ..parallel import KVShard, TensorParallelError
+from ..engine.parallel import KVShard, TensorParallelError
 from ..policies.base import Policy, PrefillContext
 from ..policies.scoring import pool_scores, reduce_gqa, row_taps, topk_keep, window_attention_scores
 from ..profile import HeadProfile, Role

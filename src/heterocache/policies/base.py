@@ -81,7 +81,7 @@ class Policy:
     name = "base"
     #: Whether ``crop`` can restore the cache exactly (False for methods that evict while decoding).
     croppable = True
-    #: The KV heads this process holds (``heterocache.parallel.KVShard``), given by the cache
+    #: The KV heads this process holds (``heterocache.engine.parallel.KVShard``), given by the cache
     #: before the first prefill; None until then (one process: every head).
     kv_shard = None
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ..budget import check_budget
 from ..offload.host_rows import HostRows
 from ..attention.decode import SlotSelection
-from ..rope import Rotary
+from ..engine.rope import Rotary
 from ..store.ragged import RaggedKVStore, to_device
 from .base import Policy, PrefillContext
 from .budgeted import HostDevice
@@ -102,7 +102,7 @@ class ShadowKVPolicy(Policy):
     - Pre-RoPE keys: the reference's model code SVDs the keys before it applies RoPE. transformers'
       attention receives them after, so the rotation is undone at the positions the model used
       (``position_ids`` of the attention call, left padding included) with the config's RoPE
-      (:class:`heterocache.rope.Rotary`: exact inverse, tested).
+      (:class:`heterocache.engine.rope.Rotary`: exact inverse, tested).
     - Not reproduced: the CPU class's reuse of chunks already on the device from the previous step
       (a transfer saving, not a change of result), its MInference prefill option.
 

@@ -13,7 +13,7 @@ query at position ``p`` sees positions ``p - W + 1 .. p`` (transformers' sliding
 steps the layer stores the ``W - 1`` newest tokens of each row, as transformers'
 ``DynamicSlidingWindowLayer`` does, and a decode step attends over those plus the new token, then
 drops the oldest. The policy sees only the full-attention layers, numbered from 0 (see
-``heterocache.architectures``), and its budget is counted over them alone.
+``heterocache.engine.architectures``), and its budget is counted over them alone.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .engine import integration as _attention
+from . import integration as _attention
 from .architectures import ArchitectureSpec, check_architecture, check_attention_call
-from .budget import check_budget
+from ..budget import check_budget
 from .memory import MemoryReport, build_memory_report
 from .parallel import KVShard, TensorParallelError, kv_head_shard
-from .policies import FullKVPolicy, Policy, PrefillContext, SnapKVPolicy
-from .attention.plan import DecodePlanner
-from .attention.decode import decode_attention, decode_step, selected_decode_attention
-from .attention.extend import extend_attention
-from .store.ragged import RaggedKVStore
+from ..policies import FullKVPolicy, Policy, PrefillContext, SnapKVPolicy
+from ..attention.plan import DecodePlanner
+from ..attention.decode import decode_attention, decode_step, selected_decode_attention
+from ..attention.extend import extend_attention
+from ..store.ragged import RaggedKVStore
 
 
 class RaggedLayer(CacheLayerMixin):
@@ -162,7 +162,7 @@ class RaggedCache(Cache):
     Sliding-window layers keep exactly their window and are not compressed; the policy compresses
     the full-attention layers only, and a budget is a fraction of *their* prompt KV (module
     docstring). Architectures the engine cannot serve exactly are refused when the cache first
-    meets the model (``heterocache.architectures.UnsupportedArchitectureError``).
+    meets the model (``heterocache.engine.architectures.UnsupportedArchitectureError``).
     """
 
     def __init__(self, policy: Policy | None = None, block_size: int = 64, reserve: int = 128):
@@ -179,7 +179,7 @@ class RaggedCache(Cache):
         self.architecture: ArchitectureSpec | None = None  # from the config of the model met
         self._architecture_of = None
         #: The global KV heads this process holds (tensor parallel); found at the first prefill
-        #: (``heterocache.parallel.kv_head_shard``) unless set before.
+        #: (``heterocache.engine.parallel.kv_head_shard``) unless set before.
         self.kv_shard: KVShard | None = None
 
     # ------------------------------------------------------------------ transformers Cache API
@@ -346,7 +346,7 @@ class RaggedCache(Cache):
     def _resolve_shard(self, key, config=None, module=None) -> KVShard:
         """The global KV heads this process holds: found once (at the first layer filled) from
         the attention module's key projection, the config and ``torch.distributed``
-        (``heterocache.parallel.kv_head_shard``), or set by the user before; given to the policy.
+        (``heterocache.engine.parallel.kv_head_shard``), or set by the user before; given to the policy.
 
         Raises:
             TensorParallelError: the shard cannot be told, or a layer holds another number of heads.
