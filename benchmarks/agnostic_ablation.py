@@ -39,7 +39,7 @@ import torch
 from heterocache.eval.paired import paired_difference
 from heterocache.eval.results import RecordLog
 from heterocache.eval.runner import EvalConfig, run_eval
-from heterocache.methods import make_cache
+from heterocache.engine.registry import make_cache
 from heterocache.models import SMOLLM2_NAME, load_smollm2
 
 VARIANTS = {

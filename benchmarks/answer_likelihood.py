@@ -36,7 +36,7 @@ from heterocache.eval.paired import paired_difference
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.shared_prefill import PrefillTarget, _step, prefill_many
 from heterocache.eval.tasks import get_task
-from heterocache.methods import make_cache
+from heterocache.engine.registry import make_cache
 from heterocache.models import load_smollm2
 
 FULL = "dynamic"

@@ -40,8 +40,8 @@ from heterocache._compat import cache_kwarg
 from heterocache.bench import kv_bytes, prompt_ids
 from heterocache.bench_cli import machine_info
 from heterocache.diagnostics import count_steps
-from heterocache.hetero import HeteroCache
-from heterocache.methods import make_cache, parse_method_spec
+from heterocache.methods.heterocache import HeteroCache
+from heterocache.engine.registry import make_cache, parse_method_spec
 from heterocache.models import load_smollm2
 from heterocache.attention.plan import STRATEGY_ENV
 

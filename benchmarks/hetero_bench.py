@@ -26,7 +26,7 @@ from heterocache._compat import cache_kwarg
 from heterocache.bench import measure_decode
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.tasks.ruler import NeedleTask
-from heterocache.hetero import HeteroCache, InfeasibleBudgetError
+from heterocache.methods.heterocache import HeteroCache, InfeasibleBudgetError
 from heterocache.models import load_smollm2
 from heterocache.profile import HeadProfile, profile_for_model
 

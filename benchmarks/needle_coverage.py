@@ -34,7 +34,7 @@ from heterocache.bench_cli import machine_info
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.shared_prefill import PrefillTarget, prefill_many
 from heterocache.eval.tasks import get_task
-from heterocache.methods import make_cache
+from heterocache.engine.registry import make_cache
 from heterocache.models import load_smollm2
 from heterocache.profile import Role
 

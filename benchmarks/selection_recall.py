@@ -26,7 +26,7 @@ from heterocache._compat import cache_kwarg
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.tasks.ruler import NeedleTask
 from heterocache.models import load_smollm2
-from heterocache.policies.quest import QuestPolicy
+from heterocache.methods.quest import QuestPolicy
 
 
 class _Recorder:

@@ -20,7 +20,7 @@ from heterocache import FullKVCache, SnapKVCache
 from heterocache._compat import cache_kwarg
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.tasks.ruler import NeedleTask
-from heterocache.hetero import HeteroCache
+from heterocache import HeteroCache
 from heterocache.models import load_smollm2
 
 

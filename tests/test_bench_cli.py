@@ -9,7 +9,7 @@ import torch
 
 from heterocache.bench import measure_decode, prompt_ids
 from heterocache.cli import main
-from heterocache.methods import make_cache
+from heterocache.engine.registry import make_cache
 from heterocache.models import random_model
 
 

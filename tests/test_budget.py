@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heterocache.budget import (
+from heterocache.policy.budget import (
     allocate_proportional,
     check_budget,
     check_budget_spec,
@@ -13,7 +13,7 @@ from heterocache.budget import (
     round_preserving_sum,
     tokens_for_budget,
 )
-from heterocache.policies import SnapKVPolicy
+from heterocache.methods.snapkv import SnapKVPolicy
 
 
 def test_fraction_keeps_rounded_share_of_each_rows_prompt():
@@ -54,7 +54,7 @@ def test_budget_spec_needs_one_of_the_two():
 
 
 def test_snapkv_plan_uses_budget_tokens():
-    from heterocache.policies import PrefillContext
+    from heterocache.policy.base import PrefillContext
 
     valid = torch.ones(2, 50, dtype=torch.bool)
     valid[1, :30] = False

@@ -253,7 +253,7 @@ def test_every_command_takes_the_same_model_names():
 # ---- what the early checks read must agree with what loads ---------------------------------------------
 def test_the_method_name_table_matches_the_registry():
     from heterocache import _method_names
-    from heterocache.methods import get_method, list_methods
+    from heterocache.engine.registry import get_method, list_methods
 
     assert list(_method_names.METHODS) == list_methods()
     for name, entry in _method_names.METHODS.items():

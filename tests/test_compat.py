@@ -9,7 +9,7 @@ from conftest import tiny_model
 
 from heterocache._compat import cache_kwarg
 from heterocache.eval.shared_prefill import PrefillTarget, greedy_continue, prefill_many
-from heterocache.methods import make_cache
+from heterocache.engine.registry import make_cache
 
 
 class _OldForward:

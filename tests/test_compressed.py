@@ -11,8 +11,9 @@ from transformers import DynamicCache
 
 from heterocache import SnapKVCache
 from heterocache._compat import cache_kwarg
-from heterocache.budget import tokens_for_budget
-from heterocache.policies import PrefillContext, SnapKVPolicy
+from heterocache.policy.budget import tokens_for_budget
+from heterocache.policy.base import PrefillContext
+from heterocache.methods.snapkv import SnapKVPolicy
 
 
 @pytest.mark.parametrize("budget", [0.1, 0.25, 0.5, 1.0])

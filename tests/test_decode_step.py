@@ -13,8 +13,8 @@ from transformers import DynamicCache
 from heterocache import CAKECache, FullKVCache, H2OCache, PyramidKVCache, SnapKVCache, StreamingLLMCache
 from heterocache._compat import cache_kwarg
 from heterocache.diagnostics import HostReadCounter, count_decode_steps
-from heterocache.hetero import HeteroCache
-from heterocache.hetero.drift import pivot_scores, prompt_scores
+from heterocache.methods.heterocache import HeteroCache
+from heterocache.methods.heterocache.drift import pivot_scores, prompt_scores
 from heterocache.profile.testing import toy_profile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -161,7 +161,7 @@ def _refills_per_step(**options) -> list[int]:
 def test_deferred_refresh_acts_two_steps_later_with_the_decision_of_its_check():
     """A decode-time drift decision reaches the host without a wait and is acted on at the start
     of the step after next (DECISION_LAG): equal to acting on the same decision at once."""
-    from heterocache.hetero.policy import DECISION_LAG
+    from heterocache.methods.heterocache.policy import DECISION_LAG
 
     assert DECISION_LAG == 2
     per_layer = len(toy_profile().heads("satellite"))  # one batch row

@@ -16,7 +16,7 @@ from conftest import tiny_model
 
 from heterocache._compat import cache_kwarg
 from heterocache.offload.transfer import RefreshTransfer
-from heterocache.methods import make_cache
+from heterocache.engine.registry import make_cache
 from heterocache.profile.testing import toy_profile
 from heterocache.attention.plan import plan_key
 from heterocache.store.ragged import RaggedKVStore

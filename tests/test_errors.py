@@ -10,7 +10,7 @@ from transformers import DynamicCache
 import heterocache
 from heterocache import AttentionNotEnabledError, FullKVCache, RaggedCache, SnapKVCache
 from heterocache._compat import cache_kwarg
-from heterocache.policies import SnapKVPolicy
+from heterocache.methods.snapkv import SnapKVPolicy
 
 
 @pytest.mark.parametrize("budget", [0, 0.0, -0.1, 1.01, 2, float("nan")])

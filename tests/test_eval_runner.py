@@ -209,7 +209,7 @@ def test_dataset_tasks_run_all_rows_when_num_samples_is_zero(counted, tokenizer,
 
 
 def test_a_budget_the_method_cannot_meet_is_skipped_with_its_reason(model, tokenizer, tmp_path):
-    from heterocache.hetero import HeteroCache
+    from heterocache.methods.heterocache import HeteroCache
     from heterocache.profile.testing import toy_profile
 
     def with_hetero(method, budget, model):
@@ -224,7 +224,7 @@ def test_a_budget_the_method_cannot_meet_is_skipped_with_its_reason(model, token
 
 
 def test_records_made_with_other_cache_settings_are_not_resumed_over(model, tokenizer, tmp_path):
-    from heterocache.hetero import HeteroCache
+    from heterocache.methods.heterocache import HeteroCache
     from heterocache.profile.testing import toy_profile
 
     def hetero(turn_refresh):

@@ -22,7 +22,7 @@ from heterocache.eval.shared_prefill import (
 )
 from heterocache.eval.tasks import get_task
 from heterocache.eval.toy import tiny_llama
-from heterocache.methods import make_cache
+from heterocache.engine.registry import make_cache
 from heterocache.profile.clustering import budget_ratios
 from heterocache.profile.testing import toy_profile
 

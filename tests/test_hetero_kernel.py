@@ -7,9 +7,9 @@ import torch
 from conftest import tiny_model
 
 from heterocache._compat import cache_kwarg
-from heterocache.hetero import HeteroCache, HeteroCachePolicy
-from heterocache.hetero.plan import AUTO_KERNEL_RANGE, AUTO_KERNEL_UNCOMPRESSED, auto_kernel
-from heterocache.policies.scoring import pool_scores, row_taps
+from heterocache.methods.heterocache import HeteroCache, HeteroCachePolicy
+from heterocache.methods.heterocache.plan import AUTO_KERNEL_RANGE, AUTO_KERNEL_UNCOMPRESSED, auto_kernel
+from heterocache.policy.scoring import pool_scores, row_taps
 from heterocache.profile.testing import toy_profile
 
 TOY_SHAPE = dict(num_hidden_layers=3, hidden_size=128, num_attention_heads=8, num_key_value_heads=4, head_dim=16)

@@ -9,7 +9,7 @@ from test_hetero_recovery import D, _ids, _reference_prompt, _two_turns, assert_
 from transformers import DynamicCache
 
 from heterocache._compat import cache_kwarg
-from heterocache.hetero import HeteroCache, HeteroCachePolicy, InfeasibleBudgetError
+from heterocache.methods.heterocache import HeteroCache, HeteroCachePolicy, InfeasibleBudgetError
 from heterocache.profile import Role
 from heterocache.profile.clustering import budget_ratios
 from heterocache.profile.testing import toy_profile
@@ -34,7 +34,7 @@ def test_auto_compresses_the_pivots_where_that_at_least_doubles_the_other_heads_
     """Toy profile: full heads 5/12 (volatile + pivot), volatile 2/12. A compressed head keeps
     (b - 5/12) / (7/12) of the prompt, or (b - 2/12) / (10/12) with the pivots compressed: at 0.5
     0.143 against 0.4 (2.8x), at 0.6 0.314 against 0.52 (1.65x); under 5/12 only the latter fits."""
-    from heterocache.hetero.plan import PIVOT_OFFLOAD_GAIN, compressed_share
+    from heterocache.methods.heterocache.plan import PIVOT_OFFLOAD_GAIN, compressed_share
 
     policy = HeteroCachePolicy(profile=toy_profile(), budget=budget)
     assert policy.pivot_offload is on
@@ -52,7 +52,7 @@ def test_auto_keeps_the_pivots_full_where_the_options_or_the_budget_spec_rule_it
 
 
 def test_compressing_no_pivots_never_pays():
-    from heterocache.hetero.plan import pivot_offload_pays
+    from heterocache.methods.heterocache.plan import pivot_offload_pays
 
     volatile = ROLES == Role.VOLATILE  # a profile without pivots has nothing to compress
     assert not pivot_offload_pays(volatile, torch.zeros_like(volatile), 0.2)

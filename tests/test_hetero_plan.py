@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heterocache.hetero import InfeasibleBudgetError, min_feasible_budget, plan_tokens
+from heterocache.methods.heterocache import InfeasibleBudgetError, min_feasible_budget, plan_tokens
 
 FULL = torch.tensor([[True, False, False], [False, False, True]])
 RATIOS = torch.tensor([[0.0, 0.5, 3.0], [0.25, 0.25, 0.0]])

@@ -13,7 +13,7 @@ from conftest import tiny_model
 from transformers import DynamicCache
 
 from heterocache._compat import cache_kwarg
-from heterocache.hetero import HeteroCache, HeteroCachePolicy
+from heterocache.methods.heterocache import HeteroCache, HeteroCachePolicy
 from heterocache.profile import Role
 from heterocache.profile.testing import toy_profile
 

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from heterocache import FullKVCache, RaggedCache
 from heterocache._compat import cache_kwarg
 from heterocache.engine.cache import RaggedLayer
-from heterocache.hetero import HeteroCache, HeteroCachePolicy, InfeasibleBudgetError
+from heterocache.methods.heterocache import HeteroCache, HeteroCachePolicy, InfeasibleBudgetError
 from heterocache.profile import HeadProfile, ProfileError, Role
 from heterocache.profile.testing import toy_profile
 
@@ -387,7 +387,7 @@ def test_heterocache_refuses_crop_rather_than_keep_stale_drift_state():
 def test_max_pooling_keeps_a_peak_with_its_neighbours(pooling, kept):
     """A lone peak (0.5 at token 10) against a plateau (0.2 at 40..44): averaged over 3 neighbours
     the plateau wins; max-pooled the peak and both its neighbours score 0.5 and are kept together."""
-    from heterocache.policies.base import PrefillContext
+    from heterocache.policy.base import PrefillContext
 
     L, D = 60, 16
     weights = torch.full((L,), 1e-4)
@@ -410,7 +410,7 @@ def test_score_window_scores_with_more_queries_than_it_keeps(options, kept):
     """The last query attends to token 10, the seven before it to token 30. ``window=1`` scores with
     the last query and keeps 10; ``score_window=8`` sums the eight and keeps 30, still protecting
     only the last token; ``window=8`` protects the last eight, which use the whole count here."""
-    from heterocache.policies.base import PrefillContext
+    from heterocache.policy.base import PrefillContext
 
     L, D = 60, 16
     key = torch.zeros(1, 4, L, D)

@@ -8,7 +8,7 @@ import torch
 from heterocache._compat import cache_kwarg
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.tasks.ruler import NeedleTask
-from heterocache.hetero import HeteroCache, min_feasible_budget
+from heterocache.methods.heterocache import HeteroCache, min_feasible_budget
 
 BUDGET = 0.3
 # The paper selects with the last prompt query (window=1); on this 135M model the last 8 prompt

@@ -9,10 +9,10 @@ import torch
 from conftest import tiny_model
 from transformers import DynamicCache
 
-import heterocache.methods as methods
+import heterocache.engine.registry as methods
 from heterocache import CAKECache, FullKVCache, H2OCache, PyramidKVCache, SnapKVCache, StreamingLLMCache
 from heterocache._compat import cache_kwarg
-from heterocache.methods import describe_methods, get_method, list_methods, make_cache, register_method
+from heterocache.engine.registry import describe_methods, get_method, list_methods, make_cache, register_method
 
 BASELINES = ["dynamic", "fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv", "cake"]
 CLASSES = {
@@ -67,7 +67,7 @@ def test_parameters_and_absolute_budgets_reach_the_policy():
 
 def test_a_method_spec_with_options_reaches_the_policy_and_names_its_records():
     from heterocache._argparse import method_name
-    from heterocache.methods import parse_method_spec
+    from heterocache.engine.registry import parse_method_spec
 
     name, params = parse_method_spec("H2O:recent_ratio=0.25:evict_during_decode=false:gqa_reduce=mean")
     assert (name, params) == ("h2o", {"recent_ratio": 0.25, "evict_during_decode": False, "gqa_reduce": "mean"})
@@ -148,7 +148,7 @@ def test_registered_method_is_listed_and_built(registry):
 
 def test_provider_module_registers_its_method_when_first_asked(registry, tmp_path, monkeypatch):
     (tmp_path / "hc_fake_provider.py").write_text(
-        "from heterocache.methods import register_method\n"
+        "from heterocache import register_method\n"
         "from heterocache import SnapKVCache\n"
         "register_method('later', description='registered on import', cache_class=SnapKVCache)\n"
     )
@@ -168,7 +168,7 @@ def test_missing_provider_is_a_clear_error(registry):
 
 
 def test_heterocache_is_registered_and_takes_a_profile_or_finds_the_models():
-    from heterocache.hetero import HeteroCache
+    from heterocache.methods.heterocache import HeteroCache
     from heterocache.profile import ProfileError
     from heterocache.profile.testing import toy_profile
 

@@ -21,7 +21,7 @@ from transformers import (
 import heterocache
 from heterocache import FullKVCache, UnsupportedArchitectureError, check_architecture
 from heterocache._compat import cache_kwarg
-from heterocache.methods import list_methods, make_cache
+from heterocache.engine.registry import list_methods, make_cache
 from heterocache.profile.testing import tiny_profile
 
 pytestmark = pytest.mark.usefixtures("one_thread")

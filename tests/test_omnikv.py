@@ -13,7 +13,7 @@ from transformers import DynamicCache
 from heterocache import FullKVCache, OmniKVCache, OmniKVPolicy, PrefillContext
 from heterocache._compat import cache_kwarg
 from heterocache.diagnostics import count_decode_steps
-from heterocache.policies.omnikv import scaled_filter_layers
+from heterocache.methods.omnikv import scaled_filter_layers
 from heterocache.store.ragged import RaggedKVStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -280,7 +280,7 @@ def test_crop_is_refused_not_stale():
 
 
 def test_omnikv_is_registered_with_the_reference_defaults():
-    from heterocache.methods import describe_methods, get_method, make_cache
+    from heterocache.engine.registry import describe_methods, get_method, make_cache
 
     spec = get_method("omnikv")
     assert spec.params["filter_layers"] is None and spec.params["dense_after_filter"] == 1

@@ -10,7 +10,7 @@ from conftest import tiny_model
 
 from heterocache import FullKVCache, HeteroCache
 from heterocache._compat import cache_kwarg
-from heterocache.hetero.policy import _ClusterLayout
+from heterocache.methods.heterocache.policy import _ClusterLayout
 from heterocache.engine.memory import LayerMemory, MemoryReport, merge_reports
 from heterocache.engine.parallel import KVShard, TensorParallelError, kv_head_shard
 from heterocache.profile.testing import toy_profile

@@ -11,8 +11,8 @@ from transformers import LogitsProcessorList
 
 from heterocache import CAKECache
 from heterocache._compat import cache_kwarg
-from heterocache.budget import allocate_proportional, round_preserving_sum, tokens_for_budget
-from heterocache.policies import CAKEPolicy
+from heterocache.policy.budget import allocate_proportional, round_preserving_sum, tokens_for_budget
+from heterocache.methods.cake import CAKEPolicy
 from heterocache.store.ragged import RaggedKVStore
 
 

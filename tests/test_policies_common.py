@@ -10,16 +10,14 @@ from conftest import tiny_model
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from heterocache._compat import cache_kwarg
-from heterocache.budget import tokens_for_budget
-from heterocache.methods import make_cache
-from heterocache.policies import (
-    CAKEPolicy,
-    H2OPolicy,
-    PrefillContext,
-    PyramidKVPolicy,
-    SnapKVPolicy,
-    StreamingLLMPolicy,
-)
+from heterocache.policy.budget import tokens_for_budget
+from heterocache.engine.registry import make_cache
+from heterocache.methods.cake import CAKEPolicy
+from heterocache.methods.h2o import H2OPolicy
+from heterocache.policy.base import PrefillContext
+from heterocache.methods.pyramidkv import PyramidKVPolicy
+from heterocache.methods.snapkv import SnapKVPolicy
+from heterocache.methods.streamingllm import StreamingLLMPolicy
 from heterocache.store.ragged import RaggedKVStore
 
 COMPRESSING = ["streamingllm", "h2o", "snapkv", "pyramidkv", "cake"]
@@ -224,7 +222,7 @@ def test_methods_evicting_while_decoding_cannot_be_cropped(method):
 def test_pool_scores_is_torchs_1d_pooling(mode, kernel):
     import torch.nn.functional as F
 
-    from heterocache.policies.scoring import pool_scores
+    from heterocache.policy.scoring import pool_scores
 
     torch.manual_seed(kernel)
     x = torch.rand(2, 3, 4, 50)
@@ -239,7 +237,7 @@ def test_pool_scores_is_torchs_1d_pooling(mode, kernel):
 
 
 def test_pool_scores_rejects_an_unknown_mode():
-    from heterocache.policies.scoring import pool_scores
+    from heterocache.policy.scoring import pool_scores
 
     with pytest.raises(ValueError, match="'avg' or 'max'"):
         pool_scores(torch.rand(4, 9), 3, "median")

@@ -10,9 +10,10 @@ from transformers import LogitsProcessorList
 
 from heterocache import H2OCache
 from heterocache._compat import cache_kwarg
-from heterocache.policies import H2OPolicy, PrefillContext
-from heterocache.policies.h2o import SCORE_BUFFER
-from heterocache.policies.scoring import accumulated_attention
+from heterocache.methods.h2o import H2OPolicy
+from heterocache.policy.base import PrefillContext
+from heterocache.methods.h2o import SCORE_BUFFER
+from heterocache.policy.scoring import accumulated_attention
 
 
 def _eager_column_sums(query, key, valid, scaling):
@@ -173,7 +174,7 @@ def test_invalid_options_are_rejected(kwargs, match):
 
 
 def test_accumulated_attention_without_padding_and_shared_within_a_block(monkeypatch):
-    from heterocache.policies import scoring
+    from heterocache.policy import scoring
 
     valid = torch.ones(1, 40, dtype=torch.bool)
     ctx = random_ctx(0, valid, H=2, G=2, D=8, seed=5)
@@ -199,7 +200,7 @@ def test_accumulated_attention_without_padding_and_shared_within_a_block(monkeyp
 
 @pytest.mark.parametrize("pad", [0, 5])
 def test_a_declared_prefix_is_recorded_by_the_longer_call_and_equals_its_own_computation(monkeypatch, pad):
-    from heterocache.policies import scoring
+    from heterocache.policy import scoring
 
     valid = torch.ones(2, 50, dtype=torch.bool)
     valid[1, :pad] = False
@@ -223,7 +224,7 @@ def test_a_declared_prefix_is_recorded_by_the_longer_call_and_equals_its_own_com
 
 
 def test_window_scores_and_stats_are_computed_once_per_input_within_a_block(monkeypatch):
-    from heterocache.policies import scoring
+    from heterocache.policy import scoring
 
     valid = torch.ones(1, 40, dtype=torch.bool)
     ctx = random_ctx(0, valid, H=2, G=2, D=8, seed=9)

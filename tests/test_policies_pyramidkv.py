@@ -9,9 +9,10 @@ from test_policies_common import padded_batch, random_ctx
 
 from heterocache import PyramidKVCache
 from heterocache._compat import cache_kwarg
-from heterocache.budget import tokens_for_budget
-from heterocache.policies import PyramidKVPolicy, SnapKVPolicy
-from heterocache.policies.pyramidkv import pyramid_budgets
+from heterocache.policy.budget import tokens_for_budget
+from heterocache.methods.pyramidkv import PyramidKVPolicy
+from heterocache.methods.snapkv import SnapKVPolicy
+from heterocache.methods.pyramidkv import pyramid_budgets
 
 
 def test_hand_computed_schedule():

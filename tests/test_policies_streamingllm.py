@@ -10,7 +10,8 @@ from transformers import LogitsProcessorList
 
 from heterocache import StreamingLLMCache
 from heterocache._compat import cache_kwarg
-from heterocache.policies import PrefillContext, StreamingLLMPolicy
+from heterocache.policy.base import PrefillContext
+from heterocache.methods.streamingllm import StreamingLLMPolicy
 
 
 def _ctx(valid):

@@ -11,7 +11,7 @@ from conftest import dynamic_reference, tiny_model
 from heterocache import FullKVCache, QuestCache, QuestPolicy
 from heterocache._compat import cache_kwarg
 from heterocache.diagnostics import count_decode_steps
-from heterocache.policies.quest import PageSummaries
+from heterocache.methods.quest import PageSummaries
 from heterocache.attention.decode import SlotSelection, selected_decode_attention
 from heterocache.store.ragged import RaggedKVStore
 
@@ -192,7 +192,7 @@ def test_crop_is_refused_not_stale():
 
 
 def test_quest_is_registered_with_its_defaults():
-    from heterocache.methods import describe_methods, get_method, make_cache
+    from heterocache.engine.registry import describe_methods, get_method, make_cache
 
     spec = get_method("quest")
     assert spec.params["page_size"] == 16 and spec.params["dense_layers"] == 2 and spec.params["min_pages"] == 3

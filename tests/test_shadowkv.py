@@ -15,7 +15,7 @@ from heterocache import FullKVCache, ShadowKVCache, ShadowKVPolicy
 from heterocache._compat import cache_kwarg
 from heterocache.diagnostics import count_decode_steps
 from heterocache.offload.host_rows import HostRows
-from heterocache.policies import PrefillContext
+from heterocache.policy.base import PrefillContext
 from heterocache.attention.decode import selected_decode_attention
 from heterocache.engine.rope import Rotary
 from heterocache.store.ragged import RaggedKVStore
@@ -247,7 +247,7 @@ def test_the_chosen_chunks_are_the_top_landmark_scores_and_the_step_equals_a_nai
 
 
 def test_chunk_scores_are_the_groups_max_of_per_head_softmax():
-    from heterocache.policies.budgeted import HostDevice
+    from heterocache.policy.budgeted import HostDevice
 
     ctx, _ = _rotated_prompt(B=1, H=1, G=2, D=4, L=40, pads=(0,))
     policy = ShadowKVPolicy(budget_tokens=4, chunk_size=4, outlier_chunks=1, local_chunks=1)
@@ -417,7 +417,7 @@ def test_a_prefill_without_the_config_is_refused():
 
 
 def test_shadowkv_is_registered_with_the_published_defaults():
-    from heterocache.methods import describe_methods, get_method, make_cache
+    from heterocache.engine.registry import describe_methods, get_method, make_cache
 
     spec = get_method("shadowkv")
     assert (spec.params["rank"], spec.params["chunk_size"], spec.params["outlier_chunks"],
@@ -433,7 +433,7 @@ def test_shadowkv_is_registered_with_the_published_defaults():
 
 def test_tensor_parallel_shadowkv_says_it_factors_each_ranks_heads_alone():
     from heterocache.engine.parallel import KVShard
-    from heterocache.policies import ShadowKVPolicy
+    from heterocache.methods.shadowkv import ShadowKVPolicy
 
     policy = ShadowKVPolicy()
     with pytest.warns(UserWarning, match="factors the keys of this rank's 2 KV heads alone"):

@@ -124,7 +124,7 @@ def stored_positions(cache) -> dict:
 
 def run_case(model, method: str, params: dict, profile) -> dict:
     from heterocache._compat import cache_kwarg
-    from heterocache.methods import make_cache
+    from heterocache.engine.registry import make_cache
 
     params = dict(params)
     budget = params.pop("budget", None)

@@ -127,12 +127,12 @@ def text_value(value) -> str:
 
 def method_name(text: str) -> str:
     """An argparse ``type``: the registry name of a KV-cache method (aliases resolved; options
-    as ``name:key=value:...`` kept, see ``heterocache.methods.parse_method_spec``), or an
+    as ``name:key=value:...`` kept, see ``heterocache.engine.registry.parse_method_spec``), or an
     error listing the known ones. Checked against :mod:`heterocache._method_names`, without
     importing the registry (torch, transformers).
 
     Raises:
-        ModuleNotFoundError: this build has no ``heterocache.methods`` (``err.name`` says so).
+        ModuleNotFoundError: this build has no ``heterocache.engine.registry`` (``err.name`` says so).
     """
     from ._method_names import parse_method_spec
 

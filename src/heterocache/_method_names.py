@@ -1,6 +1,6 @@
 """The built-in KV-cache methods by name, with their option names, without importing them.
 
-The registry (:mod:`heterocache.methods`) imports torch and transformers, which takes seconds; the
+The registry (:mod:`heterocache.engine.registry`) imports torch and transformers, which takes seconds; the
 command line checks ``--methods`` against this table while parsing instead, so that a misspelt name
 or option is refused at once. The table must list what the registry registers (names in its order,
 whether each uses the budget, its option names); ``tests/test_cli_early_errors.py`` compares them.
@@ -20,9 +20,12 @@ class MethodName(NamedTuple):
 
     uses_budget: bool
     params: tuple[str, ...]
-    #: the module that registers it when it is not registered by :mod:`heterocache.methods` itself
+    #: the module that registers it when it is not registered by a module of :mod:`heterocache.methods`
     provider: str | None = None
 
+
+#: The method registry's module (absent from a build without the engine).
+REGISTRY = "heterocache.engine.registry"
 
 _ENGINE = ("block_size", "reserve")
 _SNAPKV = ("budget_tokens", "window", "kernel", "pooling", "gqa_reduce")
@@ -47,7 +50,7 @@ METHODS: dict[str, MethodName] = {
          "drift_threshold", "drift_topk", "refresh", "offload", "inverse_stability", "asynchronous",
          "decision_lag", "turn_refresh", "turn_reselect", "turn_scoring", "turn_window", "anchor_offload",
          "pivot_offload", "page_size", "summaries_in_budget", "summary_memory", "summary_drift", *_ENGINE),
-        provider="heterocache.hetero",
+        provider="heterocache.methods.heterocache",
     ),
 }
 
@@ -87,17 +90,17 @@ def spec_value(text: str) -> Any:
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``heterocache.methods.parse_method_spec`` for the built-in methods, without importing them:
+    """``heterocache.engine.registry.parse_method_spec`` for the built-in methods, without importing them:
     the method's registry name and its options, or the registry's error.
 
     Raises:
         ValueError: unknown method (the message lists the known ones), a method whose module is not
             in this build, or an option written without ``=``.
         TypeError: an option the method does not have.
-        ModuleNotFoundError: this build has no ``heterocache.methods`` (``err.name`` says so).
+        ModuleNotFoundError: this build has no ``heterocache.engine.registry`` (``err.name`` says so).
     """
-    if importlib.util.find_spec("heterocache.methods") is None:
-        raise ModuleNotFoundError("No module named 'heterocache.methods'", name="heterocache.methods")
+    if importlib.util.find_spec(REGISTRY) is None:
+        raise ModuleNotFoundError(f"No module named {REGISTRY!r}", name=REGISTRY)
     if not isinstance(spec, str):
         raise TypeError(f"method must be a name (str), got {spec!r}")
     name, *items = spec.split(":")

@@ -245,10 +245,10 @@ def check_method_options(methods, budgets, profiles: dict[str, Path | None] | No
     it per cell). A heterocache method whose profile is found only once the model has loaded
     (``profiles`` says None) is checked when its cache is made.
     """
-    from .methods import get_method, parse_method_spec
+    from .engine.registry import get_method, parse_method_spec
 
     try:
-        from .hetero.plan import InfeasibleBudgetError
+        from .methods.heterocache.plan import InfeasibleBudgetError
     except ModuleNotFoundError:
         InfeasibleBudgetError = ()  # noqa: N806  (no HeteroCache in this build: nothing to tolerate)
     for spec in methods:

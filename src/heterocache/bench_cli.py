@@ -202,7 +202,7 @@ def run_bench(
         model: a causal LM loaded with ``attn_implementation="heterocache"`` (switched to "sdpa" for
             the "dynamic" method and back).
         tokenizer: for prose prompts; None for random token ids (random-weight models).
-        methods: registry names (``heterocache.methods.list_methods()``).
+        methods: registry names (``heterocache.list_methods()``).
         budgets: fractions in (0, 1] for the compressing methods (uncompressed ones run once).
         lengths: prompt tokens.
         batch_sizes: decode batch sizes (one prompt row prefilled, then repeated).
@@ -262,7 +262,7 @@ def run_bench(
 
 
 def _method_budgets(methods, budgets):
-    from .methods import get_method, parse_method_spec
+    from .engine.registry import get_method, parse_method_spec
 
     for method in methods:  # a method may carry options: "heterocache:turn_reselect=pivot"
         if get_method(parse_method_spec(method)[0]).uses_budget:
@@ -275,8 +275,8 @@ def _cell(model, ids, method, budget, batch, new_tokens, warmup, params) -> dict
     import torch
 
     from .bench import measure_decode
-    from .hetero.plan import InfeasibleBudgetError
-    from .methods import make_cache
+    from .methods.heterocache.plan import InfeasibleBudgetError
+    from .engine.registry import make_cache
 
     row = {"method": method, "budget": budget, "length": int(ids.shape[1]), "batch": batch}
     model.set_attn_implementation("sdpa" if method == "dynamic" else "heterocache")

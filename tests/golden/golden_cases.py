@@ -2,7 +2,7 @@
 ``golden_smollm2.json``) and ``test_golden.py`` (which recomputes and compares). Nothing here
 writes files.
 
-Every registered method (``heterocache.methods.list_methods()``) runs on the real
+Every registered method (``heterocache.list_methods()``) runs on the real
 SmolLM2-135M-Instruct (fp32, ``heterocache`` attention) for each fixed prompt, at each of
 :data:`BUDGETS` (once when the method ignores the budget), in both evaluation modes:
 
@@ -10,8 +10,8 @@ SmolLM2-135M-Instruct (fp32, ``heterocache`` attention) for each fixed prompt, a
 - ``query_agnostic``: the context alone is prefilled first (one forward pass, last logits only),
   then ``generate()`` gets the whole prompt and the same cache (it feeds the uncached question).
 
-This mirrors ``heterocache.eval.generation.generate_answer`` but uses only the public registry
-(``heterocache.methods``, the import path users write) and the cache API (``memory_report()``,
+This mirrors ``heterocache.eval.generation.generate_answer`` but uses only the method registry
+(``heterocache.engine.registry``: ``make_cache``, what users call) and the cache API (``memory_report()``,
 ``stored_tokens()``), so it survives internal modules moving. The prompts' token ids are stored in
 the golden file (``make_golden.py`` builds them once from the eval harness's RULER-style
 generators), so the test does not depend on the prompt generators either.
@@ -99,7 +99,7 @@ def dumps(golden: dict) -> str:
 
 def budgets_for(method: str) -> list[float | None]:
     """The budgets ``method`` runs at: :data:`BUDGETS`, or ``[None]`` when it ignores the budget."""
-    from heterocache.methods import get_method
+    from heterocache.engine.registry import get_method
 
     return list(BUDGETS) if get_method(method).uses_budget else [None]
 
@@ -121,7 +121,7 @@ def entry_method(key: str) -> str:
 
 def cases() -> list[tuple[str, str, float | None, str]]:
     """``(key, method spec, budget, mode)`` of every entry, from the methods registered now."""
-    from heterocache.methods import list_methods
+    from heterocache.engine.registry import list_methods
 
     return [
         (entry_key(method_spec(method), budget, mode), method_spec(method), budget, mode)
@@ -179,7 +179,7 @@ def compute_entry(model, tokenizer, prompts: dict[str, dict], spec: str, budget:
     """The golden record of one entry (``spec``: a registry name, options allowed):
     ``{prompt name: {...}}`` for every prompt in ``prompts``
     (``{name: {"input_ids": [...], "context_len": int, ...}}``)."""
-    from heterocache.methods import make_cache
+    from heterocache.engine.registry import make_cache
 
     before = torch.get_num_threads()
     torch.set_num_threads(THREADS)

@@ -37,7 +37,7 @@ def golden() -> dict:
 
 
 def test_every_method_is_covered(golden):
-    from heterocache.methods import list_methods
+    from heterocache.engine.registry import list_methods
 
     assert golden["config"] == G.config(), (
         f"the golden file was made with other settings than golden_cases.py's: {golden['config']} != {G.config()}; "

@@ -24,10 +24,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import integration as _attention
 from .architectures import ArchitectureSpec, check_architecture, check_attention_call
-from ..budget import check_budget
 from .memory import MemoryReport, build_memory_report
 from .parallel import KVShard, TensorParallelError, kv_head_shard
-from ..policies import FullKVPolicy, Policy, PrefillContext, SnapKVPolicy
+from ..policy.base import FullKVPolicy, Policy, PrefillContext
 from ..attention.plan import DecodePlanner
 from ..attention.decode import decode_attention, decode_step, selected_decode_attention
 from ..attention.extend import extend_attention
@@ -471,23 +470,11 @@ def _key_validity(mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor 
     return diagonal.expand(key.shape[0], -1).clone()
 
 
-class FullKVCache(RaggedCache):
-    """Keeps every token on the ragged engine: the uncompressed reference.
+class PolicyCache(RaggedCache):
+    """A ``RaggedCache`` driven by one policy class (``policy_class``), built from the policy's
+    parameters: the base of the methods' convenience caches (``H2OCache(budget=0.25)``, ...)."""
 
-    Gives exactly the tokens of DynamicCache + sdpa.
-    """
+    policy_class: type = FullKVPolicy
 
-    def __init__(self, block_size: int = 64, reserve: int = 128):
-        super().__init__(FullKVPolicy(), block_size, reserve)
-
-
-class SnapKVCache(RaggedCache):
-    """SnapKV with a uniform budget: every KV head keeps ``round(budget * prompt)`` prompt tokens.
-
-    Args:
-        budget: fraction of the prompt KV kept, in (0, 1] (default 0.25).
-        **policy_kwargs: ``window``, ``kernel``, ``pooling``, ``gqa_reduce`` (see ``SnapKVPolicy``).
-    """
-
-    def __init__(self, budget: float = 0.25, block_size: int = 64, reserve: int = 128, **policy_kwargs):
-        super().__init__(SnapKVPolicy(budget=check_budget(budget), **policy_kwargs), block_size, reserve)
+    def __init__(self, budget: float | None = 0.25, block_size: int = 64, reserve: int = 128, **policy_kwargs):
+        super().__init__(self.policy_class(budget=budget, **policy_kwargs), block_size, reserve)

@@ -6,7 +6,7 @@ the prompt's KV kept in fast memory (0 < budget <= 1; kvpress's compression_rati
 ``model`` the loaded model. It must return a new, empty cache on every call; ``None`` means
 "transformers' default DynamicCache". The runner never shares a cache between two samples.
 
-By default the factory is ``heterocache.methods.make_cache`` when that module exists; without it
+By default the factory is ``heterocache.engine.registry.make_cache`` when that module exists; without it
 only the uncompressed methods in :data:`FULL_METHODS` are available.
 """
 
@@ -57,17 +57,17 @@ def dynamic_only_factory(method: str, budget: float, model) -> object:
     if is_full(method):
         return DynamicCache()
     raise ValueError(
-        f"unknown method {method!r}: heterocache.methods is not available, so only "
+        f"unknown method {method!r}: the method registry (heterocache.engine.registry) is not available, so only "
         f"{', '.join(sorted(FULL_METHODS))} can be evaluated"
     )
 
 
 def default_cache_factory() -> CacheFactory:
-    """``heterocache.methods.make_cache`` if the module exists, else :func:`dynamic_only_factory`."""
+    """``heterocache.engine.registry.make_cache`` if the module exists, else :func:`dynamic_only_factory`."""
     try:
-        module = importlib.import_module("heterocache.methods")
+        module = importlib.import_module("heterocache.engine.registry")
     except ModuleNotFoundError as err:
-        if err.name not in ("heterocache.methods", "heterocache"):
+        if err.name not in ("heterocache.engine.registry", "heterocache.engine", "heterocache"):
             raise  # the registry exists but one of its own imports is broken: say so
         return dynamic_only_factory
     return module.make_cache

@@ -24,13 +24,13 @@ def _method(text: str) -> str:
     try:
         return method_name(text)
     except ModuleNotFoundError as err:
-        if err.name != "heterocache.methods":
+        if err.name != "heterocache.engine.registry":
             raise
     from .caches import FULL_METHODS, is_full
 
     if not is_full(text):  # without the registry only the full cache exists
         raise argparse.ArgumentTypeError(
-            f"unknown method {text!r}: heterocache.methods is not available, so only "
+            f"unknown method {text!r}: the method registry (heterocache.engine.registry) is not available, so only "
             f"{', '.join(sorted(FULL_METHODS))} can be evaluated"
         )
     return text.strip().lower()
@@ -272,7 +272,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _is_method_registry_available() -> bool:
-    return importlib.util.find_spec("heterocache.methods") is not None
+    return importlib.util.find_spec("heterocache.engine.registry") is not None
 
 
 def _config(args: argparse.Namespace, tasks, fidelity):

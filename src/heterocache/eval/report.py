@@ -115,7 +115,7 @@ def selects_per_step(method: str) -> bool:
     """Whether ``method`` (a name or a spec ``"name:key=value"``) is a dynamic-retrieval method: it
     keeps what it may need and chooses what it reads at every decode step (Quest, ShadowKV, OmniKV:
     their policies' ``selects_per_step``). False for unknown names."""
-    from ..methods import get_method  # here, not at import: the registry imports the engine
+    from ..engine.registry import get_method  # here, not at import: the registry imports the engine
 
     try:
         entry = get_method(method.split(":")[0])

@@ -23,7 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..engine.integration import ATTENTION_NAME
 from .._compat import cache_kwarg
 from ..engine.cache import RaggedCache, _key_validity
-from ..policies.scoring import shared_scores
+from ..policy.scoring import shared_scores
 
 
 @dataclass

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine.cache import PolicyCache
+from ..engine.registry import register_method
 from ..store.ragged import RaggedKVStore
-from .base import PrefillContext
-from .budgeted import BudgetedPolicy, LayerState, evict_to_limit
+from ..policy.base import PrefillContext
+from ..policy.budgeted import BudgetedPolicy, LayerState, evict_to_limit
 
 
 @dataclass
@@ -85,3 +87,23 @@ class StreamingLLMPolicy(BudgetedPolicy):
 
     def reset(self) -> None:
         self._state.clear()
+
+
+class StreamingLLMCache(PolicyCache):
+    """StreamingLLM: 4 attention sinks + a recent window, sliding while decoding.
+
+    Args:
+        budget: fraction of the prompt KV kept per head, in (0, 1] (default 0.25).
+        **policy_kwargs: ``budget_tokens``, ``sinks``, ``evict_during_decode`` (see
+            ``StreamingLLMPolicy``).
+    """
+
+    policy_class = StreamingLLMPolicy
+
+
+register_method(
+    "streamingllm",
+    description="attention sinks + recent window, sliding while decoding (Xiao et al. 2023)",
+    cache_class=StreamingLLMCache,
+    policy_class=StreamingLLMPolicy,
+)

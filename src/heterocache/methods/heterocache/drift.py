@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..policies.scoring import pool_scores
+from ...policy.scoring import pool_scores
 
 
 def prompt_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float,

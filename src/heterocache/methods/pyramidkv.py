@@ -7,10 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budget import round_preserving_sum
-from .base import PrefillContext
-from .budgeted import num_layers_of
-from .snapkv import SnapKVPolicy
+from ..engine.cache import PolicyCache
+from ..engine.registry import register_method
+from ..policy.budget import round_preserving_sum
+from ..policy.base import PrefillContext
+from ..policy.budgeted import num_layers_of
+from ..policy.window_selection import WindowScoredPolicy
 
 
 def pyramid_budgets(
@@ -55,7 +57,7 @@ def pyramid_budgets(
 
 
 @dataclass
-class PyramidKVPolicy(SnapKVPolicy):
+class PyramidKVPolicy(WindowScoredPolicy):
     """SnapKV's token selection with per-layer budgets that shrink linearly from bottom to top.
 
     Layer ``l`` keeps ``pyramid_budgets(...)[l]`` tokens per KV head (see ``pyramid_budgets``): the
@@ -67,7 +69,8 @@ class PyramidKVPolicy(SnapKVPolicy):
     Args:
         budget: fraction of the prompt KV kept on average per head, in (0, 1]. Default 0.25.
         budget_tokens: keyword-only; average prompt tokens per head, overrides ``budget``.
-        window, kernel, pooling, gqa_reduce: as ``SnapKVPolicy`` (32, 5, "avg", "mean").
+        window, kernel, pooling, gqa_reduce: as SnapKV's (32, 5, "avg", "mean"; see
+            ``heterocache.policy.window_selection.WindowScoredPolicy``).
         beta: the top layer keeps ``1 / beta`` of the average (excluding the window). Default 20
             (paper).
     """
@@ -88,3 +91,23 @@ class PyramidKVPolicy(SnapKVPolicy):
     def plan(self, ctx: PrefillContext) -> torch.Tensor:
         B, H = ctx.key.shape[:2]
         return self.layer_budgets(ctx)[:, ctx.layer_idx, None].expand(B, H).clone()
+
+
+class PyramidKVCache(PolicyCache):
+    """PyramidKV: SnapKV's selection with layer budgets shrinking linearly from bottom to top.
+
+    Args:
+        budget: fraction of the prompt KV kept per head on average, in (0, 1] (default 0.25).
+        **policy_kwargs: ``budget_tokens``, ``beta``, ``window``, ``kernel``, ``pooling``,
+            ``gqa_reduce`` (see ``PyramidKVPolicy``).
+    """
+
+    policy_class = PyramidKVPolicy
+
+
+register_method(
+    "pyramidkv",
+    description="SnapKV's selection with layer budgets shrinking linearly bottom to top (Cai et al. 2024)",
+    cache_class=PyramidKVCache,
+    policy_class=PyramidKVPolicy,
+)

@@ -1,4 +1,10 @@
-"""SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for Before Generation")."""
+"""SnapKV's window-scored selection, shared by the methods that score prompt tokens the same way.
+
+The importance of a prompt token is the attention it receives from the last ``window`` prompt
+queries, pooled along the sequence and reduced over the GQA group (scored and stored per KV head,
+never per query head). SnapKV keeps the same number of top tokens in every layer; PyramidKV keeps
+them with per-layer budgets; CAKE validates its scoring fields with ``check_window_scoring``.
+"""
 
 from __future__ import annotations
 
@@ -12,20 +18,19 @@ from .scoring import pool_scores, reduce_gqa, topk_keep, window_attention_scores
 
 
 @dataclass
-class SnapKVPolicy(BudgetedPolicy):
+class WindowScoredPolicy(BudgetedPolicy):
     """Keep the prompt tokens most attended by the last ``window`` prompt queries.
 
     Every KV head of every layer keeps ``round(budget * prompt_tokens)`` tokens, or
-    ``min(budget_tokens, prompt_tokens)`` (uniform budget):
-    the observation window itself plus the top-scoring earlier tokens, scores summed over the window
-    queries, pooled along the sequence and reduced over the GQA group (scored and stored per KV head,
-    never per query head).
+    ``min(budget_tokens, prompt_tokens)`` (uniform budget; subclasses override ``plan`` for
+    per-layer budgets): the observation window itself plus the top-scoring earlier tokens, scores
+    summed over the window queries, pooled along the sequence and reduced over the GQA group.
 
     Args:
         budget: fraction of the prompt KV kept, in (0, 1]. Default 0.25.
         budget_tokens: keyword-only; prompt tokens kept per head, overrides ``budget`` (default None).
-        window: observation window (last prompt queries). Default 32 (paper).
-        kernel: pooling kernel. Default 5 (paper's 7 for some models; 5 in the reference code).
+        window: observation window (last prompt queries). Default 32 (SnapKV paper).
+        kernel: pooling kernel. Default 5 (the paper's 7 for some models; 5 in the reference code).
         pooling: "avg" or "max". Default "avg".
         gqa_reduce: how a GQA group's query-head scores become one KV-head score: "mean" or "max".
 
@@ -37,7 +42,6 @@ class SnapKVPolicy(BudgetedPolicy):
     kernel: int = 5
     pooling: str = "avg"
     gqa_reduce: str = "mean"
-    name = "snapkv"
 
     def __post_init__(self):
         super().__post_init__()

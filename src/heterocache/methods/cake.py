@@ -7,12 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budget import allocate_proportional, round_preserving_sum
+from ..engine.cache import PolicyCache
+from ..engine.registry import register_method
+from ..policy.budget import allocate_proportional, round_preserving_sum
 from ..store.ragged import RaggedKVStore
-from .base import PrefillContext
-from .budgeted import BudgetedPolicy, LayerState, evict_to_limit, num_layers_of, per_segment
-from .scoring import pool_scores, reduce_gqa, stored_attention, topk_keep, window_attention_stats
-from .snapkv import check_window_scoring
+from ..policy.base import PrefillContext
+from ..policy.budgeted import BudgetedPolicy, LayerState, evict_to_limit, num_layers_of, per_segment
+from ..policy.scoring import pool_scores, reduce_gqa, stored_attention, topk_keep, window_attention_stats
+from ..policy.window_selection import check_window_scoring
 
 SCORE_BUFFER = "cake.indicator"
 
@@ -232,3 +234,23 @@ class CAKEPolicy(BudgetedPolicy):
     def reset(self) -> None:
         self._decode.clear()
         self._clear_prefill()
+
+
+class CAKECache(PolicyCache):
+    """CAKE: layer budgets from attention dispersion and shift, cascading eviction.
+
+    Args:
+        budget: fraction of the prompt KV kept per head on average, in (0, 1] (default 0.25).
+        **policy_kwargs: ``budget_tokens``, ``window``, ``kernel``, ``pooling``, ``gqa_reduce``,
+            ``tau1``, ``tau2``, ``gamma``, ``cascade``, ``evict_during_decode`` (see ``CAKEPolicy``).
+    """
+
+    policy_class = CAKEPolicy
+
+
+register_method(
+    "cake",
+    description="layer budgets from attention dispersion and shift, cascading eviction (Qin et al. 2025)",
+    cache_class=CAKECache,
+    policy_class=CAKEPolicy,
+)

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine.cache import PolicyCache
+from ..engine.registry import register_method
 from ..store.ragged import RaggedKVStore
-from .base import PrefillContext
-from .budgeted import BudgetedPolicy, LayerState, evict_to_limit
-from .scoring import accumulated_attention, reduce_gqa, stored_attention, topk_keep
+from ..policy.base import PrefillContext
+from ..policy.budgeted import BudgetedPolicy, LayerState, evict_to_limit
+from ..policy.scoring import accumulated_attention, reduce_gqa, stored_attention, topk_keep
 
 SCORE_BUFFER = "h2o.accumulated_attention"
 
@@ -117,3 +119,23 @@ class H2OPolicy(BudgetedPolicy):
     def reset(self) -> None:
         self._state.clear()
         self._pending = None
+
+
+class H2OCache(PolicyCache):
+    """H2O: heavy hitters by accumulated attention + recent tokens, evicting while decoding.
+
+    Args:
+        budget: fraction of the prompt KV kept per head, in (0, 1] (default 0.25).
+        **policy_kwargs: ``budget_tokens``, ``recent_ratio``, ``evict_during_decode``, ``gqa_reduce``
+            (see ``H2OPolicy``).
+    """
+
+    policy_class = H2OPolicy
+
+
+register_method(
+    "h2o",
+    description="heavy hitters by accumulated attention + recent tokens, evicting while decoding (Zhang et al. 2023)",
+    cache_class=H2OCache,
+    policy_class=H2OPolicy,
+)

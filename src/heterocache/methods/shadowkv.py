@@ -38,13 +38,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..budget import check_budget
+from ..engine.cache import RaggedCache
+from ..engine.registry import register_method
+from ..policy.budget import check_budget
 from ..offload.host_rows import HostRows
 from ..attention.decode import SlotSelection
 from ..engine.rope import Rotary
 from ..store.ragged import RaggedKVStore, to_device
-from .base import Policy, PrefillContext
-from .budgeted import HostDevice
+from ..policy.base import Policy, PrefillContext
+from ..policy.budgeted import HostDevice
 
 #: The reference's sparse budget: tokens of rebuilt chunks attended per step (``sparse_budget=2048``).
 PUBLISHED_BUDGET_TOKENS = 2048
@@ -445,3 +447,27 @@ class ShadowKVLayer:
         self.num_rows = len(rows)
         self._refresh()
 
+
+class ShadowKVCache(RaggedCache):
+    """ShadowKV: the prompt's pre-RoPE keys as low-rank factors and one landmark per chunk on the
+    device, outlier and local chunks exact, values in host memory (pinned on CUDA); each decode step
+    rebuilds the top chunks by landmark score (Sun et al. 2024, arXiv 2410.21465).
+
+    Args:
+        budget: per-step budget as a fraction of each row's prompt, in (0, 1]; default None, which
+            means ``budget_tokens`` (2048 when not given either: the reference's ``sparse_budget``).
+        **policy_kwargs: ``budget_tokens``, ``rank``, ``rank_dims``, ``chunk_size``, ``outlier_chunks``,
+            ``local_chunks`` (see ``ShadowKVPolicy``).
+    """
+
+    def __init__(self, budget: float | None = None, block_size: int = 64, reserve: int = 128, **policy_kwargs):
+        super().__init__(ShadowKVPolicy(budget=budget, **policy_kwargs), block_size, reserve)
+
+
+register_method(
+    "shadowkv",
+    description="pre-RoPE keys as low-rank factors + chunk landmarks on the device, values in host memory; each "
+    "decode step rebuilds the top chunks by landmark score (Sun et al. 2024)",
+    cache_class=ShadowKVCache,
+    policy_class=ShadowKVPolicy,
+)

@@ -24,11 +24,14 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from ..budget import check_budget_spec
-from ..offload.host_rows import HostRows
+from ..engine.cache import PolicyCache
+from ..engine.registry import register_method
+from ..policy.budget import check_budget_spec
+from ..offload.host_context import HostContext
+from ..offload.transfer import RefreshTransfer
 from ..attention.decode import SlotSelection
 from ..store.ragged import RaggedKVStore, to_device
-from .base import Policy, PrefillContext
+from ..policy.base import Policy, PrefillContext
 
 #: The reference's filter layers (``do_select_layers`` of ``configs/example.json``) for its 32-layer
 #: Llama-3-8B; other depths scale them (``scaled_filter_layers``).
@@ -226,9 +229,6 @@ class OmniKVPolicy(Policy):
                                            store.device)
             context = host.lengths_h.copy()
             if store.device.type == "cuda" and str(store.device) not in self._transfers:
-                # imported here: heterocache.hetero imports the engine, which imports the policies
-                from ..offload.transfer import RefreshTransfer
-
                 self._transfers[str(store.device)] = RefreshTransfer(store.device)
         else:
             context = store.length_h.copy()
@@ -449,84 +449,37 @@ class _Group:
         self.chosen = self.valid = None
 
 
-class HostContext:
-    """The context KV of one offloaded layer in host memory (pinned when the model is on CUDA),
-    packed segment after segment (``s = row * H + head``), tokens in order: segment ``s``'s context
-    token ``j`` is row ``offsets[s] + j``. Read per step by indices on the model's device
-    (``HostRows``: a device kernel on the pinned rows on CUDA, no host wait).
-
-    Attributes:
-        k, v: ``[N, D]`` host tensors (N: context tokens of all segments); pos: int32 ``[N]``
-            logical positions (host).
-        lengths_h, offsets_h: int64 ``[S]`` host arrays; offsets: the same on the model's device.
-    """
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, lengths_h: np.ndarray,
-                 num_heads: int, device):
-        self.device, self.num_heads = torch.device(device), num_heads
-        self.k_rows, self.v_rows = HostRows(k, self.device), HostRows(v, self.device)
-        self.k, self.v = self.k_rows.host, self.v_rows.host
-        self.pos = pos.detach().to("cpu").contiguous()
-        self.lengths_h = np.asarray(lengths_h, np.int64).copy()
-        self.offsets_h = np.cumsum(self.lengths_h) - self.lengths_h
-        self.offsets = to_device(self.offsets_h, self.device)
-
-    @classmethod
-    def from_prompt(cls, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, device) -> HostContext:
-        """From a prompt's ``key, value [B, H, L, D]`` and real tokens ``valid [B, L]`` (prefill)."""
-        B, H, L, D = key.shape
-        keep = valid[:, None, :].expand(B, H, L).reshape(B * H, L)
-        pos = torch.arange(L, device=key.device, dtype=torch.int32).expand(B * H, L)[keep]
-        lengths = keep.sum(-1).cpu().numpy()  # prefill: host reads are fine here
-        return cls(key.reshape(B * H, L, D)[keep], value.reshape(B * H, L, D)[keep], pos, lengths, H, device)
-
-    @classmethod
-    def from_store(cls, store: RaggedKVStore) -> HostContext:
-        """A copy of every token a store holds (the end of a later turn)."""
-        slots = store.used_slots()
-        return cls(store.k[slots], store.v[slots], store.pos[slots], store.length_h, store.num_heads, store.device)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
-
-    def gather(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[S * k, D]`` on the model's device of the context tokens ``chosen
-        [B, k]`` (int64 on the model's device, one choice per row for all its heads; entries past
-        a segment's context are clamped, and masked by the caller). No host read of any value."""
-        B, k = chosen.shape
-        flat = (self.offsets.view(B, self.num_heads, 1) + chosen.view(B, 1, k)).reshape(-1)
-        flat = flat.clamp(0, max(self.k.shape[0] - 1, 0))
-        return self.k_rows.gather(flat), self.v_rows.gather(flat)
-
-    def restore_into(self, store: RaggedKVStore) -> None:
-        """Refill ``store`` with this context followed by the tokens it holds (decoded since)."""
-        B, H, D = store.num_rows, store.num_heads, store.head_dim
-        S, C = B * H, int(self.lengths_h.max()) if self.lengths_h.size else 0
-        j = np.arange(C)
-        inside = j[None, :] < self.lengths_h[:, None]
-        rows = torch.from_numpy(np.where(inside, self.offsets_h[:, None] + j[None, :], 0).reshape(-1))
-        dev = store.device
-        k_ctx = self.k.index_select(0, rows).to(dev).view(B, H, C, D)
-        v_ctx = self.v.index_select(0, rows).to(dev).view(B, H, C, D)
-        pos_ctx = self.pos.index_select(0, rows).to(dev).view(S, C).long()
-        k_dec, v_dec, valid_dec, pos_dec = store.padded()
-        keep = torch.cat([torch.from_numpy(inside).to(dev).view(B, H, C), valid_dec], 2)
-        positions = torch.cat([pos_ctx, pos_dec.reshape(S, -1)], 1)
-        store.fill(torch.cat([k_ctx, k_dec], 2), torch.cat([v_ctx, v_dec], 2), keep, positions)
-
-    def select_segments(self, segments: np.ndarray) -> None:
-        """Keep (reorder, repeat) segments: segment i becomes old segment ``segments[i]``."""
-        from ..store.ragged import segment_ranges_host
-
-        segments = np.asarray(segments, np.int64)
-        rows = torch.from_numpy(segment_ranges_host(self.offsets_h[segments], self.lengths_h[segments]))
-        k, v, pos = (t.index_select(0, rows) for t in (self.k, self.v, self.pos))
-        self.__init__(k, v, pos, self.lengths_h[segments], self.num_heads, self.device)
-
-
 def _empty(store: RaggedKVStore) -> None:
     """Drop every token of a store (fresh, minimal buffers)."""
     B, H, D = store.num_rows, store.num_heads, store.head_dim
     none = store.k.new_zeros(B, H, 0, D)
     store.fill(none, none, torch.zeros(B, H, 0, dtype=torch.bool, device=store.device),
                torch.zeros(0, dtype=torch.long, device=store.device))
+
+
+class OmniKVCache(PolicyCache):
+    """OmniKV: every token kept; at each decode step a few filter layers choose the context tokens
+    their query attends to most, and the layers behind each filter layer attend only to those
+    (Hao et al., ICLR 2025, https://openreview.net/forum?id=ulCAPXYXfa). Saves bandwidth per step;
+    with ``offload=True`` also the device memory of the sparse layers' context.
+
+    Args:
+        budget: share of each row's context read by the sparse layers per step, in (0, 1]
+            (default 0.067, the reference's ``num_of_selected_tokens``).
+        **policy_kwargs: ``budget_tokens``, ``filter_layers``, ``dense_after_filter``, ``scores``,
+            ``offload`` (see ``OmniKVPolicy``).
+    """
+
+    policy_class = OmniKVPolicy
+
+    def __init__(self, budget: float | None = 0.067, block_size: int = 64, reserve: int = 128, **policy_kwargs):
+        super().__init__(budget, block_size, reserve, **policy_kwargs)
+
+
+register_method(
+    "omnikv",
+    description="every token kept; per decode step filter layers choose the context tokens the layers behind "
+    "them attend to, optionally fetched from host memory (Hao et al. 2025)",
+    cache_class=OmniKVCache,
+    policy_class=OmniKVPolicy,
+)

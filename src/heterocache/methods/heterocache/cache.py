@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from ..engine.cache import RaggedCache
-from ..engine.memory import build_memory_report
-from ..profile import HeadProfile, profile_for_model
+from ...engine.cache import RaggedCache
+from ...engine.memory import build_memory_report
+from ...profile import HeadProfile, profile_for_model
 from .policy import HeteroCachePolicy
 
 

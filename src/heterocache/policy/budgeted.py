@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..budget import check_budget_spec, tokens_for_budget
+from .budget import check_budget_spec, tokens_for_budget
 from ..store.ragged import RaggedKVStore, to_device
 from .base import Policy, PrefillContext
 
 
 @dataclass
 class BudgetedPolicy(Policy):
-    """Base class of the policies that keep a budget of the prompt (see ``heterocache.budget``).
+    """Base class of the policies that keep a budget of the prompt (see ``heterocache.policy.budget``).
 
     Args:
         budget: fraction of the prompt KV kept, in (0, 1]. Default 0.25.

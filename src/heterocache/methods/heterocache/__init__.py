@@ -16,10 +16,10 @@ __all__ = [
 
 
 def _register() -> None:
-    """Make HeteroCache available as method "heterocache" (``heterocache.methods.make_cache``)."""
+    """Make HeteroCache available as method "heterocache" (``heterocache.make_cache``)."""
     import dataclasses
 
-    from ..methods import register_method
+    from ...engine.registry import register_method
 
     def factory(budget, model, profile=None, **params):
         if profile is not None:

@@ -32,19 +32,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..engine.architectures import check_architecture
-from ..budget import check_budget_spec
-from ..page_summaries import page_bounds, page_minmax
-from ..engine.parallel import KVShard, TensorParallelError
-from ..policies.base import Policy, PrefillContext
-from ..policies.scoring import pool_scores, reduce_gqa, row_taps, topk_keep, window_attention_scores
-from ..profile import HeadProfile, Role
-from ..profile.clustering import budget_ratios
-from ..store.ragged import RaggedKVStore, segment_ranges_host, to_device
+from ...engine.architectures import check_architecture
+from ...policy.budget import check_budget_spec
+from ...policy.pages import page_bounds, page_minmax
+from ...engine.parallel import KVShard, TensorParallelError
+from ...policy.base import Policy, PrefillContext
+from ...policy.scoring import pool_scores, reduce_gqa, row_taps, topk_keep, window_attention_scores
+from ...profile import HeadProfile, Role
+from ...profile.clustering import budget_ratios
+from ...store.ragged import RaggedKVStore, segment_ranges_host, to_device
 from .drift import membership, pivot_scores, set_overlap, topk_sets
-from ..offload.host_store import SatelliteHostStore
+from ...offload.host_store import SatelliteHostStore
 from .plan import auto_kernel, budget_floor, check_budget_above_floor, pivot_offload_pays, plan_tokens
-from ..offload.transfer import RefreshTransfer
+from ...offload.transfer import RefreshTransfer
 
 
 @dataclass

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..budget import check_budget_spec
-from ..page_summaries import page_bounds, page_minmax
+from ..engine.cache import PolicyCache
+from ..engine.registry import register_method
+from ..policy.budget import check_budget_spec
+from ..policy.pages import page_bounds, page_minmax
 from ..attention.decode import SlotSelection
 from ..store.ragged import RaggedKVStore
-from .base import Policy, PrefillContext
+from ..policy.base import Policy, PrefillContext
 
 
 @dataclass
@@ -197,3 +199,25 @@ class PageSummaries:
         slots = torch.where(valid, store.start[lead + (None,)] + within, torch.zeros_like(within))
         rows = pages.numel() // k
         return SlotSelection(slots.reshape(rows, k * self.page_size), valid.reshape(rows, k * self.page_size))
+
+
+class QuestCache(PolicyCache):
+    """Quest: every token kept; each decode step reads only the pages whose key bounds score
+    highest for the query (Tang et al. 2024, arXiv 2406.10774). Saves bandwidth, not memory.
+
+    Args:
+        budget: fraction of the stored tokens read per step, in (0, 1] (default 0.25).
+        **policy_kwargs: ``budget_tokens``, ``page_size``, ``dense_layers``, ``min_pages``,
+            ``gqa_reduce`` (see ``QuestPolicy``).
+    """
+
+    policy_class = QuestPolicy
+
+
+register_method(
+    "quest",
+    description="every token kept; each decode step reads the top pages by query-aware key bounds "
+    "(Tang et al. 2024)",
+    cache_class=QuestCache,
+    policy_class=QuestPolicy,
+)

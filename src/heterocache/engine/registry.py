@@ -3,18 +3,21 @@
 ::
 
     import heterocache
-    from heterocache.methods import list_methods, make_cache
+    from heterocache import list_methods, make_cache
 
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="heterocache")
     cache = make_cache("snapkv", 0.25, model)            # a fresh transformers Cache
     model.generate(**inputs, cache=cache)                # past_key_values= before transformers 5.24
     make_cache("h2o", None, model, budget_tokens=512)    # an absolute budget: 512 tokens per head
 
-Each compressing method is a policy dataclass (``heterocache.policies``) and a convenience cache
-class here (``StreamingLLMCache(budget=0.25)``, ...). ``budget`` is the fraction of the prompt KV
-kept, in (0, 1] (kvpress's ``compression_ratio`` is ``1 - budget``); ``budget_tokens`` keeps an
-absolute number of prompt tokens per head instead. Methods defined elsewhere register themselves
-with ``register_method``; "heterocache" is loaded from ``heterocache.hetero`` when first asked for.
+Each method is a module of :mod:`heterocache.methods` (its policy dataclass and a convenience
+cache class, ``StreamingLLMCache(budget=0.25)``, ...) that registers itself here with
+``register_method``; the registry imports :mod:`heterocache.methods` (all of them, in order) the
+first time it is asked for a method, and registers transformers' own cache ("dynamic") itself.
+``budget`` is the fraction of the prompt KV kept, in (0, 1] (kvpress's ``compression_ratio`` is
+``1 - budget``); ``budget_tokens`` keeps an absolute number of prompt tokens per head instead.
+Methods defined elsewhere register themselves with ``register_method``, or are imported when first
+asked for (``PROVIDERS``).
 """
 
 from __future__ import annotations
@@ -29,33 +32,15 @@ from typing import Any
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from ._method_names import ALIASES, DEPRECATED_ALIASES, PROVIDERS
-from ._method_names import canonical_name as _canonical_name
-from ._method_names import spec_value as _spec_value
-from .engine.architectures import check_architecture
-from .engine.integration import ATTENTION_NAME
-from .engine.cache import FullKVCache, RaggedCache, SnapKVCache
-from .policies import (
-    CAKEPolicy,
-    FullKVPolicy,
-    H2OPolicy,
-    OmniKVPolicy,
-    PyramidKVPolicy,
-    QuestPolicy,
-    ShadowKVPolicy,
-    SnapKVPolicy,
-    StreamingLLMPolicy,
-)
+from .._method_names import ALIASES, DEPRECATED_ALIASES, PROVIDERS
+from .._method_names import canonical_name as _canonical_name
+from .._method_names import spec_value as _spec_value
+from .architectures import check_architecture
+from .cache import RaggedCache
+from .integration import ATTENTION_NAME
 
 __all__ = [
-    "CAKECache",
-    "H2OCache",
     "Method",
-    "OmniKVCache",
-    "PyramidKVCache",
-    "QuestCache",
-    "ShadowKVCache",
-    "StreamingLLMCache",
     "describe_methods",
     "get_method",
     "list_methods",
@@ -64,111 +49,8 @@ __all__ = [
     "register_method",
 ]
 
-
-# ---------------------------------------------------------------------------------------- caches
-class _PolicyCache(RaggedCache):
-    """A ``RaggedCache`` driven by one policy class, built from the policy's parameters."""
-
-    policy_class: type = FullKVPolicy
-
-    def __init__(self, budget: float | None = 0.25, block_size: int = 64, reserve: int = 128, **policy_kwargs):
-        super().__init__(self.policy_class(budget=budget, **policy_kwargs), block_size, reserve)
-
-
-class StreamingLLMCache(_PolicyCache):
-    """StreamingLLM: 4 attention sinks + a recent window, sliding while decoding.
-
-    Args:
-        budget: fraction of the prompt KV kept per head, in (0, 1] (default 0.25).
-        **policy_kwargs: ``budget_tokens``, ``sinks``, ``evict_during_decode`` (see
-            ``StreamingLLMPolicy``).
-    """
-
-    policy_class = StreamingLLMPolicy
-
-
-class H2OCache(_PolicyCache):
-    """H2O: heavy hitters by accumulated attention + recent tokens, evicting while decoding.
-
-    Args:
-        budget: fraction of the prompt KV kept per head, in (0, 1] (default 0.25).
-        **policy_kwargs: ``budget_tokens``, ``recent_ratio``, ``evict_during_decode``, ``gqa_reduce``
-            (see ``H2OPolicy``).
-    """
-
-    policy_class = H2OPolicy
-
-
-class PyramidKVCache(_PolicyCache):
-    """PyramidKV: SnapKV's selection with layer budgets shrinking linearly from bottom to top.
-
-    Args:
-        budget: fraction of the prompt KV kept per head on average, in (0, 1] (default 0.25).
-        **policy_kwargs: ``budget_tokens``, ``beta``, ``window``, ``kernel``, ``pooling``,
-            ``gqa_reduce`` (see ``PyramidKVPolicy``).
-    """
-
-    policy_class = PyramidKVPolicy
-
-
-class CAKECache(_PolicyCache):
-    """CAKE: layer budgets from attention dispersion and shift, cascading eviction.
-
-    Args:
-        budget: fraction of the prompt KV kept per head on average, in (0, 1] (default 0.25).
-        **policy_kwargs: ``budget_tokens``, ``window``, ``kernel``, ``pooling``, ``gqa_reduce``,
-            ``tau1``, ``tau2``, ``gamma``, ``cascade``, ``evict_during_decode`` (see ``CAKEPolicy``).
-    """
-
-    policy_class = CAKEPolicy
-
-
-class QuestCache(_PolicyCache):
-    """Quest: every token kept; each decode step reads only the pages whose key bounds score
-    highest for the query (Tang et al. 2024, arXiv 2406.10774). Saves bandwidth, not memory.
-
-    Args:
-        budget: fraction of the stored tokens read per step, in (0, 1] (default 0.25).
-        **policy_kwargs: ``budget_tokens``, ``page_size``, ``dense_layers``, ``min_pages``,
-            ``gqa_reduce`` (see ``QuestPolicy``).
-    """
-
-    policy_class = QuestPolicy
-
-
-class OmniKVCache(_PolicyCache):
-    """OmniKV: every token kept; at each decode step a few filter layers choose the context tokens
-    their query attends to most, and the layers behind each filter layer attend only to those
-    (Hao et al., ICLR 2025, https://openreview.net/forum?id=ulCAPXYXfa). Saves bandwidth per step;
-    with ``offload=True`` also the device memory of the sparse layers' context.
-
-    Args:
-        budget: share of each row's context read by the sparse layers per step, in (0, 1]
-            (default 0.067, the reference's ``num_of_selected_tokens``).
-        **policy_kwargs: ``budget_tokens``, ``filter_layers``, ``dense_after_filter``, ``scores``,
-            ``offload`` (see ``OmniKVPolicy``).
-    """
-
-    policy_class = OmniKVPolicy
-
-    def __init__(self, budget: float | None = 0.067, block_size: int = 64, reserve: int = 128, **policy_kwargs):
-        super().__init__(budget, block_size, reserve, **policy_kwargs)
-
-
-class ShadowKVCache(RaggedCache):
-    """ShadowKV: the prompt's pre-RoPE keys as low-rank factors and one landmark per chunk on the
-    device, outlier and local chunks exact, values in host memory (pinned on CUDA); each decode step
-    rebuilds the top chunks by landmark score (Sun et al. 2024, arXiv 2410.21465).
-
-    Args:
-        budget: per-step budget as a fraction of each row's prompt, in (0, 1]; default None, which
-            means ``budget_tokens`` (2048 when not given either: the reference's ``sparse_budget``).
-        **policy_kwargs: ``budget_tokens``, ``rank``, ``rank_dims``, ``chunk_size``, ``outlier_chunks``,
-            ``local_chunks`` (see ``ShadowKVPolicy``).
-    """
-
-    def __init__(self, budget: float | None = None, block_size: int = 64, reserve: int = 128, **policy_kwargs):
-        super().__init__(ShadowKVPolicy(budget=budget, **policy_kwargs), block_size, reserve)
+#: The package whose modules register the built-in methods (imported on first look-up).
+BUILTINS = "heterocache.methods"
 
 
 # -------------------------------------------------------------------------------------- registry
@@ -247,6 +129,7 @@ def register_method(
     Returns:
         the registered ``Method``.
     """
+    _load_builtins()  # the built-in methods first: they keep their names and places in the listing
     key = name.lower()
     if key in _REGISTRY and not replace:
         raise ValueError(f"method {key!r} is registered already (pass replace=True to replace it)")
@@ -283,6 +166,17 @@ def _class_factory(cache_class: type, uses_budget: bool) -> Callable[..., Cache]
     return factory
 
 
+def _load_builtins() -> None:
+    """Import the built-in methods (``BUILTINS``; each registers itself), once; a build without
+    them is not an error. While they are being imported this returns at once (Python hands back the
+    partly imported package), so their own ``register_method`` calls keep their order."""
+    try:
+        importlib.import_module(BUILTINS)
+    except ModuleNotFoundError as err:
+        if err.name is None or not (BUILTINS == err.name or BUILTINS.startswith(err.name + ".")):
+            raise
+
+
 def _load_provider(key: str) -> None:
     """Import the module that registers ``key`` (if any and not registered yet); a provider that
     does not exist yet is not an error, a broken one is."""
@@ -307,13 +201,14 @@ def get_method(method: str) -> Method:
         ValueError: unknown name (the message lists the known ones).
     """
     key = _canonical(method)
+    _load_builtins()
     _load_provider(key)
     if key in _REGISTRY:
         return _REGISTRY[key]
     if key in PROVIDERS:
         raise ValueError(
             f"method {method!r} is provided by {PROVIDERS[key]}, which is not available or did not register it "
-            f"(it should call heterocache.methods.register_method({key!r}, ...)); "
+            f"(it should call heterocache.register_method({key!r}, ...)); "
             f"available methods: {', '.join(_REGISTRY)}"
         )
     known = [*_REGISTRY, *(p for p in PROVIDERS if p not in _REGISTRY)]
@@ -322,6 +217,7 @@ def get_method(method: str) -> Method:
 
 def list_methods() -> list[str]:
     """Names of the available methods, in registration order (providers loaded when available)."""
+    _load_builtins()
     for key in PROVIDERS:
         _load_provider(key)
     return list(_REGISTRY)
@@ -418,70 +314,13 @@ def _dynamic_factory(budget, model, **params) -> Cache:
     return DynamicCache(config=config) if config is not None else DynamicCache()
 
 
-register_method(
-    "dynamic",
+# transformers' own cache, registered here (first), not by a module of heterocache.methods
+_REGISTRY["dynamic"] = Method(
+    name="dynamic",
     description="transformers' DynamicCache read by the model's own attention (no compression, outside the engine)",
-    cache_class=DynamicCache,
     factory=_dynamic_factory,
-    params={},
+    cache_class=DynamicCache,
+    params=MappingProxyType({}),
     uses_budget=False,
     needs_heterocache_attention=False,
-)
-register_method(
-    "fullkv",
-    description="every token on the ragged engine (no compression; exactly DynamicCache's tokens)",
-    cache_class=FullKVCache,
-    policy_class=FullKVPolicy,
-    uses_budget=False,
-)
-register_method(
-    "streamingllm",
-    description="attention sinks + recent window, sliding while decoding (Xiao et al. 2023)",
-    cache_class=StreamingLLMCache,
-    policy_class=StreamingLLMPolicy,
-)
-register_method(
-    "h2o",
-    description="heavy hitters by accumulated attention + recent tokens, evicting while decoding (Zhang et al. 2023)",
-    cache_class=H2OCache,
-    policy_class=H2OPolicy,
-)
-register_method(
-    "snapkv",
-    description="prompt tokens most attended by the last prompt queries, pooled (Li et al. 2024)",
-    cache_class=SnapKVCache,
-    policy_class=SnapKVPolicy,
-)
-register_method(
-    "pyramidkv",
-    description="SnapKV's selection with layer budgets shrinking linearly bottom to top (Cai et al. 2024)",
-    cache_class=PyramidKVCache,
-    policy_class=PyramidKVPolicy,
-)
-register_method(
-    "cake",
-    description="layer budgets from attention dispersion and shift, cascading eviction (Qin et al. 2025)",
-    cache_class=CAKECache,
-    policy_class=CAKEPolicy,
-)
-register_method(
-    "quest",
-    description="every token kept; each decode step reads the top pages by query-aware key bounds "
-    "(Tang et al. 2024)",
-    cache_class=QuestCache,
-    policy_class=QuestPolicy,
-)
-register_method(
-    "omnikv",
-    description="every token kept; per decode step filter layers choose the context tokens the layers behind "
-    "them attend to, optionally fetched from host memory (Hao et al. 2025)",
-    cache_class=OmniKVCache,
-    policy_class=OmniKVPolicy,
-)
-register_method(
-    "shadowkv",
-    description="pre-RoPE keys as low-rank factors + chunk landmarks on the device, values in host memory; each "
-    "decode step rebuilds the top chunks by landmark score (Sun et al. 2024)",
-    cache_class=ShadowKVCache,
-    policy_class=ShadowKVPolicy,
 )

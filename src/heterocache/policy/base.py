@@ -1,5 +1,8 @@
 """The policy interface: which prompt tokens each (layer, KV head) keeps, and what happens at
 each decode step. A policy decides; the store holds; the attention reads.
+
+``FullKVPolicy`` is the interface's defaults under a name (keep everything): what a ``RaggedCache``
+uses when given no policy.
 """
 
 from __future__ import annotations
@@ -162,3 +165,14 @@ class Policy:
 
     def reset(self) -> None:
         """Forget all per-prompt state."""
+
+
+@dataclass
+class FullKVPolicy(Policy):
+    """Keeps the whole prompt and every decoded token. Gives exactly DynamicCache's tokens.
+
+    The default policy of ``RaggedCache`` (the engine's uncompressed reference); method "fullkv"
+    (:mod:`heterocache.methods.fullkv`) is this policy by name.
+    """
+
+    name = "fullkv"
