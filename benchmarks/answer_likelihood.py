@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from heterocache.bench_cli import machine_info
+from heterocache.bench.cli import machine_info
 from heterocache.eval.paired import paired_difference
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.shared_prefill import PrefillTarget, _step, prefill_many

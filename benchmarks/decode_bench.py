@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from heterocache import FullKVCache, SnapKVCache
-from heterocache.bench import dynamic_cache, measure_decode
+from heterocache.bench.measure import dynamic_cache, measure_decode
 from heterocache.models import load_smollm2
 
 WORDS = (

@@ -7,7 +7,7 @@ milliseconds per step on the device path, and decode ms/token on this machine's 
 For each method and prompt length: one prefill, then ``--timed`` greedy steps on the default
 strategy (on CPU: "segments"), timed (median ms/token), then ``--counted`` steps on the device
 strategy (``HETEROCACHE_DECODE_STRATEGY=device``: the path CUDA tensors take, with PyTorch standing
-in for the Triton kernel) under ``heterocache.diagnostics.HostReadCounter``. DynamicCache + sdpa is
+in for the Triton kernel) under ``heterocache.bench.diagnostics.HostReadCounter``. DynamicCache + sdpa is
 the reference. Run on an otherwise idle machine.
 """
 
@@ -37,9 +37,9 @@ from heterocache import (
     StreamingLLMCache,
 )
 from heterocache._compat import cache_kwarg
-from heterocache.bench import kv_bytes, prompt_ids
-from heterocache.bench_cli import machine_info
-from heterocache.diagnostics import count_steps
+from heterocache.bench.measure import kv_bytes, prompt_ids
+from heterocache.bench.cli import machine_info
+from heterocache.bench.diagnostics import count_steps
 from heterocache.methods.heterocache import HeteroCache
 from heterocache.engine.registry import make_cache, parse_method_spec
 from heterocache.models import load_smollm2

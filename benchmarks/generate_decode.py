@@ -29,7 +29,7 @@ import transformers
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from heterocache._compat import cache_kwarg
-from heterocache.bench_cli import machine_info
+from heterocache.bench.cli import machine_info
 from heterocache.engine.registry import get_method, make_cache, parse_method_spec
 from heterocache.models import SMOLLM2_NAME, load_smollm2
 

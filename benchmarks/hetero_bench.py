@@ -23,7 +23,7 @@ import torch
 
 from heterocache import FullKVCache
 from heterocache._compat import cache_kwarg
-from heterocache.bench import measure_decode
+from heterocache.bench.measure import measure_decode
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.tasks.ruler import NeedleTask
 from heterocache.methods.heterocache import HeteroCache, InfeasibleBudgetError

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from heterocache.bench_cli import machine_info
+from heterocache.bench.cli import machine_info
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.shared_prefill import PrefillTarget, prefill_many
 from heterocache.eval.tasks import get_task

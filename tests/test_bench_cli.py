@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from heterocache.bench import measure_decode, prompt_ids
+from heterocache.bench.measure import measure_decode, prompt_ids
 from heterocache.cli import main
 from heterocache.engine.registry import make_cache
 from heterocache.models import random_model
@@ -80,6 +80,6 @@ def test_random_model_has_the_published_shape_and_finds_its_profile():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bandwidth_is_measured_on_cuda():
-    from heterocache.bench import copy_bandwidth
+    from heterocache.bench.measure import copy_bandwidth
 
     assert copy_bandwidth("cuda", 1 << 26) > 1e11

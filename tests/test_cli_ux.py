@@ -227,7 +227,7 @@ def test_bench_where_every_cell_is_infeasible_says_so_and_draws_nothing(toy_conf
 
 
 def test_plot_bench_refuses_rows_without_measurements(tmp_path):
-    from heterocache.bench_cli import plot_bench
+    from heterocache.bench.cli import plot_bench
 
     rows = [{"method": "heterocache", "budget": 0.1, "length": 64, "batch": 1, "error": "out of memory"}]
     with pytest.raises(ValueError, match=r"(?s)no cell could be measured.*out of memory.*smaller --batch-sizes"):
@@ -340,7 +340,7 @@ def test_single_budget_plot_has_the_reference_line_and_a_title_that_fits(tmp_pat
 
 # ---- 6. one name for the reference cache ----------------------------------------------------------
 def test_eval_and_bench_call_the_reference_dynamic():
-    from heterocache.bench_cli import DEFAULT_METHODS
+    from heterocache.bench.cli import DEFAULT_METHODS
     from heterocache.cli import build_parser
     from heterocache.eval import EvalConfig
 

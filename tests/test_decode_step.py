@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from heterocache import CAKECache, FullKVCache, H2OCache, PyramidKVCache, SnapKVCache, StreamingLLMCache
 from heterocache._compat import cache_kwarg
-from heterocache.diagnostics import HostReadCounter, count_decode_steps
+from heterocache.bench.diagnostics import HostReadCounter, count_decode_steps
 from heterocache.methods.heterocache import HeteroCache
 from heterocache.methods.heterocache.drift import pivot_scores, prompt_scores
 from heterocache.profile.testing import toy_profile

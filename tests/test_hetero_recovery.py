@@ -297,7 +297,7 @@ def test_a_budget_that_cannot_pay_for_any_summaries_warns_and_keeps_the_plan():
 
 
 def test_summary_drift_checks_in_decode_steps_read_no_more_device_values_than_dynamic_cache(monkeypatch):
-    from heterocache.diagnostics import count_decode_steps
+    from heterocache.bench.diagnostics import count_decode_steps
 
     monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", "device")
     model = toy_model()

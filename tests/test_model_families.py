@@ -241,7 +241,7 @@ def test_what_a_sliding_layer_cannot_do_is_refused():
 
 # ----------------------------------------------------------------------------- the decode step
 def test_sliding_layers_add_no_host_read_to_the_decode_step_and_the_device_path_is_exact(monkeypatch):
-    from heterocache.diagnostics import count_decode_steps
+    from heterocache.bench.diagnostics import count_decode_steps
 
     model = family_model("gemma3", torch.float64)
     ids = torch.randint(1, 256, (2, 60), generator=torch.Generator().manual_seed(6))

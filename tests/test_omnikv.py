@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from heterocache import FullKVCache, OmniKVCache, OmniKVPolicy, PrefillContext
 from heterocache._compat import cache_kwarg
-from heterocache.diagnostics import count_decode_steps
+from heterocache.bench.diagnostics import count_decode_steps
 from heterocache.methods.omnikv import scaled_filter_layers
 from heterocache.store.ragged import RaggedKVStore
 

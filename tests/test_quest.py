@@ -10,7 +10,7 @@ from conftest import dynamic_reference, tiny_model
 
 from heterocache import FullKVCache, QuestCache, QuestPolicy
 from heterocache._compat import cache_kwarg
-from heterocache.diagnostics import count_decode_steps
+from heterocache.bench.diagnostics import count_decode_steps
 from heterocache.methods.quest import PageSummaries
 from heterocache.attention.decode import SlotSelection, selected_decode_attention
 from heterocache.store.ragged import RaggedKVStore

@@ -13,7 +13,7 @@ from transformers import LlamaConfig
 
 from heterocache import FullKVCache, ShadowKVCache, ShadowKVPolicy
 from heterocache._compat import cache_kwarg
-from heterocache.diagnostics import count_decode_steps
+from heterocache.bench.diagnostics import count_decode_steps
 from heterocache.offload.host_rows import HostRows
 from heterocache.policy.base import PrefillContext
 from heterocache.attention.decode import selected_decode_attention

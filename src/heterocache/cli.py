@@ -20,7 +20,7 @@ from ._version import __version__
 _COMMAND_MODULES = (
     "heterocache.profile.cli",
     "heterocache.eval.cli",
-    "heterocache.bench_cli",
+    "heterocache.bench.cli",
 )
 
 

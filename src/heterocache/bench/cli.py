@@ -28,7 +28,7 @@ from pathlib import Path
 
 # Only the standard library at import time: `heterocache --help` imports this module to list the
 # sub-command. torch and the measuring code are imported by the functions that run.
-from ._argparse import RawHelpFormatter, UsageError, bounded, command, csv, device_name, method_name
+from .._argparse import RawHelpFormatter, UsageError, bounded, command, csv, device_name, method_name
 
 DEFAULT_METHODS = "dynamic,fullkv,heterocache,snapkv"
 
@@ -71,7 +71,7 @@ _MAX_BATCH_NEEDS_CUDA = "searches until the GPU runs out of memory; it needs --d
 def _check(args: argparse.Namespace) -> None:
     """Everything about the request that can be known without torch: the model and its config,
     the profile of every heterocache method and whether it fits the model, the output folder."""
-    from ._preflight import (
+    from .._preflight import (
         check_heterocache_profiles,
         check_model,
         check_out_folder,
@@ -90,7 +90,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     if not args.no_plot:
-        from ._optional import MissingExtraError, require_matplotlib
+        from .._optional import MissingExtraError, require_matplotlib
 
         try:
             require_matplotlib("bench.png")  # fail now, not after the measurements
@@ -98,7 +98,7 @@ def _main(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: {err} (or pass --no-plot)") from None
     import torch
 
-    from ._preflight import check_method_options
+    from .._preflight import check_method_options
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.max_batch and device.type != "cuda":
@@ -110,13 +110,13 @@ def _main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
 
-    from .models import load_model
+    from ..models import load_model
 
     model, tokenizer = load_model(args.model, attn_implementation="heterocache", dtype=dtype, device=device,
                                   num_layers=args.num_layers)
     hetero = [m for m in args.methods if m.split(":")[0] == "heterocache"]
     if not args.profile and any("profile=" not in m for m in hetero):  # the profile found for the model
-        from .profile import ProfileError, profile_for_model
+        from ..profile import ProfileError, profile_for_model
 
         try:
             profile_for_model(model)  # fail now, not after the other methods ran
@@ -220,7 +220,7 @@ def run_bench(
     """
     from tqdm.auto import tqdm
 
-    from .bench import copy_bandwidth, prompt_ids, weight_bytes_read_per_step
+    from .measure import copy_bandwidth, prompt_ids, weight_bytes_read_per_step
 
     device = next(model.parameters()).device
     bandwidth = copy_bandwidth(device)
@@ -262,7 +262,7 @@ def run_bench(
 
 
 def _method_budgets(methods, budgets):
-    from .engine.registry import get_method, parse_method_spec
+    from ..engine.registry import get_method, parse_method_spec
 
     for method in methods:  # a method may carry options: "heterocache:turn_reselect=pivot"
         if get_method(parse_method_spec(method)[0]).uses_budget:
@@ -274,9 +274,9 @@ def _method_budgets(methods, budgets):
 def _cell(model, ids, method, budget, batch, new_tokens, warmup, params) -> dict:
     import torch
 
-    from .bench import measure_decode
-    from .methods.heterocache.plan import InfeasibleBudgetError
-    from .engine.registry import make_cache
+    from .measure import measure_decode
+    from ..methods.heterocache.plan import InfeasibleBudgetError
+    from ..engine.registry import make_cache
 
     row = {"method": method, "budget": budget, "length": int(ids.shape[1]), "batch": batch}
     model.set_attn_implementation("sdpa" if method == "dynamic" else "heterocache")
@@ -353,7 +353,7 @@ def plot_bench(result: dict, path) -> None:
     failed = nothing_measured(result["rows"])
     if failed:
         raise ValueError(failed)
-    from ._optional import require_matplotlib
+    from .._optional import require_matplotlib
 
     require_matplotlib("the bench plot")
     import matplotlib.pyplot as plt

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from transformers import Cache, DynamicCache
 
-from ._compat import cache_kwarg
+from .._compat import cache_kwarg
 
 
 def kv_bytes(cache: Cache) -> int:

@@ -99,7 +99,7 @@ def count_steps(model, cache, token: torch.Tensor, steps: int, warmup: int = 0) 
         step (means), ``host_ms`` (median wall time of the counted steps, the counter's own
         overhead included), ``reads_by_kind`` (totals) and ``logits`` of the last step.
     """
-    from ._compat import cache_kwarg
+    from .._compat import cache_kwarg
 
     kw = cache_kwarg(model, cache)
     generated, reads, ops, times, kinds = [], [], [], [], Counter()
@@ -141,7 +141,7 @@ def count_decode_steps(model, input_ids: torch.Tensor, cache, steps: int = 10, w
     Returns:
         ``count_steps``'s counts and ``tokens`` ``[B, 1 + warmup + steps]``.
     """
-    from ._compat import cache_kwarg
+    from .._compat import cache_kwarg
 
     logits = model(input_ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
     token = logits.argmax(-1, keepdim=True)
