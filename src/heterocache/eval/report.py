@@ -327,7 +327,7 @@ def write_report(results_paths, out_md: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m heterocache.eval.report``: the same command as ``heterocache eval-report``."""
-    from .._argparse import HelpFormatter
+    from ..cli._argparse import HelpFormatter
     from .cli import REPORT_DESCRIPTION, add_report_arguments
 
     parser = argparse.ArgumentParser(prog="python -m heterocache.eval.report", description=REPORT_DESCRIPTION,

@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from .._argparse import ArgumentParser, HelpFormatter, UsageError, bounded, command, device_name, dispatch, odd
+from ..cli._argparse import ArgumentParser, HelpFormatter, UsageError, bounded, command, device_name, dispatch, odd
 from .._optional import MissingExtraError
 from .errors import ProfileError
 
@@ -149,7 +149,7 @@ def _add_convert(commands: Any) -> None:
 
 # ---- checks before any work (torch-free; a UsageError is a one-line error, exit status 2)
 def _check_run(args: argparse.Namespace) -> None:
-    from .._preflight import check_model, check_out_file
+    from ..cli._preflight import check_model, check_out_file
 
     check_model(args.model, option="MODEL", hub=True, gguf=True)
     if args.calibration is not None:
@@ -168,7 +168,7 @@ def _check_profiles(*dests: str):
     ``smollm2`` and the other short model names are accepted, as by ``--model``."""
 
     def check(args: argparse.Namespace) -> None:
-        from .._preflight import resolve_profile
+        from ..cli._preflight import resolve_profile
 
         for dest in dests:
             option = "PROFILE" if dest == "profile" else dest.upper()
@@ -178,14 +178,14 @@ def _check_profiles(*dests: str):
 
 
 def _check_plot(args: argparse.Namespace) -> None:
-    from .._preflight import check_out_file
+    from ..cli._preflight import check_out_file
 
     _check_profiles("profile")(args)
     check_out_file(args.out)
 
 
 def _check_convert(args: argparse.Namespace) -> None:
-    from .._preflight import check_input_file, check_out_file
+    from ..cli._preflight import check_input_file, check_out_file
 
     check_input_file(args.json_file, "JSON")
     check_out_file(args.out)

@@ -134,7 +134,7 @@ def method_name(text: str) -> str:
     Raises:
         ModuleNotFoundError: this build has no ``heterocache.engine.registry`` (``err.name`` says so).
     """
-    from ._method_names import parse_method_spec
+    from .._method_names import parse_method_spec
 
     try:
         name, params = parse_method_spec(text)

@@ -1,6 +1,6 @@
 """Checks the commands run on their arguments before they import torch or load a model.
 
-Each raises :class:`~heterocache._argparse.UsageError` naming the argument and the problem, which
+Each raises :class:`~heterocache.cli._argparse.UsageError` naming the argument and the problem, which
 the command line prints as one line (``heterocache bench: error: ...``, exit status 2). They read
 files and headers only: a model's config (``config.json``, or the shapes this library knows by
 name), a profile's safetensors header. :func:`check_method_options` is the exception: the option
@@ -50,7 +50,7 @@ def check_model(spec: str, *, option: str = "--model", random: bool = False, hub
         random, hub, gguf: whether the command takes these forms.
         num_layers: ``--num-layers`` (``random:`` models only).
     """
-    from .models import KNOWN_SHAPES, SMOLLM2_CONFIG, SMOLLM2_NAME, short_model_name, smollm2_path
+    from ..models import KNOWN_SHAPES, SMOLLM2_CONFIG, SMOLLM2_NAME, short_model_name, smollm2_path
 
     if num_layers is not None and not (random and spec.startswith("random:")):
         raise UsageError(f"argument --num-layers: only applies to random: models, not {spec!r}")
@@ -148,9 +148,9 @@ def check_input_file(path, option: str) -> None:
 def resolve_profile(name_or_path, option: str = "--profile", revision: str | None = None) -> Path:
     """The profile file named by a path, a bundled name ("smollm2" too) or a Hub id, checked to be
     a head profile (its header only)."""
-    from .profile.errors import ProfileError
-    from .profile.io.header import read_header
-    from .profile.io.resolve import resolve_profile_file
+    from ..profile.errors import ProfileError
+    from ..profile.io.header import read_header
+    from ..profile.io.resolve import resolve_profile_file
 
     try:
         path = resolve_profile_file(name_or_path, revision=revision)
@@ -165,9 +165,9 @@ def default_profile(model: ModelSpec) -> Path | None:
     without the Hub: ``heterocache_profile.safetensors`` in the model's folder, else the bundled
     profile of that name; None when neither (the command then looks further once the model has
     loaded: the Hub, a bundled profile of the same shape)."""
-    from .profile.errors import ProfileError
-    from .profile.io.bundled import find_bundled
-    from .profile.io.header import PROFILE_FILENAME
+    from ..profile.errors import ProfileError
+    from ..profile.io.bundled import find_bundled
+    from ..profile.io.header import PROFILE_FILENAME
 
     folder = Path(model.name)
     if folder.is_dir() and (folder / PROFILE_FILENAME).is_file():
@@ -181,9 +181,9 @@ def default_profile(model: ModelSpec) -> Path | None:
 def check_profile_fits(path: Path, model: ModelSpec, option: str, hint: str = "") -> None:
     """Refuse a profile whose shape (layers, query and KV heads, head_dim) differs from the
     model's, when the model's config is known before it loads (``hint`` ends the message)."""
-    from .profile.errors import ProfileError
-    from .profile.io.header import read_header
-    from .profile.shape import misfit_message, model_shape, shape_mismatches
+    from ..profile.errors import ProfileError
+    from ..profile.io.header import read_header
+    from ..profile.shape import misfit_message, model_shape, shape_mismatches
 
     if model.config is None:
         return
@@ -210,7 +210,7 @@ def check_heterocache_profiles(methods, model: ModelSpec, profile: str | None = 
     Returns:
         method spec -> profile file (or None), for the heterocache methods only.
     """
-    from ._method_names import parse_method_spec
+    from .._method_names import parse_method_spec
 
     found: dict[str, Path | None] = {}
     for spec in methods:
@@ -245,10 +245,10 @@ def check_method_options(methods, budgets, profiles: dict[str, Path | None] | No
     it per cell). A heterocache method whose profile is found only once the model has loaded
     (``profiles`` says None) is checked when its cache is made.
     """
-    from .engine.registry import get_method, parse_method_spec
+    from ..engine.registry import get_method, parse_method_spec
 
     try:
-        from .methods.heterocache.plan import InfeasibleBudgetError
+        from ..methods.heterocache.plan import InfeasibleBudgetError
     except ModuleNotFoundError:
         InfeasibleBudgetError = ()  # noqa: N806  (no HeteroCache in this build: nothing to tolerate)
     for spec in methods:
@@ -261,7 +261,7 @@ def check_method_options(methods, budgets, profiles: dict[str, Path | None] | No
             path = (profiles or {}).get(spec)
             if path is None:
                 continue
-            from .profile import HeadProfile
+            from ..profile import HeadProfile
 
             kwargs["profile"] = HeadProfile.load(path)
         for budget in (budgets if method.uses_budget else (None,)):

@@ -4,17 +4,16 @@ Each feature module exposes ``register(subparsers)`` that adds its sub-command(s
 ``func`` on the parsed namespace; this file only wires them together. Registration modules import
 only the standard library: torch and transformers are imported inside the command functions that
 need them, so ``--help``, ``--version`` and ``profile list`` answer at once, and every argument
-is checked before any of that work (one-line errors, exit status 2; :mod:`heterocache._argparse`).
+is checked before any of that work (one-line errors, exit status 2; :mod:`heterocache.cli._argparse`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 from ._argparse import ArgumentParser, HelpFormatter, dispatch
-from ._version import __version__
+from .._version import __version__
 
 # Feature modules that contribute sub-commands, in help order.
 _COMMAND_MODULES = (
@@ -41,7 +40,3 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     return dispatch(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
