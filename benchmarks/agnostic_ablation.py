@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
+from heterocache.engine.registry import make_cache
 from heterocache.eval.paired import paired_difference
 from heterocache.eval.results import RecordLog
 from heterocache.eval.runner import EvalConfig, run_eval
-from heterocache.engine.registry import make_cache
 from heterocache.models import SMOLLM2_NAME, load_smollm2
 
 VARIANTS = {
@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     }
     Path(args.out, "comparison.json").write_text(json.dumps(result, indent=1))
     for row in rows:
-        diffs = "  ".join(f"{k} {row[k]['text']}" for k in ("vs_heterocache", "vs_former_default", "vs_full") if row.get(k))
+        diffs = "  ".join(f"{k} {row[k]['text']}" for k in ("vs_heterocache", "vs_former_default", "vs_full")
+                          if row.get(k))
         score = "n/a" if row["mean_score"] is None else f"{row['mean_score']:.1f}"
         print(f"{row['method']:<30} {row['budget']:<5} n={row['samples']:<3} score {score:>5}  {diffs}")
     return 0

@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 from heterocache.bench.cli import machine_info
+from heterocache.engine.registry import make_cache
 from heterocache.eval.paired import paired_difference
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.shared_prefill import PrefillTarget, _step, prefill_many
 from heterocache.eval.tasks import get_task
-from heterocache.engine.registry import make_cache
 from heterocache.models import load_smollm2
 
 FULL = "dynamic"
@@ -124,13 +124,15 @@ def main(argv=None) -> int:
                                 "length": args.tokens, "mode": mode, "sample_idx": sample.index,
                                 "metrics": {"score": lp, "exact": exact}, "answer_tokens": len(answer)})
             del caches
-            print(f"{task_name} #{sample.index} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+            print(f"{task_name} #{sample.index} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr,
+                  flush=True)
     rows = summary_rows(records, methods, args.modes, args.tokens, args.tasks)
     for row in rows:
         print(json.dumps(row))
     result = {
         "machine": machine_info(torch.device("cpu")), "model": "SmolLM2-135M-Instruct (fp32)",
-        "command": " ".join(["python", "benchmarks/answer_likelihood.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "benchmarks/answer_likelihood.py",
+                             *(argv if argv is not None else sys.argv[1:])]),
         "tokens": args.tokens, "samples_per_task": args.samples, "tasks": args.tasks,
         "seconds": round(time.perf_counter() - start, 1), "rows": rows, "records": records,
     }

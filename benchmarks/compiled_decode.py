@@ -26,8 +26,8 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from heterocache._compat import cache_kwarg
-from heterocache.bench.measure import prompt_ids
 from heterocache.bench.cli import machine_info
+from heterocache.bench.measure import prompt_ids
 from heterocache.engine.registry import get_method, make_cache, parse_method_spec
 from heterocache.models import load_model
 

@@ -37,13 +37,13 @@ from heterocache import (
     StreamingLLMCache,
 )
 from heterocache._compat import cache_kwarg
-from heterocache.bench.measure import kv_bytes, prompt_ids
+from heterocache.attention.plan import STRATEGY_ENV
 from heterocache.bench.cli import machine_info
 from heterocache.bench.diagnostics import count_steps
-from heterocache.methods.heterocache import HeteroCache
+from heterocache.bench.measure import kv_bytes, prompt_ids
 from heterocache.engine.registry import make_cache, parse_method_spec
+from heterocache.methods.heterocache import HeteroCache
 from heterocache.models import load_smollm2
-from heterocache.attention.plan import STRATEGY_ENV
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -143,18 +143,21 @@ def main(argv=None) -> int:
         for name in names:
             attn, make = resolved[name]
             model.set_attn_implementation(attn)
-            row = {"method": name, "prompt_tokens": length, "budget": None if name in ("dynamic", "fullkv") else args.budget}
+            row = {"method": name, "prompt_tokens": length,
+                   "budget": None if name in ("dynamic", "fullkv") else args.budget}
             row.update(measure(model, ids, make, args.timed, args.counted))
             if name == "dynamic":
                 base = row
             if base is not None:
-                row["aten_ops_vs_dynamic"] = row["device_path"]["aten_ops_per_step"] / base["device_path"]["aten_ops_per_step"]
+                row["aten_ops_vs_dynamic"] = (row["device_path"]["aten_ops_per_step"]
+                                              / base["device_path"]["aten_ops_per_step"])
                 row["ms_vs_dynamic"] = row["decode_ms_per_token"] / base["decode_ms_per_token"]
             rows.append(row)
             d = row["device_path"]
             print(f"{length:6d} {name:13s} decode {row['decode_ms_per_token']:7.1f} ms/token | device path: "
                   f"{d['host_reads_per_step']:.1f} host reads, {d['aten_ops_per_step']:.0f} ATen ops, "
-                  f"{d['host_ms_per_step_counted']:.1f} host ms (counted) | prefill {row['prefill_s']:.1f} s", flush=True)
+                  f"{d['host_ms_per_step_counted']:.1f} host ms (counted) | prefill {row['prefill_s']:.1f} s",
+                  flush=True)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:

@@ -41,7 +41,8 @@ VARIANTS = {
 NEEDLE_NEW_TOKENS = 16
 
 
-def needle_accuracy(model, tokenizer, samples, formatter, make_cache, max_new_tokens=NEEDLE_NEW_TOKENS) -> tuple[float, list]:
+def needle_accuracy(model, tokenizer, samples, formatter, make_cache,
+                    max_new_tokens=NEEDLE_NEW_TOKENS) -> tuple[float, list]:
     hits, stats = 0, []
     for sample in samples:
         ids = torch.tensor([formatter.encode(sample).input_ids])

@@ -115,7 +115,8 @@ def run_config(args, scenario: str, S: int, L: int, copy_bw: float) -> dict:
 
     # Launch with precomputed splits / max_len, as a decode loop would (no host sync per call).
     def tri():
-        return ragged_decode_attention_triton(q, k_buf, v_buf, seg_start, seg_len, scale, num_splits=splits, max_len=max_len)
+        return ragged_decode_attention_triton(q, k_buf, v_buf, seg_start, seg_len, scale, num_splits=splits,
+                                              max_len=max_len)
 
     out_tri = tri()
     row["triton_ms"] = bench_ms(tri, args.rep_ms)
@@ -190,7 +191,9 @@ def tune(args, copy_bw: float) -> list[dict]:
                     for stages in (2, 3, 4):
                         kw = dict(num_splits=splits, max_len=L, block_n=block_n, num_warps=warps, num_stages=stages)
                         try:
-                            ms = bench_ms(lambda: ragged_decode_attention_triton(q, k_buf, v_buf, seg_start, seg_len, 0.1, **kw), args.rep_ms // 2)
+                            ms = bench_ms(lambda: ragged_decode_attention_triton(q, k_buf, v_buf, seg_start,
+                                                                                 seg_len, 0.1, **kw),
+                                          args.rep_ms // 2)
                         except Exception as e:  # a config that does not compile (shared memory)
                             rows.append({"S": S, "L": L, **kw, "error": str(e).splitlines()[0][:200]})
                             continue
@@ -234,7 +237,8 @@ def main() -> int:
                     continue
                 cols = [f"{n} {row[n + '_ms']:8.3f} ms {row[n + '_GBps']:6.0f} GB/s ({row[n + '_frac_of_copy_bw']:.0%})"
                         for n in ("triton", "torch", "sdpa") if n + "_ms" in row]
-                print(f"{scenario:7s} S={S:3d} L={L:8d} splits={row['num_splits']:4d} | " + " | ".join(cols), flush=True)
+                print(f"{scenario:7s} S={S:3d} L={L:8d} splits={row['num_splits']:4d} | " + " | ".join(cols),
+                      flush=True)
     tune_rows = tune(args, copy_bw) if args.tune else []
 
     report = {

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from heterocache.bench.cli import machine_info
+from heterocache.engine.registry import make_cache
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.shared_prefill import PrefillTarget, prefill_many
 from heterocache.eval.tasks import get_task
-from heterocache.engine.registry import make_cache
 from heterocache.models import load_smollm2
 from heterocache.profile import Role
 

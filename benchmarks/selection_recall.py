@@ -25,8 +25,8 @@ from heterocache import QuestCache
 from heterocache._compat import cache_kwarg
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.tasks.ruler import NeedleTask
-from heterocache.models import load_smollm2
 from heterocache.methods.quest import QuestPolicy
+from heterocache.models import load_smollm2
 
 
 class _Recorder:
@@ -94,7 +94,8 @@ def main(argv=None) -> int:
                     cache = QuestCache(budget=budget, gqa_reduce=gqa, page_size=args.page_size)
                     with torch.no_grad():
                         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                             **cache_kwarg(model, cache), max_new_tokens=args.new_tokens, do_sample=False)
+                                             **cache_kwarg(model, cache), max_new_tokens=args.new_tokens,
+                                             do_sample=False)
                     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
                     found += sample.answers[0] in text
             got = statistics.mean(r[1] for r in recorder.rows)

@@ -25,8 +25,8 @@ import torch
 
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.tasks.ruler import NeedleTask
-from heterocache.models import load_smollm2
 from heterocache.methods.shadowkv import ShadowKVPolicy
+from heterocache.models import load_smollm2
 
 
 def relative_errors(X: torch.Tensor, ranks: list[int]) -> tuple[dict[int, float], torch.Tensor]:

@@ -16,11 +16,10 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import heterocache
-from heterocache import FullKVCache, SnapKVCache
+from heterocache import FullKVCache, HeteroCache, SnapKVCache
 from heterocache._compat import cache_kwarg
 from heterocache.eval.prompting import PromptFormatter
 from heterocache.eval.tasks.ruler import NeedleTask
-from heterocache import HeteroCache
 from heterocache.models import load_smollm2
 
 

@@ -78,7 +78,8 @@ def toy_config(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("toy")
     LlamaConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
-                num_key_value_heads=4, head_dim=16, vocab_size=256, max_position_embeddings=4096).save_pretrained(folder)
+                num_key_value_heads=4, head_dim=16, vocab_size=256,
+                max_position_embeddings=4096).save_pretrained(folder)
     toy_profile().save(folder / "toy.safetensors")
     return folder
 

@@ -29,7 +29,8 @@ def test_bench_writes_rows_for_every_cell_and_a_plot(toy_config, tmp_path, capsy
     assert all(r["tokens_equal_dynamic"] for r in full)
     for L in (256,):  # (at 64 tokens, block rounding and the 128-token reserve hide the budget)
         for B in (1, 2):
-            kv = {(r["method"], r["budget"]): r["kv_bytes_end"] for r in rows if (r["length"], r["batch"]) == (L, B) and "error" not in r}
+            kv = {(r["method"], r["budget"]): r["kv_bytes_end"] for r in rows
+                  if (r["length"], r["batch"]) == (L, B) and "error" not in r}
             assert kv[("snapkv", 0.1)] < kv[("snapkv", 0.6)] < kv[("fullkv", None)]
     for r in rows:
         if "error" not in r:

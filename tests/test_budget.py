@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from heterocache.methods.snapkv import SnapKVPolicy
 from heterocache.policy.budget import (
     allocate_proportional,
     check_budget,
@@ -13,7 +14,6 @@ from heterocache.policy.budget import (
     round_preserving_sum,
     tokens_for_budget,
 )
-from heterocache.methods.snapkv import SnapKVPolicy
 
 
 def test_fraction_keeps_rounded_share_of_each_rows_prompt():

@@ -350,8 +350,8 @@ def test_eval_and_bench_call_the_reference_dynamic():
 
 
 def test_full_is_a_deprecated_alias_of_dynamic():
-    from heterocache.eval import EvalConfig
     from heterocache.engine.registry import make_cache
+    from heterocache.eval import EvalConfig
 
     with pytest.warns(FutureWarning, match="'full' is deprecated; use 'dynamic'"):
         assert EvalConfig(methods=("full", "dynamic", "snapkv")).methods == ("dynamic", "snapkv")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import warnings
 
 import torch
-from conftest import tiny_model
 
+from conftest import tiny_model
 from heterocache._compat import cache_kwarg
-from heterocache.eval.shared_prefill import PrefillTarget, greedy_continue, prefill_many
 from heterocache.engine.registry import make_cache
+from heterocache.eval.shared_prefill import PrefillTarget, greedy_continue, prefill_many
 
 
 class _OldForward:

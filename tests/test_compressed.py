@@ -6,14 +6,14 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import DynamicCache
 
+from conftest import tiny_model
 from heterocache import SnapKVCache
 from heterocache._compat import cache_kwarg
-from heterocache.policy.budget import tokens_for_budget
-from heterocache.policy.base import PrefillContext
 from heterocache.methods.snapkv import SnapKVPolicy
+from heterocache.policy.base import PrefillContext
+from heterocache.policy.budget import tokens_for_budget
 
 
 @pytest.mark.parametrize("budget", [0.1, 0.25, 0.5, 1.0])

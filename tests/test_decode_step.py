@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import DynamicCache
 
+from conftest import tiny_model
 from heterocache import CAKECache, FullKVCache, H2OCache, PyramidKVCache, SnapKVCache, StreamingLLMCache
 from heterocache._compat import cache_kwarg
 from heterocache.bench.diagnostics import HostReadCounter, count_decode_steps

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 
+from conftest import tiny_model
 from heterocache._compat import cache_kwarg
-from heterocache.offload.transfer import RefreshTransfer
-from heterocache.engine.registry import make_cache
-from heterocache.profile.testing import toy_profile
 from heterocache.attention.plan import plan_key
+from heterocache.engine.registry import make_cache
+from heterocache.offload.transfer import RefreshTransfer
+from heterocache.profile.testing import toy_profile
 from heterocache.store.ragged import RaggedKVStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,7 +96,7 @@ def _tensors(obj):
             stack.extend(x)
         elif isinstance(x, dict):
             stack.extend(x.values())
-        elif hasattr(x, "d") and isinstance(getattr(x, "d"), torch.Tensor):
+        elif hasattr(x, "d") and isinstance(x.d, torch.Tensor):
             yield x.d
 
 

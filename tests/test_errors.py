@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import DynamicCache
 
 import heterocache
+from conftest import tiny_model
 from heterocache import AttentionNotEnabledError, FullKVCache, RaggedCache, SnapKVCache
 from heterocache._compat import cache_kwarg
 from heterocache.methods.snapkv import SnapKVPolicy
@@ -109,8 +109,8 @@ def test_the_main_classes_import_from_the_package_root():
 
 def test_a_policy_passed_as_the_cache_is_a_clear_error():
     import torch
-    from conftest import tiny_model
 
+    from conftest import tiny_model
     from heterocache import SnapKVPolicy
 
     model = tiny_model("llama")

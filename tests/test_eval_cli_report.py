@@ -6,13 +6,11 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from heterocache.eval import cli
 from heterocache.eval.report import build_report, write_report
 from heterocache.eval.results import write_json
 from heterocache.eval.toy import byte_tokenizer, tiny_llama
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,7 +187,8 @@ def test_results_page_compares_a_method_variant_with_its_plain_method_and_the_fu
     variant = "heterocache:turn_reselect=own"
     cells = [
         _cell(m, b, s, mode="query_agnostic")
-        for m, b, s in [("dynamic", 1.0, 50.0), ("heterocache", 0.25, 0.0), (variant, 0.25, 100.0), ("snapkv", 0.25, 0.0)]
+        for m, b, s in [("dynamic", 1.0, 50.0), ("heterocache", 0.25, 0.0), (variant, 0.25, 100.0),
+                        ("snapkv", 0.25, 0.0)]
     ]
     results = tmp_path / "run" / "results.json"
     write_json(results, cells, {"seed": 0}, {"model": "tiny/model"})

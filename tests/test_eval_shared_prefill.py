@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 import heterocache
+from heterocache.engine.registry import make_cache
 from heterocache.eval import EvalConfig, run_eval
 from heterocache.eval.batched_decode import DecodeStart, greedy_continue_many
 from heterocache.eval.generation import generate_answer
@@ -22,7 +23,6 @@ from heterocache.eval.shared_prefill import (
 )
 from heterocache.eval.tasks import get_task
 from heterocache.eval.toy import tiny_llama
-from heterocache.engine.registry import make_cache
 from heterocache.profile.clustering import budget_ratios
 from heterocache.profile.testing import toy_profile
 
@@ -101,13 +101,15 @@ def test_batched_decoding_gives_the_tokens_of_one_greedy_continue_per_cache(mode
     caches, logits = filled()
     stop = {int(logits.argmax(-1)[0]) + 1}  # some row will likely emit it; either way the lists must match
     one_by_one = [
-        greedy_continue(model, c, n, stop, logits=logits) if mode == "aware" else greedy_continue(model, c, n, stop, new_ids=question)
+        greedy_continue(model, c, n, stop, logits=logits) if mode == "aware"
+        else greedy_continue(model, c, n, stop, new_ids=question)
         for c, (*_, mode, n) in zip(caches, plan)
     ]
     lengths_after = [c.get_seq_length() for c in caches]
     caches, logits = filled()
     starts = [
-        DecodeStart(c, logits=logits, max_new_tokens=n) if mode == "aware" else DecodeStart(c, new_ids=question, max_new_tokens=n)
+        DecodeStart(c, logits=logits, max_new_tokens=n) if mode == "aware"
+        else DecodeStart(c, new_ids=question, max_new_tokens=n)
         for c, (*_, mode, n) in zip(caches, plan)
     ]
     together = greedy_continue_many(model, starts, stop, max_batch=max_batch)

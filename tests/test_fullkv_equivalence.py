@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import DynamicCache
 
+from conftest import tiny_model
 from heterocache import FullKVCache, SnapKVCache
 from heterocache._compat import cache_kwarg
 

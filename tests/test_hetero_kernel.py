@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 
+from conftest import tiny_model
 from heterocache._compat import cache_kwarg
 from heterocache.methods.heterocache import HeteroCache, HeteroCachePolicy
 from heterocache.methods.heterocache.plan import AUTO_KERNEL_RANGE, AUTO_KERNEL_UNCOMPRESSED, auto_kernel

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_hetero_recovery import D, _ids, _reference_prompt, _two_turns, assert_key_picks, toy_model
 from transformers import DynamicCache
 
 from heterocache._compat import cache_kwarg
@@ -13,6 +12,7 @@ from heterocache.methods.heterocache import HeteroCache, HeteroCachePolicy, Infe
 from heterocache.profile import Role
 from heterocache.profile.clustering import budget_ratios
 from heterocache.profile.testing import toy_profile
+from test_hetero_recovery import D, _ids, _reference_prompt, _two_turns, assert_key_picks, toy_model
 
 # toy_profile: 12 KV heads, 2 volatile, 3 pivots, 4 satellites, 3 anchors.
 ROLES = toy_profile().roles

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import DynamicCache
 
+from conftest import tiny_model
 from heterocache._compat import cache_kwarg
 from heterocache.methods.heterocache import HeteroCache, HeteroCachePolicy
 from heterocache.profile import Role

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import DynamicCache
 
+from conftest import tiny_model
 from heterocache import FullKVCache, RaggedCache
 from heterocache._compat import cache_kwarg
 from heterocache.engine.cache import RaggedLayer
@@ -110,7 +110,8 @@ def _one_layer_setup(query_vec, steps_query, threshold=0.5):
         roles=torch.tensor([[3, 4]]), stability=torch.tensor([[0.3, 0.6]]), budget_ratios=torch.tensor([[0.0, 1.0]]),
         pivots=torch.tensor([[-1, 0]]), model_name="toy/one-layer", num_attention_heads=2, head_dim=8,
     )
-    policy = HeteroCachePolicy(profile=profile, budget=0.75, refresh_interval=4, drift_threshold=threshold, drift_topk=5)
+    policy = HeteroCachePolicy(profile=profile, budget=0.75, refresh_interval=4, drift_threshold=threshold,
+                               drift_topk=5)
     cache = RaggedCache(policy)
     cache.layers.append(RaggedLayer(0))
     g = torch.Generator().manual_seed(0)
@@ -356,7 +357,8 @@ def test_gpu_async_refresh_gives_the_tokens_of_the_synchronous_path():
     ids = _ids(B=2, L=300).cuda()
     outs = []
     for asynchronous in (False, True):
-        cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0, asynchronous=asynchronous)
+        cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0,
+                            asynchronous=asynchronous)
         outs.append(model.generate(ids, **cache_kwarg(model, cache), max_new_tokens=64, do_sample=False))
         assert cache.stats()["refreshes"] > 0
     assert torch.equal(outs[0], outs[1])

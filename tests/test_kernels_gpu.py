@@ -122,7 +122,8 @@ def test_flash_backend_matches_reference():
     if not HAS_FLASH_ATTN:
         pytest.skip("flash-attn not installed")
     for shuffle in (False, True):
-        case = make_ragged_case([3000, 1, 0, 700], 4, 128, torch.bfloat16, "cuda", shuffle=shuffle, max_gap=0 if not shuffle else 7)
+        case = make_ragged_case([3000, 1, 0, 700], 4, 128, torch.bfloat16, "cuda", shuffle=shuffle,
+                                max_gap=0 if not shuffle else 7)
         out, lse = ragged_decode_attention_flash(**case, scale=0.1, return_lse=True)
         ref, ref_lse = ragged_decode_attention_torch(**case, scale=0.1, return_lse=True)
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)

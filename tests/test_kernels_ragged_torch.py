@@ -165,7 +165,8 @@ def test_auto_picks_torch_on_cpu(monkeypatch):
     monkeypatch.delenv("HETEROCACHE_DECODE_BACKEND", raising=False)
     assert resolve_backend(torch.device("cpu")) == "torch"
     case = make_ragged_case(LENGTHS, 3, 64, seed=10)
-    torch.testing.assert_close(ragged_decode_attention(**case, scale=0.1), ragged_decode_attention_torch(**case, scale=0.1))
+    torch.testing.assert_close(ragged_decode_attention(**case, scale=0.1),
+                               ragged_decode_attention_torch(**case, scale=0.1))
 
 
 def test_auto_would_pick_triton_on_cuda(monkeypatch):

@@ -25,7 +25,8 @@ CASES = {
     "gqa3_d80_fp32_dot": ([5, 0, 130, 1], 3, 80, "float32", {}, 1e30),
     "gqa7_bf16_dot_4_splits": ([5, 0, 130, 64, 1], 7, 64, "bfloat16", {"num_splits": 4, "block_n": 16}, NAN),
     "gqa7_d80_fp32_dot_3_splits": ([90, 1, 0, 47], 7, 80, "float32", {"num_splits": 3, "block_n": 16}, 1e30),
-    "gqa3_d80_fp16_broadcast_3_splits": ([200, 1, 0], 3, 80, "float16", {"num_splits": 3, "block_n": 16, "use_dot": False}, NAN),
+    "gqa3_d80_fp16_broadcast_3_splits": ([200, 1, 0], 3, 80, "float16",
+                                         {"num_splits": 3, "block_n": 16, "use_dot": False}, NAN),
     "mha_d80_bf16_5_splits": ([200, 1, 0, 33], 1, 80, "bfloat16", {"num_splits": 5, "block_n": 16}, NAN),
     "gqa3_more_splits_than_tiles": ([40, 3], 3, 64, "float32", {"num_splits": 64, "block_n": 16}, NAN),
     "gqa3_all_empty_split_path": ([0, 0], 3, 64, "float32", {"num_splits": 4, "block_n": 16}, NAN),
@@ -115,9 +116,9 @@ def _worker() -> None:
                          "empty_zero": bool((out[2] == 0).all()), "empty_lse": bool(torch.isneginf(lse[2]).all())}
     # Through the engine: Quest's per-step pages read by the kernel's table mode (backend forced
     # to triton, which the interpreter runs on CPU) give the tokens of the PyTorch gather path.
-    import heterocache  # noqa: F401
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    import heterocache  # noqa: F401
     from heterocache import QuestCache
     from heterocache._compat import cache_kwarg
 

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import DynamicCache
 
 import heterocache.engine.registry as methods
+from conftest import tiny_model
 from heterocache import CAKECache, FullKVCache, H2OCache, PyramidKVCache, SnapKVCache, StreamingLLMCache
 from heterocache._compat import cache_kwarg
 from heterocache.engine.registry import describe_methods, get_method, list_methods, make_cache, register_method

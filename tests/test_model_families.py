@@ -168,7 +168,13 @@ def _refused(config_cls, match, **kwargs):
 
 def test_configs_the_engine_cannot_serve_are_refused_with_the_reason():
     from transformers import (
-        DeepseekV3Config, FalconH1Config, Gemma2Config, GptOssConfig, JambaConfig, Llama4TextConfig, MambaConfig,
+        DeepseekV3Config,
+        FalconH1Config,
+        Gemma2Config,
+        GptOssConfig,
+        JambaConfig,
+        Llama4TextConfig,
+        MambaConfig,
         Qwen3NextConfig,
     )
 

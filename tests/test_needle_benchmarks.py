@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import benchmark_module, tiny_model
 
+from conftest import benchmark_module, tiny_model
 from heterocache import HeteroCache
 from heterocache._compat import cache_kwarg
 from heterocache.profile import Role
@@ -89,8 +89,11 @@ def test_answer_scores_equal_the_full_sequence_log_probabilities():
 
 def test_answer_summary_rows_keep_budgets_apart():
     bench = _answer_bench()
-    rec = lambda m, b, i, s: {"method": m, "budget": b, "task": "t", "length": 8, "mode": "query_aware",
-                              "sample_idx": i, "metrics": {"score": s, "exact": s > -1}}
+
+    def rec(m, b, i, s):
+        return {"method": m, "budget": b, "task": "t", "length": 8, "mode": "query_aware",
+                "sample_idx": i, "metrics": {"score": s, "exact": s > -1}}
+
     records = [rec("dynamic", 1.0, i, -0.5) for i in range(2)]
     records += [rec("heterocache", 0.25, 0, -2.0), rec("heterocache", 0.25, 1, -1.0)]
     records += [rec("heterocache", 0.5, 0, -0.5), rec("heterocache", 0.5, 1, -0.7)]

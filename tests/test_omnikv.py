@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import DynamicCache
 
+from conftest import tiny_model
 from heterocache import FullKVCache, OmniKVCache, OmniKVPolicy, PrefillContext
 from heterocache._compat import cache_kwarg
 from heterocache.bench.diagnostics import count_decode_steps

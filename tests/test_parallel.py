@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 
+from conftest import tiny_model
 from heterocache import FullKVCache, HeteroCache
 from heterocache._compat import cache_kwarg
-from heterocache.methods.heterocache.policy import _ClusterLayout
 from heterocache.engine.memory import LayerMemory, MemoryReport, merge_reports
 from heterocache.engine.parallel import KVShard, TensorParallelError, kv_head_shard
+from heterocache.methods.heterocache.policy import _ClusterLayout
 from heterocache.profile.testing import toy_profile
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
-from test_policies_common import EachStep, decode_step, padded_batch, positions, prefill, random_ctx
 from transformers import LogitsProcessorList
 
+from conftest import tiny_model
 from heterocache import CAKECache
 from heterocache._compat import cache_kwarg
-from heterocache.policy.budget import allocate_proportional, round_preserving_sum, tokens_for_budget
 from heterocache.methods.cake import CAKEPolicy
+from heterocache.policy.budget import allocate_proportional, round_preserving_sum, tokens_for_budget
 from heterocache.store.ragged import RaggedKVStore
+from test_policies_common import EachStep, decode_step, padded_batch, positions, prefill, random_ctx
 
 
 def test_preference_and_indicator_follow_the_papers_definitions():

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+from conftest import tiny_model
 from heterocache._compat import cache_kwarg
-from heterocache.policy.budget import tokens_for_budget
 from heterocache.engine.registry import make_cache
 from heterocache.methods.cake import CAKEPolicy
 from heterocache.methods.h2o import H2OPolicy
-from heterocache.policy.base import PrefillContext
 from heterocache.methods.pyramidkv import PyramidKVPolicy
 from heterocache.methods.snapkv import SnapKVPolicy
 from heterocache.methods.streamingllm import StreamingLLMPolicy
+from heterocache.policy.base import PrefillContext
+from heterocache.policy.budget import tokens_for_budget
 from heterocache.store.ragged import RaggedKVStore
 
 COMPRESSING = ["streamingllm", "h2o", "snapkv", "pyramidkv", "cake"]

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_policies_common import EachStep, decode_step, padded_batch, positions, prefill, random_ctx
 from transformers import LogitsProcessorList
 
+from conftest import tiny_model
 from heterocache import H2OCache
 from heterocache._compat import cache_kwarg
-from heterocache.methods.h2o import H2OPolicy
+from heterocache.methods.h2o import SCORE_BUFFER, H2OPolicy
 from heterocache.policy.base import PrefillContext
-from heterocache.methods.h2o import SCORE_BUFFER
 from heterocache.policy.scoring import accumulated_attention
+from test_policies_common import EachStep, decode_step, padded_batch, positions, prefill, random_ctx
 
 
 def _eager_column_sums(query, key, valid, scaling):
@@ -167,7 +166,8 @@ def test_prefill_only_variant_appends_decoded_tokens():
     assert cache.is_croppable
 
 
-@pytest.mark.parametrize("kwargs,match", [({"recent_ratio": 1.5}, "recent_ratio"), ({"gqa_reduce": "sum"}, "gqa_reduce")])
+@pytest.mark.parametrize("kwargs,match",
+                         [({"recent_ratio": 1.5}, "recent_ratio"), ({"gqa_reduce": "sum"}, "gqa_reduce")])
 def test_invalid_options_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         H2OPolicy(**kwargs)

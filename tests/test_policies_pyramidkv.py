@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_policies_common import padded_batch, random_ctx
 
+from conftest import tiny_model
 from heterocache import PyramidKVCache
 from heterocache._compat import cache_kwarg
-from heterocache.policy.budget import tokens_for_budget
-from heterocache.methods.pyramidkv import PyramidKVPolicy
+from heterocache.methods.pyramidkv import PyramidKVPolicy, pyramid_budgets
 from heterocache.methods.snapkv import SnapKVPolicy
-from heterocache.methods.pyramidkv import pyramid_budgets
+from heterocache.policy.budget import tokens_for_budget
+from test_policies_common import padded_batch, random_ctx
 
 
 def test_hand_computed_schedule():

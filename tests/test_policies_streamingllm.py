@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_policies_common import EachStep, padded_batch
 from transformers import LogitsProcessorList
 
+from conftest import tiny_model
 from heterocache import StreamingLLMCache
 from heterocache._compat import cache_kwarg
-from heterocache.policy.base import PrefillContext
 from heterocache.methods.streamingllm import StreamingLLMPolicy
+from heterocache.policy.base import PrefillContext
+from test_policies_common import EachStep, padded_batch
 
 
 def _ctx(valid):

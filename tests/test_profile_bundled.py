@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from heterocache.profile import HeadProfile, ProfileError, ProfileNotFoundError, Role, bundled_profiles, profile_for_model
+from heterocache.profile import (
+    HeadProfile,
+    ProfileError,
+    ProfileNotFoundError,
+    Role,
+    bundled_profiles,
+    profile_for_model,
+)
 from heterocache.profile.io.bundled import bundled_dir, find_bundled
 
 REPO = Path(__file__).resolve().parents[1]

@@ -60,8 +60,8 @@ def test_from_pretrained_reads_the_default_file_of_a_folder(tmp_path):
 
 
 def test_folder_lookup_skips_safetensors_files_that_are_not_profiles(tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
     toy_profile().save(tmp_path / "my_profile.safetensors")

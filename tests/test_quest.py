@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import dynamic_reference, tiny_model
 
+from conftest import dynamic_reference, tiny_model
 from heterocache import FullKVCache, QuestCache, QuestPolicy
 from heterocache._compat import cache_kwarg
+from heterocache.attention.decode import SlotSelection, selected_decode_attention
 from heterocache.bench.diagnostics import count_decode_steps
 from heterocache.methods.quest import PageSummaries
-from heterocache.attention.decode import SlotSelection, selected_decode_attention
 from heterocache.store.ragged import RaggedKVStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,7 +120,8 @@ def test_the_policy_reads_the_top_pages_and_the_current_one():
     selection = policy.decode_selection(0, store, query, 0.5)
     pages = sorted({int(s) // 4 for s, ok in zip(selection.slots[0], selection.valid[0]) if ok})
     summaries = policy._summaries[0]
-    bounds = [float(torch.maximum(query[0, :, 0] * summaries.kmin[0, p], query[0, :, 0] * summaries.kmax[0, p]).sum(-1).max())
+    bounds = [float(torch.maximum(query[0, :, 0] * summaries.kmin[0, p],
+                                  query[0, :, 0] * summaries.kmax[0, p]).sum(-1).max())
               for p in range(5)]
     best = max(range(5), key=lambda p: bounds[p])
     assert pages == sorted({5, best})  # 8 tokens = 2 pages: the current one and the best other
@@ -205,7 +206,6 @@ def test_selected_attention_with_extra_tokens_equals_attention_over_the_union():
     store, _, _ = _store([9, 4], H=1, D=8)
     g = torch.Generator().manual_seed(7)
     query = torch.randn(2, 2, 1, 8, generator=g)
-    lengths = store.lengths().reshape(-1)
     slots = store.start[:, None] + torch.tensor([[0, 3, 8], [1, 2, 0]])
     valid = torch.tensor([[True, True, True], [True, True, False]])
     ek, ev = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
@@ -247,7 +247,8 @@ def test_gqa_none_gives_each_query_head_its_own_top_pages():
     assert selection.slots.shape[0] == 2  # a selection per query head
     summaries = policy._summaries[0]
     for g in range(2):
-        bounds = [float(torch.maximum(query[0, g, 0] * summaries.kmin[0, p], query[0, g, 0] * summaries.kmax[0, p]).sum())
+        bounds = [float(torch.maximum(query[0, g, 0] * summaries.kmin[0, p],
+                                      query[0, g, 0] * summaries.kmax[0, p]).sum())
                   for p in range(5)]
         best = max(range(5), key=lambda p: bounds[p])
         pages = sorted({int(s) // 4 for s, ok in zip(selection.slots[g], selection.valid[g]) if ok})
@@ -268,4 +269,5 @@ def test_extra_tokens_must_match_the_selection_rows():
     valid = torch.ones(6, 2, dtype=torch.bool)
     extra = torch.zeros(2, 1, 8)
     with pytest.raises(ValueError, match="extra tokens must have the selection's 6 rows"):
-        selected_decode_attention(store, query, 0.3, SlotSelection(slots, valid, extra, extra, torch.ones(2, 1, dtype=torch.bool)))
+        selected_decode_attention(store, query, 0.3,
+                                  SlotSelection(slots, valid, extra, extra, torch.ones(2, 1, dtype=torch.bool)))

@@ -75,7 +75,8 @@ def test_decode_attention_after_appends_and_growth(strategy):
             key[0, h, n], value[0, h, n], keep[0, h, n] = k_new[0, h, 0], v_new[0, h, 0], True
     query = torch.randn(B, H * G, 1, D)
     torch.testing.assert_close(
-        decode_attention(store, query, 0.25, strategy), _dense_reference(query, key, value, keep, 0.25), rtol=1e-5, atol=1e-5
+        decode_attention(store, query, 0.25, strategy), _dense_reference(query, key, value, keep, 0.25),
+        rtol=1e-5, atol=1e-5
     )
     assert store.lengths().tolist() == [[33, 70]]
 

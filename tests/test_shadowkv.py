@@ -8,16 +8,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import dynamic_reference, tiny_model
 from transformers import LlamaConfig
 
+from conftest import dynamic_reference, tiny_model
 from heterocache import FullKVCache, ShadowKVCache, ShadowKVPolicy
 from heterocache._compat import cache_kwarg
+from heterocache.attention.decode import selected_decode_attention
 from heterocache.bench.diagnostics import count_decode_steps
+from heterocache.engine.rope import Rotary
 from heterocache.offload.host_rows import HostRows
 from heterocache.policy.base import PrefillContext
-from heterocache.attention.decode import selected_decode_attention
-from heterocache.engine.rope import Rotary
 from heterocache.store.ragged import RaggedKVStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import tp_cases
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import tp_cases
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.usefixtures("one_thread")]
 

@@ -84,8 +84,9 @@ def cross_shard_profile(config):
 
 def load(path, tensor_parallel: bool):
     """A saved model in float64 with the heterocache attention, sharded when asked."""
-    import heterocache  # noqa: F401  (registers the attention)
     from transformers import AutoModelForCausalLM
+
+    import heterocache  # noqa: F401  (registers the attention)
 
     kwargs = dict(dtype=torch.float64, attn_implementation="heterocache")
     if tensor_parallel:

@@ -7,10 +7,9 @@ skips the registration (:mod:`heterocache._launch`), starts without torch and tr
 
 from __future__ import annotations
 
-from ._lazy import lazy_exports
-
 from ._launch import started_as_cli as _started_as_cli
-from ._version import __version__
+from ._lazy import lazy_exports
+from ._version import __version__  # noqa: F401  (public: heterocache.__version__)
 
 # public name -> submodule defining it
 _EXPORTS = {

@@ -2,6 +2,12 @@
 
 The package ships a GGUF file; transformers dequantises it to dense weights. The package's own
 `__init__` imports the `llm` CLI, so it is located with `find_spec` and never imported.
+
+A model loaded with ``attn_implementation="heterocache"`` needs that attention registered with
+transformers, which importing :mod:`heterocache` does; the command line skips that
+(:mod:`heterocache._launch`), so its commands that load such a model import
+:mod:`heterocache.engine.integration` first. This module stays below the engine: the profiler
+uses it too.
 """
 
 from __future__ import annotations
@@ -78,8 +84,6 @@ def load_smollm2(attn_implementation: str = "heterocache", dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if attn_implementation == "heterocache":
-        import heterocache.engine.integration  # noqa: F401  (registers the attention function)
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -134,8 +138,6 @@ def random_model(name: str, *, attn_implementation: str = "heterocache", dtype=N
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if attn_implementation == "heterocache":
-        import heterocache.engine.integration  # noqa: F401
     key = {k.lower(): k for k in KNOWN_SHAPES}.get(name.lower())
     if key is not None:
         config = AutoConfig.for_model(**KNOWN_SHAPES[key])
@@ -169,8 +171,6 @@ def load_model(spec: str, *, attn_implementation: str = "heterocache", dtype=Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if attn_implementation == "heterocache":
-        import heterocache.engine.integration  # noqa: F401
     if spec.startswith("random:"):
         return random_model(spec[len("random:"):], attn_implementation=attn_implementation, dtype=dtype,
                             device=device, num_layers=num_layers), None

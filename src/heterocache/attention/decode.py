@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import kernels
 from ..store.ragged import RaggedKVStore
+from . import kernels
 from .kernels import ops as kernel_ops
 from .plan import DecodePlan, plan_decode, resolve_strategy
 

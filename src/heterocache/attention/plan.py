@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
 from ..store.ragged import RaggedKVStore
+from . import kernels
 from .kernels.triton_decode import _num_sms, choose_num_splits
 
 #: Environment variable choosing the decode strategy ("auto", "device", "segments", "blocks", "kernel";

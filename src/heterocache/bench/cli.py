@@ -110,6 +110,7 @@ def _main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
 
+    from ..engine import integration as _integration  # noqa: F401  (registers the attention function)
     from ..models import load_model
 
     model, tokenizer = load_model(args.model, attn_implementation="heterocache", dtype=dtype, device=device,
@@ -274,9 +275,9 @@ def _method_budgets(methods, budgets):
 def _cell(model, ids, method, budget, batch, new_tokens, warmup, params) -> dict:
     import torch
 
-    from .measure import measure_decode
-    from ..methods.heterocache.plan import InfeasibleBudgetError
     from ..engine.registry import make_cache
+    from ..methods.heterocache.plan import InfeasibleBudgetError
+    from .measure import measure_decode
 
     row = {"method": method, "budget": budget, "length": int(ids.shape[1]), "batch": batch}
     model.set_attn_implementation("sdpa" if method == "dynamic" else "heterocache")
@@ -330,9 +331,13 @@ def format_table(rows: list[dict]) -> str:
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['length']} | {r['batch']} | {label(r)} | {r['error'].split(':')[0]} |  |  |  |  |  |  |")
+            lines.append(f"| {r['length']} | {r['batch']} | {label(r)} | {r['error'].split(':')[0]} "
+                         "|  |  |  |  |  |  |")
             continue
-        ratio = (lambda k: f"{r[k]:.2f}" if k in r else "")
+
+        def ratio(k):
+            return f"{r[k]:.2f}" if k in r else ""
+
         rps = "" if r.get("refreshes_per_step") is None else f"{r['refreshes_per_step']:.2f}"
         lines.append(
             f"| {r['length']} | {r['batch']} | {label(r)} | {r['decode_ms_per_token']:.2f} | {r['tokens_per_s']:.1f} "

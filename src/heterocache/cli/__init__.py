@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from ._argparse import ArgumentParser, HelpFormatter, dispatch
 from .._version import __version__
+from ._argparse import ArgumentParser, HelpFormatter, dispatch
 
 # Feature modules that contribute sub-commands, in help order.
 _COMMAND_MODULES = (

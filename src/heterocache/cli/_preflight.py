@@ -227,7 +227,7 @@ def check_heterocache_profiles(methods, model: ModelSpec, profile: str | None = 
             path, option = default_profile(model), f"--methods ({spec})"
             hint = (f" (the profile found for the model by its name: {path}); pass one that fits"
                     + (f" with {profile_option}" if profile_option else " with heterocache:profile=PATH")
-                    + f", or make one with `heterocache profile run`")
+                    + ", or make one with `heterocache profile run`")
         if path is not None:
             check_profile_fits(path, model, option, hint)
         found[spec] = path

@@ -22,15 +22,15 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..attention.decode import decode_attention, decode_step, selected_decode_attention
+from ..attention.extend import extend_attention
+from ..attention.plan import DecodePlanner
+from ..policy.base import FullKVPolicy, Policy, PrefillContext
+from ..store.ragged import RaggedKVStore
 from . import integration as _attention
 from .architectures import ArchitectureSpec, check_architecture, check_attention_call
 from .memory import MemoryReport, build_memory_report
 from .parallel import KVShard, TensorParallelError, kv_head_shard
-from ..policy.base import FullKVPolicy, Policy, PrefillContext
-from ..attention.plan import DecodePlanner
-from ..attention.decode import decode_attention, decode_step, selected_decode_attention
-from ..attention.extend import extend_attention
-from ..store.ragged import RaggedKVStore
 
 
 class RaggedLayer(CacheLayerMixin):

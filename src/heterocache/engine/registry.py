@@ -32,7 +32,7 @@ from typing import Any
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from .._method_names import ALIASES, DEPRECATED_ALIASES, PROVIDERS
+from .._method_names import ALIASES, PROVIDERS
 from .._method_names import canonical_name as _canonical_name
 from .._method_names import spec_value as _spec_value
 from .architectures import check_architecture

@@ -32,7 +32,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), __all__)
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals(), __all__)[0]  # __dir__: below
 
 
 def __dir__() -> list[str]:

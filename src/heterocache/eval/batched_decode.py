@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..engine import integration as _attention
 from .._compat import cache_kwarg
+from ..engine import integration as _attention
 from ..engine.cache import RaggedCache
 from .shared_prefill import _step
 

@@ -89,7 +89,8 @@ def register(subparsers) -> None:
         "--num-samples", type=bounded(int, 0), default=5, help="samples per task and length (datasets: 0 = all)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
-    p.add_argument("--max-new-tokens", type=bounded(int, 1), default=None, help="override every task's generation length")
+    p.add_argument("--max-new-tokens", type=bounded(int, 1), default=None,
+                   help="override every task's generation length")
     p.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
                    help="wrap prompts in the tokenizer's chat template (auto: when it has one)")
     p.add_argument(
@@ -160,13 +161,13 @@ def load_model(spec: str, attn: str = "auto", dtype: str = "float32", device: st
     from heterocache.models import SMOLLM2_NAME, load_smollm2, short_model_name
 
     attn = default_attention() if attn == "auto" else attn
+    if attn == "heterocache":
+        import heterocache.engine.integration  # noqa: F401  (registers the attention function)
     torch_dtype = getattr(torch, dtype)
     if short_model_name(spec) == SMOLLM2_NAME:
         model, tokenizer = load_smollm2(attn_implementation=attn, dtype=torch_dtype)
         name = SMOLLM2_NAME
     else:
-        if attn == "heterocache":
-            import heterocache.engine.integration  # noqa: F401  (registers the attention function)
         tokenizer = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, attn_implementation=attn)
         name = getattr(model.config, "name_or_path", None) or spec

@@ -21,7 +21,6 @@ from .prompting import EncodedPrompt
 from .setup import MODES, canonical_mode  # noqa: F401  (defined there, without torch)
 
 
-
 @dataclass(frozen=True)
 class Generation:
     """What one generation produced.

@@ -35,7 +35,7 @@ metric × 100). Budget = fraction of the prompt KV cache kept in fast memory (kv
 *query_agnostic*: the context is prefilled and compressed before the question arrives.
 Fidelity: teacher-forced decoding after P prefill tokens; mean KL(full ‖ method) in nats and top-1
 agreement with the full cache.
-"""
+"""  # noqa: E501  (the generated page's text, unchanged)
 
 PLACEHOLDER = """
 No results yet. Produce them with, for example:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import plot
+from .batched_decode import DecodeStart, greedy_continue_many
 from .caches import (
     CacheFactory,
     cache_settings,
@@ -50,7 +51,7 @@ from .results import (
     write_csv,
     write_json,
 )
-from .batched_decode import DecodeStart, greedy_continue_many
+from .setup import context_error, fingerprint, stored_setup
 from .shared_prefill import (
     PrefillTarget,
     eos_ids,
@@ -59,7 +60,6 @@ from .shared_prefill import (
     prefill_many,
     supports_shared_prefill,
 )
-from .setup import context_error, fingerprint, stored_setup
 from .tasks import expand_task_names, get_task
 
 
@@ -270,14 +270,16 @@ def _check_settings(log: RecordLog, settings: dict, defaults: dict | None = None
 
     def stale_record(r) -> bool:
         key = (r["method"], round(float(r["budget"]), 6))
-        return "settings" in r and key in current and not settings_agree(r["settings"], current[key], known.get(key, {}))
+        return ("settings" in r and key in current
+                and not settings_agree(r["settings"], current[key], known.get(key, {})))
 
     stale = [r for r in log.records.values() if stale_record(r)]
     if stale:
         r = stale[0]
         raise ValueError(
             f"{log.path} holds {len(stale)} records made with other cache settings than now, e.g. "
-            f"{r['method']}@{r['budget']:g} with {r['settings']}, now {current[(r['method'], round(float(r['budget']), 6))]}. "
+            f"{r['method']}@{r['budget']:g} with {r['settings']}, "
+            f"now {current[(r['method'], round(float(r['budget']), 6))]}. "
             "Delete those records (they are then run again) or write to another folder."
         )
 

@@ -20,9 +20,9 @@ import torch
 from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..engine.integration import ATTENTION_NAME
 from .._compat import cache_kwarg
 from ..engine.cache import RaggedCache, _key_validity
+from ..engine.integration import ATTENTION_NAME
 from ..policy.scoring import shared_scores
 
 

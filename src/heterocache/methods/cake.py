@@ -9,12 +9,12 @@ import torch
 
 from ..engine.cache import PolicyCache
 from ..engine.registry import register_method
-from ..policy.budget import allocate_proportional, round_preserving_sum
-from ..store.ragged import RaggedKVStore
 from ..policy.base import PrefillContext
+from ..policy.budget import allocate_proportional, round_preserving_sum
 from ..policy.budgeted import BudgetedPolicy, LayerState, evict_to_limit, num_layers_of, per_segment
 from ..policy.scoring import pool_scores, reduce_gqa, stored_attention, topk_keep, window_attention_stats
 from ..policy.window_selection import check_window_scoring
+from ..store.ragged import RaggedKVStore
 
 SCORE_BUFFER = "cake.indicator"
 
@@ -143,7 +143,9 @@ class CAKEPolicy(BudgetedPolicy):
             self._clear_prefill()
             self._decode.clear()
         if layer != len(self._prefs):
-            raise RuntimeError(f"CAKE expects layers to be prefilled in order; got layer {layer} after {len(self._prefs)}")
+            raise RuntimeError(
+                f"CAKE expects layers to be prefilled in order; got layer {layer} after {len(self._prefs)}"
+            )
         preference, indicator = self.preference_and_indicator(ctx)
         # Layer budgets are split on the host (prefill: reads are fine): the layers' statistics may
         # come from different devices (device_map), and a budget is a host decision anyway.

@@ -9,10 +9,10 @@ import torch
 
 from ..engine.cache import PolicyCache
 from ..engine.registry import register_method
-from ..store.ragged import RaggedKVStore
 from ..policy.base import PrefillContext
 from ..policy.budgeted import BudgetedPolicy, LayerState, evict_to_limit
 from ..policy.scoring import accumulated_attention, reduce_gqa, stored_attention, topk_keep
+from ..store.ragged import RaggedKVStore
 
 SCORE_BUFFER = "h2o.accumulated_attention"
 

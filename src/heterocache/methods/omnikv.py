@@ -24,14 +24,14 @@ from itertools import pairwise
 import numpy as np
 import torch
 
+from ..attention.decode import SlotSelection
 from ..engine.cache import PolicyCache
 from ..engine.registry import register_method
-from ..policy.budget import check_budget_spec
 from ..offload.host_context import HostContext
 from ..offload.transfer import RefreshTransfer
-from ..attention.decode import SlotSelection
-from ..store.ragged import RaggedKVStore, to_device
 from ..policy.base import Policy, PrefillContext
+from ..policy.budget import check_budget_spec
+from ..store.ragged import RaggedKVStore, to_device
 
 #: The reference's filter layers (``do_select_layers`` of ``configs/example.json``) for its 32-layer
 #: Llama-3-8B; other depths scale them (``scaled_filter_layers``).

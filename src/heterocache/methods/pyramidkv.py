@@ -9,8 +9,8 @@ import torch
 
 from ..engine.cache import PolicyCache
 from ..engine.registry import register_method
-from ..policy.budget import round_preserving_sum
 from ..policy.base import PrefillContext
+from ..policy.budget import round_preserving_sum
 from ..policy.budgeted import num_layers_of
 from ..policy.window_selection import WindowScoredPolicy
 

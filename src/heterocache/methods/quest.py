@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..attention.decode import SlotSelection
 from ..engine.cache import PolicyCache
 from ..engine.registry import register_method
+from ..policy.base import Policy, PrefillContext
 from ..policy.budget import check_budget_spec
 from ..policy.pages import page_bounds, page_minmax
-from ..attention.decode import SlotSelection
 from ..store.ragged import RaggedKVStore
-from ..policy.base import Policy, PrefillContext
 
 
 @dataclass

@@ -38,15 +38,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..attention.decode import SlotSelection
 from ..engine.cache import RaggedCache
 from ..engine.registry import register_method
-from ..policy.budget import check_budget
-from ..offload.host_rows import HostRows
-from ..attention.decode import SlotSelection
 from ..engine.rope import Rotary
-from ..store.ragged import RaggedKVStore, to_device
+from ..offload.host_rows import HostRows
 from ..policy.base import Policy, PrefillContext
+from ..policy.budget import check_budget
 from ..policy.budgeted import HostDevice
+from ..store.ragged import RaggedKVStore, to_device
 
 #: The reference's sparse budget: tokens of rebuilt chunks attended per step (``sparse_budget=2048``).
 PUBLISHED_BUDGET_TOKENS = 2048

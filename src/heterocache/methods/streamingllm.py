@@ -8,9 +8,9 @@ import torch
 
 from ..engine.cache import PolicyCache
 from ..engine.registry import register_method
-from ..store.ragged import RaggedKVStore
 from ..policy.base import PrefillContext
 from ..policy.budgeted import BudgetedPolicy, LayerState, evict_to_limit
+from ..store.ragged import RaggedKVStore
 
 
 @dataclass

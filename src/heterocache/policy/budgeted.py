@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .budget import check_budget_spec, tokens_for_budget
 from ..store.ragged import RaggedKVStore, to_device
 from .base import Policy, PrefillContext
+from .budget import check_budget_spec, tokens_for_budget
 
 
 @dataclass

@@ -198,10 +198,12 @@ def accumulated_attention(
     if _shared is None:
         return _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements)[query.shape[2]]
     L = query.shape[2]
-    base = (_view_key(query, 2), _view_key(key, 2), _view_key(valid, 1), float(scaling), query_chunk, max_chunk_elements)
+    base = (_view_key(query, 2), _view_key(key, 2), _view_key(valid, 1), float(scaling), query_chunk,
+            max_chunk_elements)
     if (base, L) not in _shared:
         marks = [n for n in _prefixes if n < L]
-        for n, scores in _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements, marks).items():
+        computed = _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements, marks)
+        for n, scores in computed.items():
             _shared.setdefault((base, n), scores)
     return _shared[(base, L)].clone()
 

@@ -11,10 +11,9 @@ imports :mod:`.cli`) starts without it.
 from __future__ import annotations
 
 from .._lazy import lazy_exports
-
-from .errors import ProfileError, ProfileNotFoundError
-from .io.bundled import bundled_profiles
-from .roles import Role
+from .errors import ProfileError, ProfileNotFoundError  # noqa: F401  (public, in __all__)
+from .io.bundled import bundled_profiles  # noqa: F401  (public, in __all__)
+from .roles import Role  # noqa: F401  (public, in __all__)
 
 # public name -> submodule defining it (all of them import torch)
 _LAZY = {

@@ -13,8 +13,8 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from ..cli._argparse import ArgumentParser, HelpFormatter, UsageError, bounded, command, device_name, dispatch, odd
 from .._optional import MissingExtraError
+from ..cli._argparse import ArgumentParser, HelpFormatter, UsageError, bounded, command, device_name, dispatch, odd
 from .errors import ProfileError
 
 _RUN_FLAGS = (  # (flag, dest, type, default, help); defaults are the paper's

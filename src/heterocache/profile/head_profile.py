@@ -28,7 +28,7 @@ from .validation import check_fits, check_shapes, check_structure
 
 
 def _library_version() -> str:
-    from heterocache import __version__
+    from .._version import __version__
 
     return __version__
 

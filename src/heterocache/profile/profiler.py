@@ -191,7 +191,7 @@ def profile_from_statistics(
     """Threshold and cluster the averaged statistics into a :class:`HeadProfile`."""
     stability = stats.mean_stability().clamp(0, 1)
     roles, pivots = assign_roles(stats.mean_similarity(), stability, settings.tau_sim, settings.tau_stable)
-    from heterocache import __version__
+    from .._version import __version__
 
     description = {
         "num_texts": int(stats.stability.shape[0]),

@@ -50,7 +50,9 @@ def check_decode_inputs(
         raise ValueError(f"seg_start must be int64 and seg_len int32/int64, got {seg_start.dtype}, {seg_len.dtype}")
     allowed = (torch.float16, torch.bfloat16, torch.float32)
     if q.dtype not in allowed or k_buf.dtype not in allowed or v_buf.dtype != k_buf.dtype:
-        raise ValueError(f"q, k_buf, v_buf must be fp16/bf16/fp32 (k and v alike), got {q.dtype}, {k_buf.dtype}, {v_buf.dtype}")
+        raise ValueError(
+            f"q, k_buf, v_buf must be fp16/bf16/fp32 (k and v alike), got {q.dtype}, {k_buf.dtype}, {v_buf.dtype}"
+        )
     devices = {t.device for t in (q, k_buf, v_buf, seg_start, seg_len)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -136,5 +138,6 @@ def ragged_decode_attention_torch(
     out = out.to(q.dtype)
     if not return_lse:
         return out
-    lse = torch.where(nonempty, m + torch.log(torch.where(nonempty, l, torch.ones_like(l))), m.new_tensor(float("-inf")))
+    lse = torch.where(nonempty, m + torch.log(torch.where(nonempty, l, torch.ones_like(l))),
+                      m.new_tensor(float("-inf")))
     return out, lse

@@ -47,7 +47,10 @@ def make_ragged_case(
     lens = torch.as_tensor(lengths, dtype=torch.long).cpu()
     S = lens.numel()
     order = torch.randperm(S, generator=gen) if shuffle else torch.arange(S)
-    gaps = torch.randint(0, max_gap + 1, (S + 1,), generator=gen) if max_gap > 0 else torch.zeros(S + 1, dtype=torch.long)
+    if max_gap > 0:
+        gaps = torch.randint(0, max_gap + 1, (S + 1,), generator=gen)
+    else:
+        gaps = torch.zeros(S + 1, dtype=torch.long)
     sizes = gaps[:S] + lens[order]
     ends = torch.cumsum(sizes, 0)
     seg_start = torch.empty(S, dtype=torch.long)

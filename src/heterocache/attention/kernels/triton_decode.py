@@ -196,7 +196,8 @@ if HAS_TRITON:
             split_used = (tl.zeros([G_PAD], tl.int32) + lo) < seg_len
             o_mask = o_mask & split_used[:, None]
             l_mask = l_mask & split_used
-        o_ptr = Out + s.to(tl.int64) * stride_os + j * stride_oj + offs_g[:, None] * stride_og + offs_d[None, :] * stride_od
+        o_ptr = (Out + s.to(tl.int64) * stride_os + j * stride_oj + offs_g[:, None] * stride_og
+                 + offs_d[None, :] * stride_od)
         tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=o_mask)
         tl.store(Lse + s.to(tl.int64) * stride_ls + j * stride_lj + offs_g * stride_lg, lse2, mask=l_mask)
 
@@ -237,14 +238,16 @@ if HAS_TRITON:
             mj = jj < n_valid
             lse = tl.load(lse_base + jj * stride_lj, mask=mj, other=float("-inf"))
             w = tl.exp2(lse - m)
-            o = tl.load(o_base + jj[:, None] * stride_pj + offs_d[None, :] * stride_pd, mask=mj[:, None] & mask_d[None, :], other=0.0)
+            o = tl.load(o_base + jj[:, None] * stride_pj + offs_d[None, :] * stride_pd,
+                        mask=mj[:, None] & mask_d[None, :], other=0.0)
             l_vec += w
             acc += w[:, None] * o
         l = tl.sum(l_vec, axis=0)
         nonempty = l > 0.0  # no split stored, or (table) every split attended nothing
         out = tl.sum(acc, axis=0) / tl.where(nonempty, l, 1.0)
         lse_out = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(Out + s.to(tl.int64) * stride_os + g * stride_og + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=mask_d)
+        tl.store(Out + s.to(tl.int64) * stride_os + g * stride_og + offs_d * stride_od, out.to(Out.dtype.element_ty),
+                 mask=mask_d)
         tl.store(Lse + s.to(tl.int64) * stride_fs + g * stride_fg, lse_out)
 
 
@@ -331,7 +334,7 @@ def ragged_decode_attention_triton(
     num_splits = max(1, min(int(num_splits), MAX_SPLITS))
     # Whole tiles per chunk, and no more splits than chunks of the longest segment.
     longest = max(int(max_len), 1)
-    chunk = -(-(-(-longest // num_splits)) // block_n) * block_n
+    chunk = -(-(-(-longest // num_splits)) // block_n) * block_n  # noqa: B002  (nested ceil divisions, not --)
     num_splits = -(-longest // chunk)
     single = num_splits == 1
 
@@ -431,7 +434,9 @@ def table_decode_attention_triton(
     if slot_table.dtype != torch.int64 or table_valid.dtype != torch.bool:
         raise ValueError(f"slot_table must be int64 and table_valid bool, got {slot_table.dtype}, {table_valid.dtype}")
     if slot_table.device != q.device or table_valid.device != q.device:
-        raise ValueError(f"slot_table and table_valid must be on {q.device}, got {slot_table.device}, {table_valid.device}")
+        raise ValueError(
+            f"slot_table and table_valid must be on {q.device}, got {slot_table.device}, {table_valid.device}"
+        )
     for name in ("max_len", "slot_table", "table_valid", "seg_start", "seg_len"):
         if name in kwargs:
             raise TypeError(f"table_decode_attention_triton sets {name} itself")

@@ -33,18 +33,18 @@ import numpy as np
 import torch
 
 from ...engine.architectures import check_architecture
+from ...engine.parallel import KVShard, TensorParallelError
+from ...offload.host_store import SatelliteHostStore
+from ...offload.transfer import RefreshTransfer
+from ...policy.base import Policy, PrefillContext
 from ...policy.budget import check_budget_spec
 from ...policy.pages import page_bounds, page_minmax
-from ...engine.parallel import KVShard, TensorParallelError
-from ...policy.base import Policy, PrefillContext
 from ...policy.scoring import pool_scores, reduce_gqa, row_taps, topk_keep, window_attention_scores
 from ...profile import HeadProfile, Role
 from ...profile.clustering import budget_ratios
 from ...store.ragged import RaggedKVStore, segment_ranges_host, to_device
 from .drift import membership, pivot_scores, set_overlap, topk_sets
-from ...offload.host_store import SatelliteHostStore
 from .plan import auto_kernel, budget_floor, check_budget_above_floor, pivot_offload_pays, plan_tokens
-from ...offload.transfer import RefreshTransfer
 
 
 @dataclass
@@ -610,8 +610,9 @@ class HeteroCachePolicy(Policy):
                         warnings.warn(
                             f"turn_reselect='own': no compressed head of a {n}-token prompt can pay for its page "
                             f"summaries inside the budget ({pages} pages of {self.page_size} tokens cost more than "
-                            "its slots); no head is re-chosen from its own queries. Use summary_memory='host' (summaries in "
-                            "host memory), summaries_in_budget=False (extra device bytes), a larger page_size or "
+                            "its slots); no head is re-chosen from its own queries. Use summary_memory='host' "
+                            "(summaries in host memory), summaries_in_budget=False (extra device bytes), a larger "
+                            "page_size or "
                             "a larger budget",
                             stacklevel=2)
             self._plans[n], self._summarised_plans[n] = plan, summarised
@@ -898,7 +899,7 @@ class HeteroCachePolicy(Policy):
         ``[B, Hq, W, D]`` over the head's full prompt keys (host copy, copied to the device for
         this call), pooled and maxed over the group as the prefill selection scores."""
         B, Hq, W, D = query.shape
-        H, Nr = store.num_heads, len(state.reselect)
+        H = store.num_heads
         G, Lmax = Hq // H, state.prompt_pos.shape[1]
         dev = query.device
         keys = state.host.k  # [B, held, Lmax, D] (host, pinned on CUDA)

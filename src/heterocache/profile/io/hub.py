@@ -33,9 +33,9 @@ def download_profile(
             the huggingface_hub error is chained and summarised in the message.
     """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    from heterocache import __version__
+    from ..._version import __version__
 
     common = dict(revision=revision, cache_dir=cache_dir, token=token,
                   library_name="heterocache", library_version=__version__)

@@ -11,6 +11,7 @@ from ..format import PROFILE_FILENAME, load_file
 from ..head_profile import HeadProfile
 from .bundled import bundled_profiles, find_bundled
 from .hub import download_profile
+
 # resolving a name to a file reads no tensors (torch-free); re-exported here, where it always was
 from .resolve import _REPO_ID, _did_you_mean, resolve_profile_file, suggested_filename  # noqa: F401
 
