@@ -24,8 +24,8 @@ mkdir -p "$OUT"
 BENCH=(python -m heterocache.cli bench --model random:meta-llama/Llama-3.1-8B-Instruct --device cuda
        --methods dynamic,fullkv,heterocache,snapkv --budgets 0.1,0.25,0.5 --new-tokens 32 --warmup 3)
 case "${1:?stage: tests|kernel|bench-a|bench-b|maxbatch|decode|compiled|dynamic}" in
-  tests)    python -m pytest -q -rs tests/test_kernels_gpu.py tests/test_kernels_triton_interp.py \
-              tests/test_kernels_ragged_torch.py tests/test_hetero_runtime.py tests/test_bench_cli.py \
+  tests)    python -m pytest -q -rs tests/attention/test_kernels_gpu.py tests/attention/test_kernels_triton_interp.py \
+              tests/attention/test_kernels_ragged_torch.py tests/methods/test_hetero_runtime.py tests/bench/test_bench_cli.py \
               2>&1 | tee "$OUT/gpu_tests.txt" ;;
   kernel)   python benchmarks/kernel_bench.py --tune --out "$OUT/kernel.json" ;;
   bench-a)  "${BENCH[@]}" --lengths 8192,32768 --out "$OUT/bench_8k_32k" ;;
@@ -33,9 +33,9 @@ case "${1:?stage: tests|kernel|bench-a|bench-b|maxbatch|decode|compiled|dynamic}
   maxbatch) "${BENCH[@]}" --budgets 0.25 --lengths 131072 --max-batch 131072 --new-tokens 8 \
               --out "$OUT/maxbatch_128k" ;;
   decode)   # Most important first, each result written as soon as it exists.
-            python -m pytest -q -rs tests/test_decode_step.py tests/test_kernels_gpu.py \
-              "tests/test_hetero_runtime.py::test_gpu_async_refresh_gives_the_tokens_of_the_synchronous_path" \
-              "tests/test_omnikv.py::test_offload_on_cuda_reads_the_pinned_context_from_the_device_and_keeps_the_tokens" \
+            python -m pytest -q -rs tests/engine/test_decode_step.py tests/attention/test_kernels_gpu.py \
+              "tests/methods/test_hetero_runtime.py::test_gpu_async_refresh_gives_the_tokens_of_the_synchronous_path" \
+              "tests/methods/test_omnikv.py::test_offload_on_cuda_reads_the_pinned_context_from_the_device_and_keeps_the_tokens" \
               2>&1 | tee "$OUT/decode_tests.txt"
             timeout 240 "${BENCH[@]}" --methods dynamic,fullkv,snapkv,heterocache --budgets 0.25 \
               --lengths 32768 --out "$OUT/decode_32k" || true
@@ -44,8 +44,8 @@ case "${1:?stage: tests|kernel|bench-a|bench-b|maxbatch|decode|compiled|dynamic}
   compiled) timeout 560 python benchmarks/compiled_decode.py --model random:meta-llama/Llama-3.1-8B-Instruct \
               --device cuda --lengths 32768 131072 --methods static,dynamic,fullkv,snapkv,heterocache \
               --out "$OUT/compiled_decode.json" || true ;;
-  dynamic)  python -m pytest -q -rs tests/test_quest.py tests/test_omnikv.py tests/test_shadowkv.py \
-              tests/test_device_placement.py 2>&1 | tee "$OUT/dynamic_tests.txt"
+  dynamic)  python -m pytest -q -rs tests/methods/test_quest.py tests/methods/test_omnikv.py tests/methods/test_shadowkv.py \
+              tests/engine/test_device_placement.py 2>&1 | tee "$OUT/dynamic_tests.txt"
             timeout 200 "${BENCH[@]}" --methods dynamic,quest,omnikv,shadowkv,heterocache --budgets 0.25 \
               --lengths 32768 --out "$OUT/dynamic_32k" || true
             timeout 300 "${BENCH[@]}" --methods dynamic,quest,omnikv,shadowkv,heterocache --budgets 0.25 \

@@ -37,7 +37,7 @@ def needle_prompt(tokenizer, tokens: int, seed: int):
 
 DEFAULT_BUDGET = 0.3
 # The last 8 prompt queries choose the kept tokens (the paper uses the last one); on this 135M model
-# that keeps the needle more often (tests/test_hetero_smollm2.py).
+# that keeps the needle more often (tests/methods/test_hetero_smollm2.py).
 DEFAULT_WINDOW = 8
 
 

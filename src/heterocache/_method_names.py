@@ -3,7 +3,7 @@
 The registry (:mod:`heterocache.engine.registry`) imports torch and transformers, which takes seconds; the
 command line checks ``--methods`` against this table while parsing instead, so that a misspelt name
 or option is refused at once. The table must list what the registry registers (names in its order,
-whether each uses the budget, its option names); ``tests/test_cli_early_errors.py`` compares them.
+whether each uses the budget, its option names); ``tests/cli/test_cli_early_errors.py`` compares them.
 
 Standard library only.
 """

