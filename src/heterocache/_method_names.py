@@ -10,6 +10,7 @@ Standard library only.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import warnings
 from typing import Any, NamedTuple
@@ -63,6 +64,20 @@ DEPRECATED_ALIASES = frozenset({"full"})
 PROVIDERS: dict[str, str] = {name: m.provider for name, m in METHODS.items() if m.provider}
 
 
+def module_exists(name: str) -> bool:
+    """Whether module ``name`` is in this build, found without running the ``__init__`` of any
+    package but the top one (``importlib.util.find_spec`` imports the parents, and
+    ``heterocache.methods`` imports every method, hence torch)."""
+    top, *rest = name.split(".")
+    spec = importlib.util.find_spec(top)
+    for i in range(len(rest)):
+        if spec is None or spec.submodule_search_locations is None:
+            return False
+        spec = importlib.machinery.PathFinder.find_spec(".".join([top, *rest[: i + 1]]),
+                                                        spec.submodule_search_locations)
+    return spec is not None
+
+
 def canonical_name(method: str, *, stacklevel: int = 3) -> str:
     """``method`` in lower case with aliases resolved; a deprecated alias warns (FutureWarning)."""
     if not isinstance(method, str):
@@ -99,7 +114,7 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
         TypeError: an option the method does not have.
         ModuleNotFoundError: this build has no ``heterocache.engine.registry`` (``err.name`` says so).
     """
-    if importlib.util.find_spec(REGISTRY) is None:
+    if not module_exists(REGISTRY):
         raise ModuleNotFoundError(f"No module named {REGISTRY!r}", name=REGISTRY)
     if not isinstance(spec, str):
         raise TypeError(f"method must be a name (str), got {spec!r}")
@@ -108,7 +123,7 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     method = METHODS.get(key)
     if method is None:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
-    if method.provider is not None and importlib.util.find_spec(method.provider) is None:
+    if method.provider is not None and not module_exists(method.provider):
         raise ValueError(f"method {name!r} is provided by {method.provider}, which is not available; "
                          f"available methods: {', '.join(k for k, m in METHODS.items() if m.provider is None)}")
     params: dict[str, Any] = {}
