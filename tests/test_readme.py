@@ -20,7 +20,15 @@ def quick_start_code() -> str:
     section = readme.split("## Quick start", 1)[1]
     match = re.search(r"```python\n(.*?)```", section, re.S)
     assert match, "the README's quick start has no python block"
-    return match.group(1)
+    code = match.group(1)
+    from transformers import LlamaForCausalLM  # SmolLM2's class
+
+    from heterocache._compat import _cache_keyword
+
+    if _cache_keyword(LlamaForCausalLM) == "past_key_values":  # as its comment says for transformers < 5.24
+        assert "cache=cache" in code
+        code = code.replace("cache=cache", "past_key_values=cache")
+    return code
 
 
 def _needs_smollm2():
