@@ -20,7 +20,24 @@ def quick_start_code() -> str:
     section = readme.split("## Quick start", 1)[1]
     match = re.search(r"```python\n(.*?)```", section, re.S)
     assert match, "the README's quick start has no python block"
-    return match.group(1)
+    code = match.group(1)
+    from transformers import LlamaForCausalLM  # SmolLM2's class
+
+    from heterocache._compat import _cache_keyword
+
+    if _cache_keyword(LlamaForCausalLM) == "past_key_values":  # as its comment says for transformers < 5.24
+        assert "cache=cache" in code
+        code = code.replace("cache=cache", "past_key_values=cache")
+    return code
+
+
+def printed_block() -> list[str]:
+    """The lines the README says the quick start prints (the plain block after the code)."""
+    section = (REPO / "README.md").read_text().split("## Quick start", 1)[1]
+    after_code = re.split(r"```python\n.*?```", section, maxsplit=1, flags=re.S)[1]
+    match = re.search(r"\n```\n(.*?)```", after_code, re.S)
+    assert match, "the README's quick start shows no printed block"
+    return match.group(1).strip().splitlines()
 
 
 def _needs_smollm2():
@@ -48,6 +65,8 @@ def test_readme_quick_start_runs_as_pasted(tmp_path):
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
     assert set(lines) == {"FullKVCache", "HeteroCache", "SnapKVCache"}, result.stdout
     assert "7319" in lines["FullKVCache"] and "7319" in lines["HeteroCache"], result.stdout
+    # The README shows what a run prints, to the byte (answers and KV sizes): update it with the output.
+    assert result.stdout.strip().splitlines() == printed_block(), result.stdout
     _no_deprecation(result.stderr)
 
 
