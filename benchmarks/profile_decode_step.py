@@ -25,8 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from heterocache._compat import cache_kwarg
-from heterocache.bench_cli import machine_info
-from heterocache.methods import get_method, make_cache, parse_method_spec
+from heterocache.bench.cli import machine_info
+from heterocache.engine.registry import get_method, make_cache, parse_method_spec
 from heterocache.models import SMOLLM2_NAME, load_smollm2
 
 FIRST, LAST = 3, 11  # profile the steps between these logits-processor calls

@@ -188,7 +188,7 @@ def test_configs_the_engine_cannot_serve_are_refused_with_the_reason():
     _refused(Llama4TextConfig, "chunked_attention", attention_chunk_size=64, layer_types=None)
     _refused(Gemma3TextConfig, "bidirectional", use_bidirectional_attention=True)
     unknown = Gemma3TextConfig(num_hidden_layers=2)
-    unknown.layer_types = ["sliding_attention", "linear_attention"]  # set afterwards: 5.17's config can't be built with it
+    unknown.layer_types = ["sliding_attention", "linear_attention"]  # 5.17 cannot build it
     with pytest.raises(UnsupportedArchitectureError, match=r"'linear_attention' \(layers 1\)"):
         check_architecture(unknown)
     _refused(Gemma3TextConfig, "sliding_window >= 2", sliding_window=1)
