@@ -28,7 +28,8 @@ from ..store.ragged import RaggedKVStore
 
 @dataclass
 class QuestPolicy(Policy):
-    """Query-aware page selection at every decode step over a full KV cache.
+    """Query-aware page selection at every decode step over a full KV cache (Quest, Tang et al.
+    2024, https://arxiv.org/abs/2406.10774).
 
     Args:
         budget: fraction of each segment's stored tokens attended per step, in (0, 1] (default
@@ -39,11 +40,12 @@ class QuestPolicy(Policy):
         page_size: tokens per page (default 16, the paper's).
         dense_layers: the first layers attend to every token (default 2, as the reference code).
         min_pages: pages attended at least (default 3, as the reference code).
-        gqa_reduce: how the query heads of a GQA group choose pages: "max" (default: one page set
+        gqa_reduce: how the query heads of a GQA group choose pages. "none" is the paper's
+            behaviour (Tang et al. 2024 select per attention head; the reference code runs MHA
+            models, or repeats KV per query head): a page set per query head, G times the page
+            reads of a KV-head set. "max" (default) is this library's GQA extension: one page set
             per KV head, ranked by the best of its query heads' bounds, so a group's K/V pages are
-            read once) or "mean" (ranked by their mean), or "none": a page set per query head, as the
-            reference code does on its MHA models (it repeats KV per query head): G times the page
-            reads of a KV-head set, each query head's own top pages.
+            read once; "mean" ranks by their mean.
 
     When the budget covers every page, the layer attends densely: exactly FullKV's result.
     """
