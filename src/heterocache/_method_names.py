@@ -126,14 +126,25 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     if method.provider is not None and not module_exists(method.provider):
         raise ValueError(f"method {name!r} is provided by {method.provider}, which is not available; "
                          f"available methods: {', '.join(k for k, m in METHODS.items() if m.provider is None)}")
+    return key, parse_options(spec, items, key, method.params)
+
+
+def parse_options(spec: str, items: list[str], method: str, known) -> dict[str, Any]:
+    """The ``key=value`` items of a method spec (what follows its name) as a dict, values read by
+    :func:`spec_value`; what the registry and this torch-free check both parse with.
+
+    Raises:
+        ValueError: an item written without ``=``.
+        TypeError: an option not in ``known`` (the method's parameter names).
+    """
     params: dict[str, Any] = {}
     for item in items:
         option, sep, value = item.partition("=")
         option = option.strip()
         if not sep or not option:
             raise ValueError(f"method option {item!r} of {spec!r} must be written key=value")
-        if option not in method.params:
-            raise TypeError(f"method {key!r} has no parameter {option!r}; its parameters: "
-                            f"{', '.join(method.params) or 'none'}")
+        if option not in known:
+            raise TypeError(f"method {method!r} has no parameter {option!r}; its parameters: "
+                            f"{', '.join(known) or 'none'}")
         params[option] = spec_value(value.strip())
-    return key, params
+    return params

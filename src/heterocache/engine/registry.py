@@ -32,9 +32,8 @@ from typing import Any
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from .._method_names import ALIASES, PROVIDERS
+from .._method_names import ALIASES, PROVIDERS, parse_options
 from .._method_names import canonical_name as _canonical_name
-from .._method_names import spec_value as _spec_value
 from .architectures import check_architecture
 from .cache import RaggedCache
 from .integration import ATTENTION_NAME
@@ -252,17 +251,7 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
         raise TypeError(f"method must be a name (str), got {spec!r}")
     name, *items = spec.split(":")
     method = get_method(name)
-    params: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"method option {item!r} of {spec!r} must be written key=value")
-        if key not in method.params:
-            raise TypeError(f"method {method.name!r} has no parameter {key!r}; its parameters: "
-                            f"{', '.join(method.params) or 'none'}")
-        params[key] = _spec_value(value.strip())
-    return method.name, params
+    return method.name, parse_options(spec, items, method.name, method.params)
 
 
 def make_cache(method: str, budget: float | None = None, model=None, **params) -> Cache:
