@@ -173,27 +173,6 @@ def test_no_case_imported_torch_or_transformers(refused):
 
 
 # ---- checks that need the method's own code: after importing torch, before the model loads ----------
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model must not be loaded for a request that is refused")
-
-    import heterocache.eval.cli
-    import heterocache.models
-
-    monkeypatch.setattr(heterocache.models, "load_model", refuse)
-    monkeypatch.setattr(heterocache.eval.cli, "load_model", refuse)
-
-
-def _exit_2(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
-    return err
-
-
 @pytest.mark.parametrize("argv,expected", [
     (["bench", "--methods", "dynamic,snapkv:pooling=median", "--no-plot"],
      "heterocache bench: error: argument --methods: snapkv:pooling=median: pooling must be 'avg' or 'max'"),
@@ -202,8 +181,10 @@ def _exit_2(capsys, argv) -> str:
     (["eval", "--methods", "h2o:gqa_reduce=sum", "--no-plots"],
      "heterocache eval: error: argument --methods: h2o:gqa_reduce=sum: gqa_reduce must be 'mean' or 'max'"),
 ])
-def test_bad_option_values_are_refused_before_the_model_loads(capsys, no_model_loading, argv, expected):
-    assert _exit_2(capsys, argv).startswith(expected)
+def test_bad_option_values_are_refused_before_the_model_loads(exit_2, no_model_loading, argv, expected):
+    err = exit_2(argv)
+    assert err.count("\n") == 1, err
+    assert err.startswith(expected)
 
 
 def test_an_infeasible_budget_is_left_to_the_cells(toy_config, tmp_path):

@@ -151,34 +151,14 @@ def test_help_shows_the_defaults(capsys):
 
 
 # ---- 2. bench and eval: bad requests rejected while parsing, all-infeasible grids --------------
-def _no_model_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model must not be loaded for a request that is rejected")
-
-    import heterocache.eval.cli
-    import heterocache.models
-
-    monkeypatch.setattr(heterocache.models, "load_model", refuse)
-    monkeypatch.setattr(heterocache.eval.cli, "load_model", refuse)
-
-
-def _exit_2(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    assert stop.value.code == 2
-    return capsys.readouterr().err
-
-
-def test_bench_new_tokens_must_be_at_least_one(capsys, monkeypatch):
-    _no_model_loading(monkeypatch)
-    err = _exit_2(capsys, ["bench", "--new-tokens", "0", "--no-plot"])
+def test_bench_new_tokens_must_be_at_least_one(exit_2, no_model_loading):
+    err = exit_2(["bench", "--new-tokens", "0", "--no-plot"])
     assert "argument --new-tokens: must be >= 1, got 0" in err
 
 
 @pytest.mark.parametrize("command", ["bench", "eval"])
-def test_unknown_method_is_rejected_before_the_model_loads(capsys, monkeypatch, command):
-    _no_model_loading(monkeypatch)
-    err = _exit_2(capsys, [command, "--methods", "dynamic,bogus"])
+def test_unknown_method_is_rejected_before_the_model_loads(exit_2, no_model_loading, command):
+    err = exit_2([command, "--methods", "dynamic,bogus"])
     assert "argument --methods: unknown method 'bogus'" in err
     assert all(name in err for name in ("dynamic", "fullkv", "snapkv", "heterocache"))  # the valid names
 
@@ -234,11 +214,10 @@ def test_plot_bench_refuses_rows_without_measurements(tmp_path):
         plot_bench({"rows": rows, "machine": {"processor": "x"}}, tmp_path / "b.png")
 
 
-def test_eval_grid_errors_are_messages_not_tracebacks(capsys, monkeypatch):
-    _no_model_loading(monkeypatch)
-    err = _exit_2(capsys, ["eval", "--tasks", "no_such_task", "--no-plots"])
+def test_eval_grid_errors_are_messages_not_tracebacks(exit_2, no_model_loading):
+    err = exit_2(["eval", "--tasks", "no_such_task", "--no-plots"])
     assert err.startswith("heterocache eval: error: argument --tasks: unknown task 'no_such_task'")
-    assert "must be in (0, 1], got 2" in _exit_2(capsys, ["eval", "--budgets", "0.5,2"])
+    assert "must be in (0, 1], got 2" in exit_2(["eval", "--budgets", "0.5,2"])
 
 
 # ---- 3. plotting without matplotlib --------------------------------------------------------------
@@ -258,15 +237,13 @@ def test_profile_plot_without_matplotlib_names_the_extra(no_matplotlib, tmp_path
     assert not (tmp_path / "p.png").exists()
 
 
-def test_bench_without_matplotlib_fails_before_measuring(no_matplotlib, monkeypatch):
-    _no_model_loading(monkeypatch)
+def test_bench_without_matplotlib_fails_before_measuring(no_model_loading, no_matplotlib):
     with pytest.raises(SystemExit) as stop:
         main(["bench", "--methods", "dynamic"])
     assert 'pip install "heterocache[plot]"' in str(stop.value.code) and "--no-plot" in str(stop.value.code)
 
 
-def test_eval_without_matplotlib_fails_before_the_grid(no_matplotlib, monkeypatch):
-    _no_model_loading(monkeypatch)
+def test_eval_without_matplotlib_fails_before_the_grid(no_model_loading, no_matplotlib):
     with pytest.raises(SystemExit) as stop:
         main(["eval", "--methods", "dynamic"])
     assert 'pip install "heterocache[plot]"' in str(stop.value.code) and "--no-plots" in str(stop.value.code)
