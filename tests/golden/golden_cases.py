@@ -26,10 +26,12 @@ as the cache is after generation.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 
 import torch
+
+from heterocache._compat import cache_kwarg
+from heterocache.eval.generation import prefill
 
 #: The fixed prompts: name -> (RULER-style task, target length in tokens); built by make_golden.py
 #: with seed PROMPT_SEED and stored (token ids included) in the golden file.
@@ -131,20 +133,12 @@ def cases() -> list[tuple[str, str, float | None, str]]:
     ]
 
 
-def _cache_keyword(model) -> str:
-    """``cache`` where the model's forward takes it (transformers >= 5.24, whose ``generate`` deprecates
-    ``past_key_values`` too), else ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
 @torch.inference_mode()
 def run_prompt(model, tokenizer, input_ids: list[int], context_len: int, cache, mode: str) -> list[int]:
     """Greedy new token ids for one prompt with ``cache`` (fresh) in ``mode``."""
     ids = torch.tensor([input_ids], dtype=torch.long, device=next(model.parameters()).device)
     if mode == "query_agnostic":
-        ctx = ids[:, :context_len]
-        model(input_ids=ctx, attention_mask=torch.ones_like(ctx), use_cache=True, logits_to_keep=1,
-              **{_cache_keyword(model): cache})
+        prefill(model, ids[:, :context_len], cache)  # the eval harness's context-only prefill
     elif mode != "query_aware":
         raise ValueError(f"unknown mode {mode!r}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -154,7 +148,7 @@ def run_prompt(model, tokenizer, input_ids: list[int], context_len: int, cache, 
         max_new_tokens=MAX_NEW_TOKENS,
         do_sample=False,
         pad_token_id=pad,
-        **{_cache_keyword(model): cache},
+        **cache_kwarg(model, cache),
     )
     return out[0, ids.shape[1]:].tolist()
 
