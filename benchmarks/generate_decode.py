@@ -57,7 +57,8 @@ def needle_prompt(tokenizer, length: int) -> torch.Tensor:
     return enc["input_ids"]
 
 
-def _cache_for(model, name: str, budget: float):
+def cache_for(model, name: str, budget: float):
+    """A fresh cache of method spec ``name``, the model switched to the attention it needs."""
     base = get_method(parse_method_spec(name)[0])
     model.set_attn_implementation("heterocache" if base.needs_heterocache_attention else "sdpa")
     return make_cache(name, budget if base.uses_budget else None, model)
@@ -65,7 +66,7 @@ def _cache_for(model, name: str, budget: float):
 
 @torch.no_grad()
 def one_round(model, ids, name: str, budget: float, new_tokens: int, steps: int) -> dict:
-    cache = _cache_for(model, name, budget)
+    cache = cache_for(model, name, budget)
     clock = _StepClock()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,

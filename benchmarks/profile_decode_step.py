@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 import transformers
+from generate_decode import cache_for, needle_prompt  # the same prompt and caches as the timing benchmark
 from torch.profiler import ProfilerActivity, profile
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from heterocache._compat import cache_kwarg
 from heterocache.bench.cli import machine_info
-from heterocache.engine.registry import get_method, make_cache, parse_method_spec
+from heterocache.engine.registry import parse_method_spec
 from heterocache.models import SMOLLM2_NAME, load_smollm2
 
 FIRST, LAST = 3, 11  # profile the steps between these logits-processor calls
@@ -54,9 +55,7 @@ class _Window(LogitsProcessor):
 
 @torch.no_grad()
 def profile_method(model, ids, name: str, budget: float, top: int) -> dict:
-    base = get_method(parse_method_spec(name)[0])
-    model.set_attn_implementation("heterocache" if base.needs_heterocache_attention else "sdpa")
-    cache = make_cache(name, budget if base.uses_budget else None, model)
+    cache = cache_for(model, name, budget)
     window = _Window()
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=LAST + 1,
                    min_new_tokens=LAST + 1, do_sample=False, pad_token_id=0,
@@ -92,9 +91,6 @@ def main(argv=None) -> int:
         parse_method_spec(name)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_smollm2(attn_implementation="heterocache")
-    sys.path.insert(0, str(Path(__file__).parent))
-    from generate_decode import needle_prompt
-
     ids = needle_prompt(tokenizer, args.length)
     for name in names:  # warm-up: first calls of each path (allocations, the profiler's own start-up)
         profile_method(model, ids[:, :256], name, args.budget, args.top)
