@@ -45,6 +45,8 @@ def _decode(model, ids, cache, steps: int, warmup: int, forward=None) -> dict:
     kw = cache_kwarg(model, cache)
     L = ids.shape[1]
     logits = model(ids, **kw, use_cache=True, logits_to_keep=1).logits[:, -1]
+    if hasattr(cache, "end_prompt"):  # compress now, not in the first (compiled) step
+        cache.end_prompt()
     token = logits.argmax(-1, keepdim=True)
     forward = forward or model.forward
     out, times = [token], []

@@ -86,6 +86,8 @@ def measure(model, ids, make_cache, timed: int, counted: int, warmup: int = 2) -
     cache = make_cache()
     t0 = time.perf_counter()
     logits = model(ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+    if hasattr(cache, "end_prompt"):  # compress now: the prompt's end is prefill work, not a decode step's
+        cache.end_prompt()
     prefill_s = time.perf_counter() - t0
     token = logits.argmax(-1, keepdim=True)
     saved = os.environ.pop(STRATEGY_ENV, None)

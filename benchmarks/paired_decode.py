@@ -47,6 +47,8 @@ def paired(model, ids, names: list[str], budget: float, rounds: int, steps: int,
         model.set_attn_implementation("sdpa" if name == "dynamic" else "heterocache")
         cache = make_cache(name, budget if get_method(parse_method_spec(name)[0]).uses_budget else None, model)
         logits = model(ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+        if hasattr(cache, "end_prompt"):  # compress now: a later turn is a new turn, not more prompt
+            cache.end_prompt()
         token = logits.argmax(-1, keepdim=True)
         for _ in range(warmup):
             token = _step(model, cache, token)

@@ -28,7 +28,7 @@ class MethodName(NamedTuple):
 #: The method registry's module (absent from a build without the engine).
 REGISTRY = "heterocache.engine.registry"
 
-_ENGINE = ("block_size", "reserve")
+_ENGINE = ("block_size", "reserve", "prefill")
 _SNAPKV = ("budget_tokens", "window", "kernel", "pooling", "gqa_reduce")
 
 #: Registry name -> what the command line checks, in registration order.

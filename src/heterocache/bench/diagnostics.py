@@ -129,8 +129,9 @@ def count_steps(model, cache, token: torch.Tensor, steps: int, warmup: int = 0) 
 
 @torch.no_grad()
 def count_decode_steps(model, input_ids: torch.Tensor, cache, steps: int = 10, warmup: int = 2) -> dict:
-    """Prefill ``input_ids`` into ``cache``, then run greedy decode steps, counting each one
-    (``count_steps``).
+    """Prefill ``input_ids`` into ``cache``, end the prompt (``RaggedCache.end_prompt``: the
+    one-time compression is prefill work, not a decode step's), then run greedy decode steps,
+    counting each one (``count_steps``).
 
     Args:
         model: a causal LM whose attention fits the cache.
@@ -144,6 +145,9 @@ def count_decode_steps(model, input_ids: torch.Tensor, cache, steps: int = 10, w
     from .._compat import cache_kwarg
 
     logits = model(input_ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+    end_prompt = getattr(cache, "end_prompt", None)  # a ragged cache; transformers' caches have none
+    if end_prompt is not None:
+        end_prompt()
     token = logits.argmax(-1, keepdim=True)
     tokens, counts = count_steps(model, cache, token, steps, warmup)
     return {**counts, "tokens": torch.cat([token, tokens], 1)}

@@ -73,6 +73,8 @@ def measure_decode(
     t0 = time.perf_counter()
     # logits of the last position only: a 128K-token prompt's full logits would not fit
     logits = model(input_ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+    if hasattr(cache, "end_prompt"):  # the prompt's compression is prefill work (docs/prefill.md)
+        cache.end_prompt()
     _sync(device)
     prefill_s = time.perf_counter() - t0
     token = logits.argmax(-1, keepdim=True)

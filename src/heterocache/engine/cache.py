@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..attention.decode import decode_attention, decode_step, selected_decode_attention
 from ..attention.extend import extend_attention
@@ -31,13 +30,16 @@ from . import integration as _attention
 from .architectures import ArchitectureSpec, check_architecture, check_attention_call
 from .memory import MemoryReport, build_memory_report
 from .parallel import KVShard, TensorParallelError, kv_head_shard
+from .prompt import OpenPrompt, PromptPieces, key_validity, last_queries
 
 
 class RaggedLayer(CacheLayerMixin):
     """One layer of a ``RaggedCache``: its store and its logical length.
 
     ``seen`` counts the tokens the layer has been given (the logical sequence length, which
-    positions and masks depend on); the store may hold fewer per head.
+    positions and masks depend on); the store may hold fewer per head. ``prompt`` is the layer's
+    prompt while it is open (``heterocache.engine.prompt``): the store is None until it ends
+    (exact prefill) or holds what is kept so far (bounded prefill).
 
     Attributes:
         sliding_window: ``W`` of a sliding-window layer (it stores at most ``W - 1`` tokens per row
@@ -60,6 +62,7 @@ class RaggedLayer(CacheLayerMixin):
         self.sliding_window: int | None = None
         self.policy_idx: int | None = layer_idx
         self._oldest: torch.Tensor | None = None  # int64 zeros [S]: "drop column 0" of every segment
+        self.prompt: OpenPrompt | None = None
 
     # -- CacheLayerMixin contract
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -83,10 +86,13 @@ class RaggedLayer(CacheLayerMixin):
 
     @property
     def batch_size(self) -> int:
-        return self.store.num_rows if self.store is not None else -1
+        if self.store is not None:
+            return self.store.num_rows
+        return self.prompt.num_rows if self.prompt is not None else -1
 
     def reset(self) -> None:
         self.store = None
+        self.prompt = None
         self.seen = 0
         self.is_initialized = False
         # The layout (sliding window, the policy's index of the layer) is read again from the next
@@ -99,6 +105,11 @@ class RaggedLayer(CacheLayerMixin):
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         if tokens_to_remove == 0 or self.seen == 0:
             return
+        if self.prompt is not None:
+            raise NotImplementedError(
+                f"layer {self.layer_idx}: crop while a prompt is being prefilled in pieces (it keeps only the last "
+                "queries it needs); crop after the prompt ended"
+            )
         if self.sliding_window is not None and self.seen >= self.sliding_window:
             # Like DynamicSlidingWindowLayer: the tokens a cropped sequence needs again are gone.
             raise NotImplementedError(
@@ -110,13 +121,15 @@ class RaggedLayer(CacheLayerMixin):
             self.store.truncate_positions(self.seen)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.prompt is not None:
+            self.prompt.select_rows(torch.as_tensor(indices))
         if self.store is not None:
             self.store.select_rows(torch.as_tensor(indices, device=self.store.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.store is not None:
-            rows = torch.arange(self.store.num_rows, device=self.store.device).repeat_interleave(repeats)
-            self.store.select_rows(rows)
+        rows = self.batch_size
+        if rows > 0:
+            self.batch_select_indices(torch.arange(rows).repeat_interleave(repeats))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -140,7 +153,7 @@ class RaggedLayer(CacheLayerMixin):
             self.store.compact(keep)
 
 
-class RaggedCache(Cache):
+class RaggedCache(PromptPieces, Cache):
     """A KV cache with one length per (batch row, layer, KV head), driven by a ``Policy``.
 
     Use it with a model whose attention is ``"heterocache"``::
@@ -153,6 +166,16 @@ class RaggedCache(Cache):
         policy: what to keep (default: ``FullKVPolicy``, keeps everything).
         block_size: slot alignment of each head's segment in the packed buffers (default 64).
         reserve: free slots reserved per head for decoded tokens when (re)allocating (default 128).
+        prefill: how a prompt that arrives in pieces (``generate(prefill_chunk_size=N)``) is
+            compressed: "exact" (default) once, when it ends, exactly as in one piece; "bounded" as
+            its pieces arrive, keeping after each piece the budget of the prompt seen so far (bounded
+            memory, another selection; only policies with ``bounded_prefill``). See
+            ``docs/prefill.md``.
+
+    The prompt: every multi-token call until the first single-token step (the first decode step)
+    is the prompt, compressed when it ends (at that step, or at :meth:`end_prompt`: call it after
+    prefilling a context with forward calls, before a question that is a new turn or before
+    reading the compressed cache). ``ingest_prefill`` hands over a whole prompt at once.
 
     Multi-turn: pass the same cache to a second ``generate()`` with the whole conversation; only the
     new tokens are processed and appended (not compressed). Beam search, ``crop`` and batch
@@ -164,12 +187,14 @@ class RaggedCache(Cache):
     meets the model (``heterocache.engine.architectures.UnsupportedArchitectureError``).
     """
 
-    def __init__(self, policy: Policy | None = None, block_size: int = 64, reserve: int = 128):
+    def __init__(self, policy: Policy | None = None, block_size: int = 64, reserve: int = 128,
+                 prefill: str = "exact"):
         super().__init__(layers=[])
         self.policy = policy if policy is not None else FullKVPolicy()
         if not isinstance(self.policy, Policy):
             raise TypeError(f"policy must be a heterocache Policy, got {type(self.policy).__name__}")
         self.block_size, self.reserve = block_size, reserve
+        self.prefill = prefill
         self._pending: _attention.PendingUpdate | None = None
         self.is_croppable_policy = self.policy.croppable
         self.planner = DecodePlanner()
@@ -247,15 +272,15 @@ class RaggedCache(Cache):
             scaling = query.shape[-1] ** -0.5
         q_len = query.shape[2]
         positions = torch.arange(layer.seen - q_len, layer.seen, device=key.device)
-        if layer.store is None:
-            # The model's own mask: causal, padding and, on a sliding layer, the window.
-            out, _ = sdpa_attention_forward(
-                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-            )
-            valid = _key_validity(attention_mask, key)
-            self._fill(layer, query, key, value, valid, positions, scaling, config, kwargs.get("position_ids"),
-                       module)
-            return out, None
+        if layer.store is None or layer.prompt is not None:
+            if q_len > 1 or layer.prompt is None:  # a piece of the prompt (the first one opens it)
+                out = self._prompt_piece(layer, module, query, key, value, attention_mask, scaling, dropout,
+                                         positions, config, kwargs)
+                if q_len == 1:  # a one-token prompt: it ends here
+                    self._end_layer_prompt(layer)
+                return out, None
+            # The first single-token step ends the prompt, in every layer before any attends.
+            self.end_prompt()
         window, idx = layer.sliding_window, layer.policy_idx
         if window is None:
             if q_len > 1:
@@ -284,7 +309,7 @@ class RaggedCache(Cache):
             else:
                 layer.slide()
             return out, None
-        new_valid = None if attention_mask is None else _key_validity(attention_mask[..., -q_len:], key)
+        new_valid = None if attention_mask is None else key_validity(attention_mask[..., -q_len:], key)
         if window is not None and new_valid is not None and not bool(new_valid.all()):
             raise NotImplementedError(
                 f"padding among the new tokens of a later turn on sliding-window layer {layer.layer_idx} is not "
@@ -364,20 +389,37 @@ class RaggedCache(Cache):
 
     def _fill(self, layer: RaggedLayer, query, key, value, valid, positions, scaling, config=None,
               position_ids=None, module=None) -> None:
+        """Compress a whole prompt at once (``ingest_prefill``)."""
         B, H, L, D = key.shape
         self._resolve_shard(key, config, module)
         if valid is None:
             valid = torch.ones(B, L, dtype=torch.bool, device=key.device)
         if layer.sliding_window is not None:
-            self._fill_window(layer, key, value, valid, positions)
+            self._fill_window(layer, key, value, valid, positions, L)
             return
+        self.policy.observe_prompt_piece(layer.policy_idx, query, key, valid, scaling)
+        queries = last_queries(None, query, self.policy.prompt_queries)
+        self._compress(layer, self._context(layer, queries, key, value, valid, scaling, config, position_ids),
+                       positions)
+
+    def _context(self, layer: RaggedLayer, query, key, value, valid, scaling, config, position_ids=None,
+                 **extra) -> PrefillContext:
         if self.architecture is not None:
             num_layers = len(self.architecture.compressible_layers)
         else:
             num_layers = getattr(config, "num_hidden_layers", None)
-        ctx = PrefillContext(layer.policy_idx, query, key, value, valid, scaling, num_layers, config,
-                             model_layer=layer.layer_idx, position_ids=position_ids)
+        return PrefillContext(layer.policy_idx, query, key, value, valid, scaling, num_layers, config,
+                              model_layer=layer.layer_idx, position_ids=position_ids, **extra)
+
+    def _compress(self, layer: RaggedLayer, ctx: PrefillContext, positions, done: bool = True) -> None:
+        """Plan, select and store the kept tokens of ``ctx`` (a whole prompt, or in a bounded
+        prefill the kept tokens and a new piece); ``done``: the prompt ended (``on_prefill_done``)."""
+        B, H, L, D = ctx.key.shape
+        valid = ctx.key_valid
+        valid = valid[:, None, :] if valid.dim() == 2 else valid
         plan = self.policy.plan(ctx)
+        if ctx.head_valid is not None:  # never more than a head holds (a budget growing faster than the prompt)
+            plan = torch.minimum(plan, valid.sum(-1).to(plan.device))
         keep = self.policy.select(ctx, plan)
         kept = keep.sum(-1)
         if keep.shape != (B, H, L) or not torch.equal(kept, plan.to(kept.device)):
@@ -385,32 +427,13 @@ class RaggedCache(Cache):
                 f"policy {self.policy.name} selected {kept.tolist()} tokens for layer {layer.layer_idx}, "
                 f"its plan says {plan.tolist()}"
             )
-        if bool((keep & ~valid[:, None, :]).any()):
+        if bool((keep & ~valid).any()):
             raise RuntimeError(f"policy {self.policy.name} kept padding tokens in layer {layer.layer_idx}")
-        store = RaggedKVStore(B, H, D, key.dtype, key.device, self.block_size, self.reserve)
-        store.fill(key, value, keep, positions)
+        store = RaggedKVStore(B, H, D, ctx.key.dtype, ctx.key.device, self.block_size, self.reserve)
+        store.fill(ctx.key, ctx.value, keep, positions)
         layer.store = store
-        self.policy.on_prefill_done(layer.policy_idx, store, ctx)
-
-    def _fill_window(self, layer: RaggedLayer, key, value, valid, positions) -> None:
-        """Fill a sliding layer with what a future query can see: the real tokens at positions
-        ``> seen - W`` (the newest ``W - 1``). No policy is asked: nothing here is compressed.
-
-        Raises:
-            NotImplementedError: a row whose window holds padding after a real token (padding
-                other than left padding): the decode step drops one token per step by count.
-        """
-        B, H, L, D = key.shape
-        keep = valid & (positions > layer.seen - layer.sliding_window)[None, :]  # [B, L]
-        keep_h = keep.cpu().numpy()  # prefill: host reads are fine here
-        if L > 1 and (keep_h[:, 1:] < keep_h[:, :-1]).any():
-            raise NotImplementedError(
-                f"sliding-window layer {layer.layer_idx}: a row has padding after real tokens inside the window; "
-                "only left padding is supported"
-            )
-        store = RaggedKVStore(B, H, D, key.dtype, key.device, self.block_size, self.reserve)
-        store.fill(key, value, keep[:, None, :].expand(B, H, L), positions)
-        layer.store = store
+        if done:
+            self.policy.on_prefill_done(layer.policy_idx, store, ctx)
 
     def _check_attention_used(self) -> None:
         if self._pending is not None:
@@ -425,7 +448,8 @@ class RaggedCache(Cache):
     # ------------------------------------------------------------------ inspection
     def memory_report(self, aggregate: bool = False) -> MemoryReport:
         """Bytes held on the accelerator and in host memory, per layer and per head role, next to
-        what a DynamicCache would hold for the same tokens.
+        what a DynamicCache would hold for the same tokens. A layer whose prompt is still open (not
+        ended by a decode step or ``end_prompt``) counts it uncompressed, role "open prompt".
 
         Args:
             aggregate: under tensor parallelism, the whole model's report: every rank's layers
@@ -441,33 +465,12 @@ class RaggedCache(Cache):
 
     def stored_tokens(self) -> list[torch.Tensor]:
         """Stored tokens per layer: int64 ``[B, H]`` each (``H``: this process's heads,
-        ``kv_heads``)."""
+        ``kv_heads``); layers whose prompt is open and not compressed yet are left out."""
         return [layer.store.lengths().clone() for layer in self.layers if layer.store is not None]
 
     def sliding_windows(self) -> list[int | None]:
         """The window of every layer met so far (None: full attention, compressible)."""
         return [layer.sliding_window for layer in self.layers]
-
-
-def _key_validity(mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | None:
-    """Which of the ``q`` new tokens are real (not padding), read from an sdpa mask's diagonal:
-    new token i (column ``kv - q + i``) is visible to its own query exactly when it is real, on a
-    full layer as on a sliding one (the last query row would also hide what is outside a window).
-
-    Args:
-        mask: bool ``[B, 1, q, kv]`` (True = attend) or None (no padding).
-        key: any ``[B, ...]`` tensor (for the batch size and device).
-
-    Returns:
-        bool ``[B, q]`` or None.
-    """
-    if mask is None:
-        return None
-    if mask.dtype != torch.bool:  # additive float mask (eager-style): 0 = attend
-        mask = mask == 0
-    q, kv = mask.shape[-2], mask.shape[-1]
-    diagonal = torch.diagonal(mask[:, 0, :, kv - q :], dim1=-2, dim2=-1)
-    return diagonal.expand(key.shape[0], -1).clone()
 
 
 class PolicyCache(RaggedCache):
@@ -476,5 +479,6 @@ class PolicyCache(RaggedCache):
 
     policy_class: type = FullKVPolicy
 
-    def __init__(self, budget: float | None = 0.25, block_size: int = 64, reserve: int = 128, **policy_kwargs):
-        super().__init__(self.policy_class(budget=budget, **policy_kwargs), block_size, reserve)
+    def __init__(self, budget: float | None = 0.25, block_size: int = 64, reserve: int = 128, prefill: str = "exact",
+                 **policy_kwargs):
+        super().__init__(self.policy_class(budget=budget, **policy_kwargs), block_size, reserve, prefill)

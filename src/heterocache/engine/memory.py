@@ -162,6 +162,9 @@ def build_memory_report(cache, aggregate: bool = False) -> MemoryReport:
     for layer in cache.layers:
         store = layer.store
         if store is None:
+            prompt = getattr(layer, "prompt", None)
+            if prompt is not None and prompt.key is not None:
+                report.layers.append(_open_prompt_memory(layer, prompt, shard))
             continue
         elt = store.k.element_size()
         window = getattr(layer, "sliding_window", None)
@@ -190,3 +193,24 @@ def build_memory_report(cache, aggregate: bool = False) -> MemoryReport:
     if aggregate and shard is not None and shard.sharded:
         return merge_reports(shard.all_gather_object(report))
     return report
+
+
+def _open_prompt_memory(layer, prompt, shard) -> LayerMemory:
+    """A layer whose prompt is still open (exact prefill, ``docs/prefill.md``): it holds the prompt
+    so far uncompressed (role "open prompt") and the last queries its policy reads."""
+    B, H, n, D = prompt.key.shape
+    elt = prompt.key.element_size()
+    window = getattr(layer, "sliding_window", None)
+    tokens = layer.seen if window is None else min(layer.seen, window - 1)
+    real = prompt.valid.sum(-1).tolist()
+    return LayerMemory(
+        layer_idx=layer.layer_idx,
+        device_bytes=prompt.nbytes(),
+        device_used_bytes=B * H * n * D * elt * 2,
+        host_bytes=0,
+        dynamic_bytes=B * H * tokens * D * elt * 2,
+        stored_tokens=[[int(r)] * H for r in real],
+        roles=["open prompt"] * H,
+        kv_heads=list(shard.heads) if shard is not None else list(range(H)),
+        device=str(prompt.key.device),
+    )

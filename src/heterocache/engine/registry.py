@@ -64,7 +64,7 @@ class Method:
             it or ``budget_tokens`` is given).
         cache_class, policy_class: the classes behind it (None where there is none).
         params: parameter name -> default (the policy's fields other than ``budget``, plus the
-            engine's ``block_size`` and ``reserve`` for ragged caches).
+            engine's ``block_size``, ``reserve`` and ``prefill`` for ragged caches).
         uses_budget: False for the uncompressed methods (they ignore the budget).
         needs_heterocache_attention: the cache is a ragged cache that only the ``heterocache``
             attention reads.
@@ -86,7 +86,7 @@ _REGISTRY: dict[str, Method] = {}
 # (methods registered by a module of their own when that module is imported, lazily, on demand) are
 # shared with the command line's torch-free check of method names (heterocache._method_names).
 
-_ENGINE_PARAMS = {"block_size": 64, "reserve": 128}
+_ENGINE_PARAMS = {"block_size": 64, "reserve": 128, "prefill": "exact"}
 
 
 def _policy_params(policy_class: type) -> dict[str, Any]:
@@ -140,8 +140,8 @@ def register_method(
         factory = _class_factory(cache_class, uses_budget)
     if params is None:
         params = _policy_params(policy_class) if policy_class is not None else {}
-        if needs_heterocache_attention and cache_class is not None and issubclass(cache_class, RaggedCache):
-            params = {**params, **_ENGINE_PARAMS}
+    if needs_heterocache_attention and cache_class is not None and issubclass(cache_class, RaggedCache):
+        params = {**params, **_ENGINE_PARAMS}
     method = Method(
         name=key,
         description=description,
@@ -266,7 +266,8 @@ def make_cache(method: str, budget: float | None = None, model=None, **params) -
         model: the model the cache is for (optional): ragged methods check that it uses the
             ``heterocache`` attention; "dynamic" sizes its layers from its config.
         **params: the method's parameters (``describe_methods()``), e.g. ``window=16`` or
-            ``budget_tokens=512``.
+            ``budget_tokens=512``; for ragged caches also the engine's ``block_size``, ``reserve``
+            and ``prefill`` ("exact" or "bounded", ``docs/prefill.md``).
 
     Returns:
         a ``transformers.Cache``.
@@ -295,7 +296,11 @@ def make_cache(method: str, budget: float | None = None, model=None, **params) -
                 f"reads, but the model uses {attn!r}: load it with attn_implementation={ATTENTION_NAME!r} or call "
                 "heterocache.enable(model) (or use method 'dynamic' for transformers' own cache)"
             )
-    return spec.factory(budget if spec.uses_budget else None, model, **params)
+    prefill = params.pop("prefill", None)  # the engine's (RaggedCache.prefill), whatever the factory takes
+    cache = spec.factory(budget if spec.uses_budget else None, model, **params)
+    if prefill is not None:
+        cache.prefill = prefill
+    return cache
 
 
 def _dynamic_factory(budget, model, **params) -> Cache:

@@ -49,18 +49,32 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def prefill(model, input_ids: torch.Tensor, cache) -> None:
-    """Run ``input_ids`` ``[1, C]`` through ``model`` into ``cache`` (only the last logits are kept)."""
-    kwargs = dict(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True, **cache_kwarg(model, cache)
-    )
-    try:
-        # A [1, C, vocab] logits tensor would dwarf the KV cache at long C: keep the last row only.
-        model(**kwargs, logits_to_keep=1)
-    except TypeError as err:
-        if "logits_to_keep" not in str(err):
-            raise
-        model(**kwargs)  # an architecture without logits_to_keep
+def prefill(model, input_ids: torch.Tensor, cache, chunk_size: int | None = None) -> None:
+    """Prefill a context: run ``input_ids`` ``[1, C]`` through ``model`` into ``cache`` (only the
+    last logits are kept), then end the prompt (``RaggedCache.end_prompt``), so that what comes
+    next (the question) is a new turn, compressed or not as the method does with turns.
+
+    Args:
+        chunk_size: run the context in pieces of this many tokens, as
+            ``generate(prefill_chunk_size=...)`` does (default None: one forward).
+    """
+    from ..engine.cache import RaggedCache
+
+    total = input_ids.shape[1]
+    step = total if chunk_size is None else chunk_size
+    for lo in range(0, total, step):
+        hi = min(total, lo + step)
+        kwargs = dict(input_ids=input_ids[:, lo:hi], attention_mask=torch.ones_like(input_ids[:, :hi]),
+                      use_cache=True, **cache_kwarg(model, cache))
+        try:
+            # A [1, C, vocab] logits tensor would dwarf the KV cache at long C: keep the last row only.
+            model(**kwargs, logits_to_keep=1)
+        except TypeError as err:
+            if "logits_to_keep" not in str(err):
+                raise
+            model(**kwargs)  # an architecture without logits_to_keep
+    if isinstance(cache, RaggedCache):
+        cache.end_prompt()
 
 
 @torch.inference_mode()

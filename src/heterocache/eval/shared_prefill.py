@@ -21,8 +21,9 @@ from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .._compat import cache_kwarg
-from ..engine.cache import RaggedCache, _key_validity
+from ..engine.cache import RaggedCache
 from ..engine.integration import ATTENTION_NAME
+from ..engine.prompt import key_validity
 from ..policy.scoring import shared_scores
 
 
@@ -60,7 +61,7 @@ class _FanOutCache(RaggedCache):
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        valid = _key_validity(attention_mask, key)
+        valid = key_validity(attention_mask, key)
         if valid is None:  # one tensor for every target, so that shared scores can be recognised
             valid = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
         config = getattr(module, "config", None)

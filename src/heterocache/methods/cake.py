@@ -75,6 +75,11 @@ class CAKEPolicy(BudgetedPolicy):
     evict_during_decode: bool = True
     name = "cake"
 
+    @property
+    def prompt_queries(self) -> int:
+        """The observation window: the last prompt queries the statistics read."""
+        return self.window
+
     def __post_init__(self):
         super().__post_init__()
         check_window_scoring(self)

@@ -53,6 +53,8 @@ class H2OPolicy(BudgetedPolicy):
     evict_during_decode: bool = True
     gqa_reduce: str = "mean"
     name = "h2o"
+    # Its scores need every prompt query: accumulated piece by piece (observe_prompt_piece).
+    prompt_queries = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,6 +66,7 @@ class H2OPolicy(BudgetedPolicy):
             raise ValueError(f"gqa_reduce must be 'mean' or 'max', got {self.gqa_reduce!r}")
         self._state = LayerState()
         self._pending: tuple | None = None
+        self._observed: dict[int, torch.Tensor] = {}  # layer -> accumulated scores [B, Hq, n] of the open prompt
 
     @property
     def croppable(self) -> bool:
@@ -77,13 +80,33 @@ class H2OPolicy(BudgetedPolicy):
         B, H = ctx.key.shape[:2]
         return self.head_tokens(ctx)[:, None].expand(B, H).clone()
 
+    def observe_prompt_piece(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor,
+                             scaling: float) -> None:
+        """Add the piece's queries' attention to the layer's accumulated scores (the column sums
+        ``token_scores`` reads): over the pieces, the sum of every prompt query's."""
+        n, q = key.shape[2], query.shape[2]
+        scores = accumulated_attention(query, key, valid, scaling)  # [B, Hq, n]
+        if q < n:
+            earlier = self._observed.get(layer_idx)
+            if earlier is None or earlier.shape[-1] != n - q:
+                raise RuntimeError(f"H2O: layer {layer_idx} got a prompt piece without the pieces before it")
+            scores[..., : n - q] += earlier
+        self._observed[layer_idx] = scores
+
     def token_scores(self, ctx: PrefillContext) -> torch.Tensor:
-        """Accumulated attention of every prompt token per KV head: float32 ``[B, H, L]``."""
-        scores = accumulated_attention(ctx.query, ctx.key, ctx.valid, ctx.scaling)
+        """Accumulated attention of every prompt token per KV head: float32 ``[B, H, L]`` (from
+        ``observe_prompt_piece``, or from ``ctx.query`` when it holds every prompt query)."""
+        scores = self._observed.get(ctx.layer_idx)
+        if scores is None or scores.shape[-1] != ctx.key.shape[2]:
+            if ctx.query.shape[2] != ctx.key.shape[2]:
+                raise ValueError("H2O scores a prompt with every one of its queries: the context holds "
+                                 f"{ctx.query.shape[2]} of {ctx.key.shape[2]} and no piece was observed")
+            scores = accumulated_attention(ctx.query, ctx.key, ctx.valid, ctx.scaling)
         return reduce_gqa(scores, ctx.key.shape[1], self.gqa_reduce)
 
     def select(self, ctx: PrefillContext, plan: torch.Tensor) -> torch.Tensor:
         scores = self.token_scores(ctx)
+        self._observed.pop(ctx.layer_idx, None)
         keep = topk_keep(scores, ctx.valid, plan, protect_last=self.recent_tokens(plan))
         self._pending = (ctx, scores, keep) if self.evict_during_decode else None
         return keep
@@ -115,10 +138,13 @@ class H2OPolicy(BudgetedPolicy):
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self._state.select_rows(rows)
+        for layer_idx, scores in self._observed.items():
+            self._observed[layer_idx] = scores[torch.as_tensor(rows, device=scores.device).long()]
 
     def reset(self) -> None:
         self._state.clear()
         self._pending = None
+        self._observed.clear()
 
 
 class H2OCache(PolicyCache):

@@ -148,6 +148,12 @@ class OmniKVPolicy(Policy):
     scores: str = "logits"
     offload: bool = False
     name = "omnikv"
+    prompt_queries = 0  # reads the prompt's keys and values only
+
+    @property
+    def bounded_prefill(self) -> bool:
+        """Without offload every prompt token stays on the device: a bounded prefill is the exact one."""
+        return not self.offload
     selects_per_step = True
     # The context bookkeeping (and the host copies) cannot follow a crop: refused, not stale.
     croppable = False

@@ -57,6 +57,9 @@ class QuestPolicy(Policy):
     min_pages: int = 3
     gqa_reduce: str = "max"
     name = "quest"
+    # Keeps every prompt token and reads no prompt query: a bounded prefill is the exact one.
+    prompt_queries = 0
+    bounded_prefill = True
     selects_per_step = True
     # Page extrema cannot be un-done by dropping tokens: crop() is refused, not silently stale.
     croppable = False

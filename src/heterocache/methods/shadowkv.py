@@ -121,6 +121,7 @@ class ShadowKVPolicy(Policy):
     outlier_chunks: int = 48
     local_chunks: int = 4
     name = "shadowkv"
+    prompt_queries = 0  # reads the prompt's keys and values only
     selects_per_step = True
     # The compressed prompt cannot be cut back token by token.
     croppable = False

@@ -39,6 +39,8 @@ class StreamingLLMPolicy(BudgetedPolicy):
     sinks: int = 4
     evict_during_decode: bool = True
     name = "streamingllm"
+    prompt_queries = 0
+    bounded_prefill = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -62,13 +64,14 @@ class StreamingLLMPolicy(BudgetedPolicy):
         return self.head_tokens(ctx)[:, None].expand(B, H).clone()
 
     def select(self, ctx: PrefillContext, plan: torch.Tensor) -> torch.Tensor:
-        valid = ctx.valid
+        valid = ctx.key_valid
+        valid = valid[:, None, :] if valid.dim() == 2 else valid  # [B, 1 or H, L]
         from_start = torch.cumsum(valid.long(), -1)  # 1 = first real token
         from_end = torch.flip(torch.cumsum(torch.flip(valid.long(), [-1]), -1), [-1])  # 1 = last real token
         sinks = self.sink_tokens(plan)
         recent = plan - sinks
-        keep = (from_start[:, None, :] <= sinks[:, :, None]) | (from_end[:, None, :] <= recent[:, :, None])
-        return keep & valid[:, None, :]
+        keep = (from_start <= sinks[:, :, None]) | (from_end <= recent[:, :, None])
+        return keep & valid
 
     def on_prefill_done(self, layer_idx: int, store: RaggedKVStore, ctx: PrefillContext) -> None:
         if layer_idx == 0:

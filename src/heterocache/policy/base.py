@@ -16,14 +16,17 @@ from ..store.ragged import RaggedKVStore
 
 @dataclass
 class PrefillContext:
-    """What a policy sees when a layer's prompt has just been attended.
+    """What a policy sees when a layer's prompt has been attended (``docs/prefill.md``): the whole
+    prompt, however many forward calls it came in.
 
     Attributes:
         layer_idx: index of the layer among those the policy compresses (the model's full-attention
             layers, numbered from 0; the model's layer index when every layer is full).
         num_layers: layers the policy compresses (the model's full-attention layers; sliding-window
             layers are not counted, their KV is outside the budget); may be None when unknown.
-        query: ``[B, Hq, L, D]`` queries of the prompt (after RoPE).
+        query: ``[B, Hq, Lq, D]`` the last ``Lq`` queries of the prompt (after RoPE): the
+            ``Policy.prompt_queries`` last ones (all ``L`` when it is None), fewer for a shorter
+            prompt; query ``i`` is the one of token ``L - Lq + i``.
         key, value: ``[B, H, L, D]`` keys (after RoPE) and values.
         valid: bool ``[B, L]``: real tokens (False for left padding).
         scaling: the layer's softmax scale.
@@ -32,6 +35,12 @@ class PrefillContext:
         position_ids: the RoPE positions the model rotated the prompt with, int ``[B or 1, L]``
             (the attention call's ``position_ids``: with ``generate()`` and left padding, each row's
             real tokens count from 0); None when the call gave none (then ``0 .. L-1``).
+        head_valid: bool ``[B, H, L]`` when each KV head holds its own tokens (a bounded prefill
+            re-selecting among what it kept and a new piece, ``docs/prefill.md``): column ``j`` of
+            head ``h`` is real; every head's real tokens end at column ``L - 1``. None (default):
+            ``valid`` for every head.
+        prompt_lengths: int64 ``[B]`` real prompt tokens per row when ``key`` holds fewer (bounded
+            prefill); None (default): ``valid.sum(-1)``.
     """
 
     layer_idx: int
@@ -44,6 +53,8 @@ class PrefillContext:
     config: object | None = None
     model_layer: int | None = None
     position_ids: torch.Tensor | None = None
+    head_valid: torch.Tensor | None = None
+    prompt_lengths: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.model_layer is None:
@@ -71,7 +82,14 @@ class PrefillContext:
     @property
     def prompt_tokens(self) -> torch.Tensor:
         """Real prompt tokens per row, int64 ``[B]``."""
-        return self.valid.sum(-1)
+        return self.valid.sum(-1) if self.prompt_lengths is None else self.prompt_lengths
+
+    @property
+    def key_valid(self) -> torch.Tensor:
+        """Which keys are real: ``valid`` (bool ``[B, L]``, every head alike) or ``head_valid``
+        (``[B, H, L]``) when set. The scoring functions (``heterocache.policy.scoring``) and
+        ``topk_keep`` take either."""
+        return self.valid if self.head_valid is None else self.head_valid
 
 
 class Policy:
@@ -84,6 +102,19 @@ class Policy:
     name = "base"
     #: Whether ``crop`` can restore the cache exactly (False for methods that evict while decoding).
     croppable = True
+    #: How many of the prompt's last queries ``plan``/``select``/``on_prefill_done`` read
+    #: (``PrefillContext.query``); None = all of them. A prompt prefilled in pieces keeps only these
+    #: between pieces (``docs/prefill.md``), so a policy declares what it reads: 0 for none.
+    prompt_queries = None
+    #: Whether the policy can compress a prompt as its pieces arrive (``RaggedCache(prefill=
+    #: "bounded")``): its ``plan``/``select`` read ``PrefillContext.prompt_tokens`` and
+    #: ``key_valid`` (per-head validity), not ``valid``, and its ``on_prefill_done`` needs neither
+    #: the whole prompt's queries nor (unless ``bounded_prompt_copy``) its keys and values.
+    bounded_prefill = False
+    #: With ``bounded_prefill``: whether ``on_prefill_done`` reads the whole prompt's keys and values
+    #: (e.g. to keep host copies); the cache then keeps a copy of every piece in host memory while
+    #: the prompt is open and hands it over at the end.
+    bounded_prompt_copy = False
     #: The KV heads this process holds (``heterocache.engine.parallel.KVShard``), given by the cache
     #: before the first prefill; None until then (one process: every head).
     kv_shard = None
@@ -107,6 +138,19 @@ class Policy:
         """Role name of each KV head of a layer, for memory accounting."""
         return ["full"] * num_heads
 
+    def observe_prompt_piece(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor,
+                             scaling: float) -> None:
+        """Called for every piece of a layer's prompt as it is attended, before ``plan`` (a prompt
+        in one forward call is one piece): for scores that need every prompt query, which the
+        context keeps only the last ``prompt_queries`` of (H2O's accumulated attention). Default:
+        nothing.
+
+        Args:
+            query: ``[B, Hq, q, D]`` the piece's queries: tokens ``n - q .. n - 1``.
+            key: ``[B, H, n, D]`` every key of the prompt so far, the piece's included.
+            valid: bool ``[B, n]`` real tokens so far.
+        """
+
     def plan(self, ctx: PrefillContext) -> torch.Tensor:
         """Prompt tokens each (row, KV head) keeps: int64 ``[B, H]``."""
         B, H = ctx.key.shape[:2]
@@ -116,7 +160,8 @@ class Policy:
         """Which prompt tokens stay: bool ``[B, H, L]`` with exactly ``plan[b, h]`` True per row and
         head, all of them real tokens."""
         B, H = ctx.key.shape[:2]
-        return ctx.valid[:, None, :].expand(B, H, -1).clone()
+        valid = ctx.key_valid
+        return (valid[:, None, :] if valid.dim() == 2 else valid).expand(B, H, -1).clone()
 
     def on_prefill_done(self, layer_idx: int, store: RaggedKVStore, ctx: PrefillContext) -> None:
         """Called after the store of a layer was filled (e.g. to offload copies)."""
@@ -176,3 +221,5 @@ class FullKVPolicy(Policy):
     """
 
     name = "fullkv"
+    prompt_queries = 0
+    bounded_prefill = True

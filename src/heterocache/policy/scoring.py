@@ -17,23 +17,28 @@ def _window_probabilities(
     pass 2 yields the normalised probabilities, so at most ``window x chunk`` scores per head exist at
     once (no ``L x L`` matrix, no eager attention).
 
+    The queries are the last ``Lq`` of the prompt (``query [B, Hq, Lq, D]``, ``Lq <= L``): the
+    window is at most ``Lq``. ``valid`` is ``[B, L]`` or, for heads holding their own tokens,
+    ``[B, H, L]`` (``PrefillContext.key_valid``).
+
     Yields:
-        ``(lo, hi, p)`` with ``p`` float32 ``[B, H, G, w, hi - lo]`` (``w = min(window, L)``; query
+        ``(lo, hi, p)`` with ``p`` float32 ``[B, H, G, w, hi - lo]`` (``w = min(window, Lq)``; query
         ``L - w + i`` is row i); 0 for padding keys, for keys in a query's future and for padding
         queries.
     """
-    B, Hq, L, D = query.shape
-    H = key.shape[1]
+    B, Hq, Lq, D = query.shape
+    H, L = key.shape[1], key.shape[2]
     G = Hq // H
-    w = min(window, L)
-    q = query[:, :, L - w :, :].float().reshape(B, H, G * w, D)
+    w = min(window, Lq, L)
+    q = query[:, :, Lq - w :, :].float().reshape(B, H, G * w, D)
     q_pos = torch.arange(L - w, L, device=query.device).repeat(G)  # [G*w] position of each query row
+    key_valid = valid[:, None, None, :] if valid.dim() == 2 else valid[:, :, None, :]  # [B, 1 or H, 1, L]
 
     def chunk_scores(lo: int, hi: int) -> torch.Tensor:
         k = key[:, :, lo:hi, :].float()
         s = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, G*w, c]
         k_pos = torch.arange(lo, hi, device=query.device)
-        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & valid[:, None, None, lo:hi]
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & key_valid[..., lo:hi]
         return s.masked_fill(~allowed, float("-inf"))
 
     # Pass 1: online softmax statistics (max and normaliser) of every window query.
@@ -68,10 +73,11 @@ def window_attention_scores(
     head exist at once (no ``L x L`` matrix, no eager attention).
 
     Args:
-        query: ``[B, Hq, L, D]``.
+        query: ``[B, Hq, Lq, D]`` the prompt's last ``Lq`` queries (``Lq <= L``; all of them or the
+            window's are enough).
         key: ``[B, H, L, D]`` (``Hq = H * G``).
-        valid: bool ``[B, L]`` real tokens.
-        window: number of last queries (clamped to L).
+        valid: bool ``[B, L]`` real tokens (or ``[B, H, L]`` per head).
+        window: number of last queries (clamped to Lq).
         scaling: softmax scale.
         chunk: keys per chunk.
 
@@ -83,8 +89,8 @@ def window_attention_scores(
 
 
 def _window_scores(query, key, valid, window, scaling, chunk) -> torch.Tensor:
-    B, Hq, L, D = query.shape
-    H = key.shape[1]
+    B, Hq = query.shape[:2]
+    H, L = key.shape[1], key.shape[2]
     out = torch.empty(B, H, Hq // H, L, device=query.device)
     for lo, hi, p in _window_probabilities(query, key, valid, window, scaling, chunk):
         out[..., lo:hi] = p.sum(3)
@@ -111,8 +117,8 @@ def window_attention_stats(
 
 
 def _window_stats(query, key, valid, window, scaling, chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, Hq, L, D = query.shape
-    H = key.shape[1]
+    B, Hq = query.shape[:2]
+    H, L = key.shape[1], key.shape[2]
     G = Hq // H
     total = torch.empty(B, H, G, L, device=query.device)
     squares = torch.empty_like(total)
@@ -187,17 +193,21 @@ def accumulated_attention(
     position, so the ``L x L`` matrix is never materialised (no eager attention).
 
     Args:
-        query: ``[B, Hq, L, D]``; key: ``[B, H, L, D]`` (``Hq = H * G``).
+        query: ``[B, Hq, Lq, D]``: the queries of the last ``Lq`` tokens (all ``L``, or one piece
+            of a prompt prefilled in pieces: the sum over the pieces is the whole prompt's);
+            key: ``[B, H, L, D]`` (``Hq = H * G``) every key up to the last query.
         valid: bool ``[B, L]`` real tokens (padding queries add nothing, padding keys get 0).
         scaling: softmax scale.
 
     Returns:
         float32 ``[B, Hq, L]``: for each query head, the attention each key received, summed over
-        all queries.
+        the given queries.
     """
+    L = key.shape[2]
+    if query.shape[2] != L:  # a later piece of a prompt: not shared between caches
+        return _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements)[L]
     if _shared is None:
-        return _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements)[query.shape[2]]
-    L = query.shape[2]
+        return _accumulated_attention(query, key, valid, scaling, query_chunk, max_chunk_elements)[L]
     base = (_view_key(query, 2), _view_key(key, 2), _view_key(valid, 1), float(scaling), query_chunk,
             max_chunk_elements)
     if (base, L) not in _shared:
@@ -214,19 +224,20 @@ def _accumulated_attention(
     """``{L: scores}`` plus ``{n: scores of the first n tokens}`` for each ``n`` in ``prefixes``
     (``0 < n < L``). Chunk boundaries fall on every multiple of the chunk size and on each ``n``;
     a prefix's result equals a call on ``query[:, :, :n]`` up to float rounding (the rows are
-    grouped into chunks differently)."""
-    B, Hq, L, D = query.shape
-    H = key.shape[1]
+    grouped into chunks differently). The queries are those of tokens ``L - Lq .. L - 1``."""
+    B, Hq, Lq, D = query.shape
+    H, L = key.shape[1], key.shape[2]
     G = Hq // H
+    first = L - Lq  # the token of the first query
     k = key.float()
     c = max(1, min(query_chunk, max_chunk_elements // max(1, B * Hq * L)))
-    marks = sorted({int(n) for n in prefixes if 0 < n < L})
-    cuts = sorted(set(range(0, L, c)) | set(marks) | {L})
+    marks = sorted({int(n) for n in prefixes if first < n < L})
+    cuts = sorted(set(range(first, L, c)) | set(marks) | {L})
     out = torch.zeros(B, H, G, L, device=query.device)
     result: dict[int, torch.Tensor] = {}
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         n = hi - lo
-        q = query[:, :, lo:hi, :].float().reshape(B, H, G * n, D)
+        q = query[:, :, lo - first : hi - first, :].float().reshape(B, H, G * n, D)
         # Causal: queries before ``hi`` see no key at or after it; score only keys [0, hi), and
         # mask only the diagonal block (keys [lo, hi)) where a query's future begins.
         s = torch.matmul(q, k[:, :, :hi].transpose(-1, -2)).mul_(scaling)  # [B, H, G*n, hi]
@@ -353,8 +364,8 @@ def topk_keep(scores: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor, p
 
     Args:
         scores: ``[B, H, L]``.
-        valid: bool ``[B, L]``.
-        counts: int64 ``[B, H]`` tokens to keep (<= real tokens of the row).
+        valid: bool ``[B, L]`` (or ``[B, H, L]``, each head its own real tokens).
+        counts: int64 ``[B, H]`` tokens to keep (<= real tokens of the row and head).
         protect_last: the last this-many real tokens of each row are kept first (the newest ones when
             the count is smaller): an int, or int64 ``[B]`` / ``[B, H]``.
 
@@ -363,15 +374,16 @@ def topk_keep(scores: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor, p
     """
     B, H, L = scores.shape
     s = scores.float().clone()
+    valid = valid[:, None, :] if valid.dim() == 2 else valid  # [B, 1 or H, L]
     protect = torch.as_tensor(protect_last, device=scores.device).long()
     if protect.dim() == 1:
         protect = protect[:, None]
     protect = torch.minimum(protect.expand(B, H), counts)  # never more than the count: all are kept
     if bool((protect > 0).any()):
         from_end = torch.flip(torch.cumsum(torch.flip(valid.long(), [-1]), -1), [-1])  # 1 = last real token
-        protected = valid[:, None, :] & (from_end[:, None, :] <= protect[:, :, None])
+        protected = valid & (from_end <= protect[:, :, None])
         s = s.masked_fill(protected, float("inf"))
-    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    s = s.masked_fill(~valid, float("-inf"))
     kmax = int(counts.max()) if counts.numel() else 0
     keep = torch.zeros(B, H, L, dtype=torch.bool, device=scores.device)
     if kmax == 0:

@@ -43,20 +43,27 @@ class WindowScoredPolicy(BudgetedPolicy):
     pooling: str = "avg"
     gqa_reduce: str = "mean"
 
+    bounded_prefill = True
+
     def __post_init__(self):
         super().__post_init__()
         check_window_scoring(self)
+
+    @property
+    def prompt_queries(self) -> int:
+        """The observation window: the last prompt queries the selection reads."""
+        return self.window
 
     def plan(self, ctx: PrefillContext) -> torch.Tensor:
         B, H = ctx.key.shape[:2]
         return self.head_tokens(ctx)[:, None].expand(B, H).clone()
 
     def select(self, ctx: PrefillContext, plan: torch.Tensor) -> torch.Tensor:
-        return topk_keep(self.token_scores(ctx), ctx.valid, plan, protect_last=self.window)
+        return topk_keep(self.token_scores(ctx), ctx.key_valid, plan, protect_last=self.window)
 
     def token_scores(self, ctx: PrefillContext) -> torch.Tensor:
         """SnapKV's importance of every prompt token per KV head: float32 ``[B, H, L]``."""
-        scores = window_attention_scores(ctx.query, ctx.key, ctx.valid, self.window, ctx.scaling)
+        scores = window_attention_scores(ctx.query, ctx.key, ctx.key_valid, self.window, ctx.scaling)
         return reduce_gqa(pool_scores(scores, self.kernel, self.pooling), ctx.key.shape[1], self.gqa_reduce)
 
 

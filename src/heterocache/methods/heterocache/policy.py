@@ -431,6 +431,7 @@ class HeteroCachePolicy(Policy):
     summary_memory: str = "device"
     summary_drift: bool = False
     name = "heterocache"
+    bounded_prefill = True
     # crop() (assisted decoding) would leave buffered drift queries, decisions in flight and
     # refilled satellites describing tokens that were rolled back: refused, not silently stale.
     croppable = False
@@ -665,13 +666,25 @@ class HeteroCachePolicy(Policy):
         self._checked_fit = True
 
     # ------------------------------------------------------------------ prefill
+    @property
+    def prompt_queries(self) -> int:
+        """The last prompt queries the prefill reads: the selection's window, the pivots' last query
+        and (``turn_scoring="pages"``) the reference page sets' ``refresh_interval``."""
+        pages = self.refresh_interval if self.turn_scoring == "pages" else 1
+        return max(self.window, self.score_window or 1, pages)
+
+    @property
+    def bounded_prompt_copy(self) -> bool:
+        """Heads with a host copy of their full prompt need the whole prompt at its end."""
+        return bool(self.host_copy.any())
+
     def select(self, ctx: PrefillContext, plan: torch.Tensor) -> torch.Tensor:
         H = ctx.key.shape[1]
-        scores = window_attention_scores(ctx.query, ctx.key, ctx.valid, self.score_window or self.window,
+        scores = window_attention_scores(ctx.query, ctx.key, ctx.key_valid, self.score_window or self.window,
                                          ctx.scaling)
         kernel = self._kernel_arg(ctx.prompt_tokens.tolist(), ctx.key.device)  # prefill: host read is fine
         scores = reduce_gqa(pool_scores(scores, kernel, self.pooling), H, "max")
-        return topk_keep(scores, ctx.valid, plan, protect_last=self.window)
+        return topk_keep(scores, ctx.key_valid, plan, protect_last=self.window)
 
     def on_prefill_done(self, layer_idx: int, store: RaggedKVStore, ctx: PrefillContext) -> None:
         B = ctx.key.shape[0]
