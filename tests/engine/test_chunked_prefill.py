@@ -107,9 +107,12 @@ def test_fullkv_chunked_gives_dynamic_cache_tokens(chunk):
 
 @pytest.mark.parametrize("method", ["snapkv", "h2o", "heterocache"])
 def test_a_conversation_after_a_chunked_prefill(model, method):
-    """A second turn (after decoding) is appended as a turn, whatever the chunk size."""
+    """A second turn (after decoding) is appended as a turn, whatever the chunk size of the prompt
+    (and of the turn for methods that do nothing at turns; HeteroCache re-selects at each piece of
+    a turn in pieces: docs/prefill.md)."""
     ids, mask = _batch()
     results = {}
+    turn_chunk = None if method == "heterocache" else 16
     for chunk in (None, 16):
         cache = _cache(method, model)
         first = model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=6,
@@ -118,12 +121,13 @@ def test_a_conversation_after_a_chunked_prefill(model, method):
         conv = torch.cat([first, turn], 1)
         conv_mask = torch.cat([mask, torch.ones(2, conv.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
         out = model.generate(conv, attention_mask=conv_mask, **cache_kwarg(model, cache), max_new_tokens=6,
-                             do_sample=False, prefill_chunk_size=chunk)
+                             do_sample=False, prefill_chunk_size=chunk and turn_chunk)
         results[chunk] = snapshot(cache, out[:, conv.shape[1]:])
     assert results[16] == results[None]
 
 
 @pytest.mark.parametrize("method", ["snapkv", "h2o", "heterocache"])
+@torch.inference_mode()  # as the harness runs (its prefill makes inference tensors)
 def test_end_prompt_makes_the_question_a_new_turn(model, method):
     """The query-agnostic flow: the harness's context prefill (in pieces or not) ends the prompt,
     so the question is a turn; without ``end_prompt`` it is more prompt (query-aware)."""
@@ -149,18 +153,27 @@ def test_end_prompt_makes_the_question_a_new_turn(model, method):
 
 def test_memory_report_counts_an_open_prompt_uncompressed(model):
     ids, _ = _batch()
-    cache = SnapKVCache(budget=0.25)
+    cache = SnapKVCache(budget=0.25, block_size=16, reserve=0)
     model(ids[:, :100], **cache_kwarg(model, cache))
     open_report = cache.memory_report()
     assert {r for layer in open_report.layers for r in layer.roles} == {"open prompt"}
     assert cache.stored_tokens() == []
     assert open_report.device_bytes >= open_report.dynamic_bytes
-    with pytest.raises(NotImplementedError, match="crop"):
-        cache.crop(-10)
     cache.end_prompt()
     assert cache.memory_report().device_bytes < open_report.device_bytes
     assert [t.tolist() for t in cache.stored_tokens()] == [[[25] * 4, [25] * 4]] * 3
     cache.end_prompt()  # nothing open: a no-op
+
+
+def test_crop_ends_an_open_prompt_first(model):
+    ids, _ = _batch()
+    cropped, ended = SnapKVCache(budget=0.25), SnapKVCache(budget=0.25)
+    for cache in (cropped, ended):
+        model(ids[:, :100], **cache_kwarg(model, cache))
+    ended.end_prompt()
+    cropped.crop(-10)
+    ended.crop(-10)
+    assert kept(cropped) == kept(ended) and cropped.get_seq_length() == 90
 
 
 def test_decode_steps_after_a_chunked_prefill_read_nothing_more_on_the_host(model):
@@ -228,6 +241,7 @@ def test_smollm2_chunked_prefill_keeps_what_one_piece_keeps(smollm2, method):
                              prefill_chunk_size=chunk)
         results[chunk] = snapshot(cache, out[:, ids.shape[1]:])
     assert results[64] == results[None]
+    assert results[None]["stored"] != [[[ids.shape[1]] * 3]] * 30  # compressed
 
 
 def test_dynamic_cache_reference_for_the_conversation():

@@ -25,6 +25,7 @@ def test_memory_report_tokens_equal_plan_per_row_and_head(arch, budget):
     cache = SnapKVCache(budget=budget)
     with torch.no_grad():
         model(ids, attention_mask=mask, **cache_kwarg(model, cache))
+    cache.end_prompt()  # a prompt prefilled without generating (docs/prefill.md)
     plan = tokens_for_budget(budget, mask.sum(-1))  # per row, every head
     report = cache.memory_report()
     assert len(report.layers) == model.config.num_hidden_layers

@@ -152,10 +152,12 @@ def test_the_budget_counts_only_the_full_layers():
     ids = torch.randint(1, 256, (1, 60), generator=torch.Generator().manual_seed(3))
     cache = make_cache("snapkv", 0.5, model)
     generate(model, ids, torch.ones_like(ids), cache, "heterocache", 1)
+    cache.end_prompt()  # one new token: no decode step ended the prompt
     stored = {i: int(layer.store.lengths_host().max()) for i, layer in enumerate(cache.layers)}
     assert stored == {0: WINDOW - 1, 1: 30, 2: WINDOW - 1, 3: 30}
     cache = make_cache("pyramidkv", 0.5, model, window=4)  # the schedule spans the 2 full layers
     generate(model, ids, torch.ones_like(ids), cache, "heterocache", 1)
+    cache.end_prompt()
     full = [int(cache.layers[i].store.lengths_host().sum()) for i in (1, 3)]
     assert sum(full) == 2 * 2 * 30 and full[0] > full[1]
 
@@ -238,8 +240,11 @@ def test_what_a_sliding_layer_cannot_do_is_refused():
     ids = torch.randint(1, 256, (1, 40), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
     mask[0, 30] = 0  # padding inside the window
-    with pytest.raises(NotImplementedError, match="only left padding"), torch.no_grad():
-        model(ids, attention_mask=mask, **cache_kwarg(model, FullKVCache()))
+    padded = FullKVCache()
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **cache_kwarg(model, padded))
+    with pytest.raises(NotImplementedError, match="only left padding"):
+        padded.end_prompt()  # where the sliding layers are filled (docs/prefill.md)
     cache = FullKVCache()
     with torch.no_grad():
         model(ids, **cache_kwarg(model, cache))
@@ -283,9 +288,32 @@ def test_a_shared_prefill_fills_sliding_layers_like_their_own_prefill():
     own = make_cache("snapkv", 0.5, model)
     with torch.no_grad():
         model(ids[:, :40], **cache_kwarg(model, own))
+    own.end_prompt()
     for shared, alone in zip(context.layers, own.layers, strict=True):
         (k1, _, _, pos1), (k2, _, _, pos2) = shared.store.padded(), alone.store.padded()
         assert torch.equal(pos1, pos2)
         torch.testing.assert_close(k1, k2, rtol=1e-9, atol=1e-9)
     new = greedy_continue(model, context, 8, set(), new_ids=ids[:, 40:])
     assert len(new) == 8
+
+
+# ----------------------------------------------------------------------------- a prompt in pieces
+@pytest.mark.parametrize("name", ["gemma3", "mistral-sliding"])
+@pytest.mark.parametrize("method", ["fullkv", "snapkv"])
+def test_a_chunked_prefill_fills_sliding_layers_like_one_piece(name, method):
+    """Sliding layers keep their window across pieces (padding longer than a piece included);
+    FullKV gives DynamicCache's tokens, SnapKV the one-piece cache (docs/prefill.md)."""
+    model = family_model(name, torch.float64)
+    ids, mask = padded_batch(60, pad=20)
+    ref = generate(model, ids, mask, DynamicCache(config=model.config), "sdpa", 8).sequences
+    results = {}
+    model.set_attn_implementation("heterocache")
+    for chunk in (None, 6, 16):
+        cache = make_cache(method, 0.5, model)
+        out = model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=8,
+                             do_sample=False, prefill_chunk_size=chunk)
+        stores = [layer.store.padded() for layer in cache.layers]
+        results[chunk] = (out.tolist(), [(k.tolist(), pos.tolist()) for k, _, _, pos in stores])
+    assert results[6] == results[None] and results[16] == results[None]
+    if method == "fullkv":
+        assert results[None][0] == ref.tolist()

@@ -244,11 +244,14 @@ class RaggedCache(PromptPieces, Cache):
             self.policy.select_rows(torch.arange(rows).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last tokens (``tokens_to_remove < 0``). An open prompt ends first (it is
+        compressed, then cut, as a prompt prefilled in one forward call always was)."""
         if not self.is_croppable_policy:
             raise NotImplementedError(
                 f"{self.policy.name} evicts tokens while decoding, so crop cannot restore the cache; "
                 "assisted/speculative decoding is not supported with this method"
             )
+        self.end_prompt()
         super().crop(tokens_to_remove)
 
     # ------------------------------------------------------------------ attention entry point

@@ -73,6 +73,20 @@ def default_cache_factory() -> CacheFactory:
     return module.make_cache
 
 
+def with_prefill_mode(factory: CacheFactory, mode: str) -> CacheFactory:
+    """``factory`` whose ragged caches compress a prompt in pieces as ``mode`` says
+    (``RaggedCache.prefill``; a method that cannot raises ValueError, which skips it)."""
+    from heterocache.engine.cache import RaggedCache
+
+    def make(method, budget, model):
+        cache = factory(method, budget, model)
+        if isinstance(cache, RaggedCache):
+            cache.prefill = mode
+        return cache
+
+    return make
+
+
 def new_cache(factory: CacheFactory, method: str, budget: float, model):
     """A fresh cache from ``factory``; ``None`` from the factory becomes a ``DynamicCache`` so that
     the query-agnostic mode always has a cache object to carry from prefill to generation."""

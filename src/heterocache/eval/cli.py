@@ -116,6 +116,20 @@ def register(subparsers) -> None:
         help="after a shared prefill, decode up to this many caches in one batched forward per token "
         "(each row attended by its own cache); 1 = one cache after another",
     )
+    p.add_argument(
+        "--prefill-chunk-size",
+        type=bounded(int, 1),
+        default=None,
+        help="prefill the prompt (query-aware) or the context (query-agnostic) in pieces of this many tokens, "
+        "one generation per cell (docs/prefill.md); default: one piece, shared prefill",
+    )
+    p.add_argument(
+        "--prefill",
+        choices=["exact", "bounded"],
+        default="exact",
+        help="with --prefill-chunk-size: compress the prompt once when it ends (exact, the one-piece cache) or "
+        "as its pieces arrive (bounded memory; methods that cannot are skipped)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--no-plots", action="store_true", help="do not draw plots/ (no matplotlib needed)")
     p.add_argument("--list-tasks", action="store_true", help="print the task names and exit")
@@ -206,6 +220,9 @@ def check_command(args: argparse.Namespace) -> None:
             canonical_mode(mode)
         except ValueError as err:
             raise UsageError(f"argument --modes: {err}") from None
+    if args.prefill == "bounded" and args.prefill_chunk_size is None:
+        raise UsageError("argument --prefill: 'bounded' compresses a prompt as its pieces arrive: give "
+                         "--prefill-chunk-size")
     if args.fidelity and args.fidelity_text is not None:
         check_input_file(args.fidelity_text, "--fidelity-text")
     fidelity_positions = args.fidelity_prefill + args.fidelity_decode if args.fidelity else None
@@ -295,6 +312,8 @@ def _config(args: argparse.Namespace, tasks, fidelity):
         fidelity=fidelity,
         shared_prefill=not args.no_shared_prefill,
         decode_batch=args.decode_batch,
+        prefill_chunk_size=args.prefill_chunk_size,
+        prefill=args.prefill,
     )
     for name in config.tasks:
         get_task(name, config.data_dir)  # builds a task object only; dataset files are read later

@@ -71,14 +71,16 @@ def fidelity_ids(tokenizer, config: FidelityConfig, index: int, seed: int) -> li
 
 @torch.inference_mode()
 def teacher_forced_logprobs(
-    model, input_ids: list[int], cache, prefill_tokens: int, prefilled: bool = False
+    model, input_ids: list[int], cache, prefill_tokens: int, prefilled: bool = False,
+    prefill_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Next-token log-probabilities, float32 ``[N, vocab]`` on the CPU, for the ``N`` teacher-forced
     steps after prefilling ``input_ids[:prefill_tokens]`` into ``cache``.
 
     Row ``t`` is the distribution after feeding token ``prefill_tokens + t`` (so it predicts token
     ``prefill_tokens + t + 1``; the last row predicts past the text, which is harmless).
-    ``prefilled=True``: the cache already holds those tokens (a shared prefill filled it).
+    ``prefilled=True``: the cache already holds those tokens (a shared prefill filled it);
+    ``prefill_chunk_size``: prefill them in pieces of this many tokens (default: one forward).
     """
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], dtype=torch.long, device=device)
@@ -86,7 +88,7 @@ def teacher_forced_logprobs(
         if cache.get_seq_length() != prefill_tokens:
             raise ValueError(f"the cache holds {cache.get_seq_length()} tokens, not the {prefill_tokens} prefilled")
     else:
-        prefill(model, ids[:, :prefill_tokens], cache)
+        prefill(model, ids[:, :prefill_tokens], cache, chunk_size=prefill_chunk_size)
     rows = []
     for t in range(prefill_tokens, ids.shape[1]):
         out = model(input_ids=ids[:, t : t + 1], **cache_kwarg(model, cache), use_cache=True)

@@ -79,7 +79,8 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk_size: int | None = None
 
 @torch.inference_mode()
 def generate_answer(
-    model, tokenizer, prompt: EncodedPrompt, cache, mode: str, max_new_tokens: int
+    model, tokenizer, prompt: EncodedPrompt, cache, mode: str, max_new_tokens: int,
+    prefill_chunk_size: int | None = None,
 ) -> Generation:
     """Greedy answer to ``prompt`` with ``cache`` (fresh, empty) in ``mode``.
 
@@ -90,6 +91,9 @@ def generate_answer(
         cache: the KV cache to fill (a ``transformers.Cache``).
         mode: ``"query_aware"`` or ``"query_agnostic"``.
         max_new_tokens: generation limit (generation also stops at EOS).
+        prefill_chunk_size: prefill in pieces of this many tokens (``docs/prefill.md``): the whole
+            prompt (query-aware, ``generate(prefill_chunk_size=...)``) or the context
+            (query-agnostic; the question is then one turn). Default None: one piece.
     """
     mode = canonical_mode(mode)
     device = _device(model)
@@ -98,7 +102,7 @@ def generate_answer(
     start = time.perf_counter()
     prefill_seconds = 0.0
     if mode == "query_agnostic":
-        prefill(model, ids[:, : prompt.context_len], cache)
+        prefill(model, ids[:, : prompt.context_len], cache, chunk_size=prefill_chunk_size)
         _sync(device)
         prefill_seconds = time.perf_counter() - start
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -109,6 +113,7 @@ def generate_answer(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=pad,
+        prefill_chunk_size=prefill_chunk_size if mode == "query_aware" else None,
     )
     _sync(device)
     seconds = time.perf_counter() - start

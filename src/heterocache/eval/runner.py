@@ -37,6 +37,7 @@ from .caches import (
     new_cache,
     option_defaults,
     settings_agree,
+    with_prefill_mode,
 )
 from .fidelity import FidelityConfig, compare, fidelity_ids, teacher_forced_logprobs
 from .generation import Generation, canonical_mode, generate_answer
@@ -89,6 +90,12 @@ class EvalConfig:
             batched forward per token with each row attended by its own cache
             (:mod:`.batched_decode`; default 64; 1 = one cache after another). ``seconds`` of a
             batched record is the whole batch's decoding plus the shared prefill.
+        prefill_chunk_size: prefill the prompt (query-aware) or the context (query-agnostic) in
+            pieces of this many tokens (``generate(prefill_chunk_size=...)``; ``docs/prefill.md``);
+            one generation per cell then (no shared prefill). Default None: one piece.
+        prefill: how ragged caches compress a prompt in pieces: "exact" (default) or "bounded"
+            (``RaggedCache.prefill``; needs ``prefill_chunk_size``). Methods that cannot do
+            "bounded" are skipped with a warning.
     """
 
     methods: tuple[str, ...] = ("dynamic",)
@@ -104,6 +111,8 @@ class EvalConfig:
     fidelity: FidelityConfig | None = None
     shared_prefill: bool = True
     decode_batch: int = 64
+    prefill_chunk_size: int | None = None
+    prefill: str = "exact"
 
     def __post_init__(self) -> None:
         self.methods = tuple(dict.fromkeys(current_name(m, warn=True) for m in self.methods))
@@ -119,6 +128,12 @@ class EvalConfig:
             raise ValueError("decode_batch must be >= 1")
         if self.num_samples < 0:
             raise ValueError("num_samples must be >= 0")
+        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
+            raise ValueError("prefill_chunk_size must be >= 1")
+        if self.prefill not in ("exact", "bounded"):
+            raise ValueError(f"prefill must be 'exact' or 'bounded', got {self.prefill!r}")
+        if self.prefill == "bounded" and self.prefill_chunk_size is None:
+            raise ValueError("prefill='bounded' compresses a prompt as its pieces arrive: give prefill_chunk_size")
         if isinstance(self.fidelity, dict):
             self.fidelity = FidelityConfig(**self.fidelity)
 
@@ -296,8 +311,15 @@ class _Grid:
             log,
         )
         self.formatter = PromptFormatter(tokenizer, config.chat_template)
+        # A prompt in pieces: one generate() per cell (a shared prefill is one forward).
+        self.shared = config.shared_prefill and config.prefill_chunk_size is None
+        if config.prefill != "exact":
+            self.factory = factory = with_prefill_mode(factory, config.prefill)
         self.settings, self.skipped, defaults = _feasible_pairs(config.method_budgets(), factory, model,
                                                                 min(config.lengths))
+        if config.prefill_chunk_size is not None:  # records of another prefill are other results
+            for settings in self.settings.values():
+                settings["prefill"] = {"chunk_size": config.prefill_chunk_size, "mode": config.prefill}
         self.pairs = list(self.settings)
         _check_settings(log, self.settings, defaults)
         self.tasks = [get_task(name, config.data_dir) for name in config.tasks]
@@ -361,13 +383,14 @@ class _Grid:
             max_new = cfg.max_new_tokens or sample.max_new_tokens
             if self.limit and prompt.length + max_new > self.limit:
                 max_new = max(self.limit - prompt.length, 1)
-            if cfg.shared_prefill:
+            if self.shared:
                 todo = self.run_shared(task, length, sample, prompt, todo, max_new)
             for _, mode, method, budget in todo:
                 self.bar.set_postfix_str(f"{task.name} {length} {mode} {method}@{budget:g}", refresh=False)
                 torch.manual_seed(cfg.seed)
                 cache = new_cache(self.factory, method, budget, self.model)
-                gen = generate_answer(self.model, self.tokenizer, prompt, cache, mode, max_new)
+                gen = generate_answer(self.model, self.tokenizer, prompt, cache, mode, max_new,
+                                      prefill_chunk_size=cfg.prefill_chunk_size)
                 del cache  # free it before the next one is built
                 self.log_generation(task, length, sample, prompt, mode, method, budget, gen)
 
@@ -473,7 +496,7 @@ class _Grid:
         forward; returns ``({(method, budget) or "reference": cache}, seconds)`` (empty: not shared)."""
         from transformers import DynamicCache
 
-        if not self.config.shared_prefill or not model_shares_prefill(self.model):
+        if not self.shared or not model_shares_prefill(self.model):
             return {}, 0.0
         caches: dict = {"reference": DynamicCache()}
         caches.update({item[2:]: cache for item, cache in self.shareable_caches(todo)[0]})
@@ -492,9 +515,10 @@ class _Grid:
             ids = fidelity_ids(self.tokenizer, fid, i, self.config.seed)
             shared, prefill_seconds = self.shared_fidelity_prefill(ids, fid, todo)
             ref_cache = shared.pop("reference", None)
+            chunk = self.config.prefill_chunk_size
             reference = teacher_forced_logprobs(
                 self.model, ids, DynamicCache() if ref_cache is None else ref_cache, fid.prefill_tokens,
-                prefilled=ref_cache is not None,
+                prefilled=ref_cache is not None, prefill_chunk_size=chunk,
             )
             del ref_cache
             for _, _, method, budget in todo:
@@ -505,7 +529,8 @@ class _Grid:
                 prefilled = cache is not None
                 if cache is None:
                     cache = new_cache(self.factory, method, budget, self.model)
-                logprobs = teacher_forced_logprobs(self.model, ids, cache, fid.prefill_tokens, prefilled)
+                logprobs = teacher_forced_logprobs(self.model, ids, cache, fid.prefill_tokens, prefilled,
+                                                   prefill_chunk_size=chunk)
                 del cache
                 self.log.append(
                     {
