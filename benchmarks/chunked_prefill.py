@@ -153,8 +153,9 @@ def main(argv=None) -> int:
         from heterocache.bench.cli import machine_info
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine_info(torch.device(args.device)), "args": {k: str(v) for k, v in vars(args).items()},
-                                        "runs": runs}, indent=2) + "\n")
+        record = {"machine": machine_info(torch.device(args.device)),
+                  "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -101,6 +101,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "eval folder of another setup": (["eval", "--out", str(other_setup)],
                                          "holds results of a different setup"),
         "eval device": (["eval", "--device", "tpu:0"], "argument --device: expected a device"),
+        "eval bounded prefill without pieces": (["eval", "--prefill", "bounded"],
+                                                "argument --prefill: 'bounded' compresses a prompt as its pieces"),
         # profile
         "profile show missing": (["profile", "show", missing], "argument PROFILE: no head profile"),
         "profile show not a profile": (["profile", "show", str(not_a_profile)], "not a valid safetensors file"),

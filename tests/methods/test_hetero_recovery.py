@@ -46,6 +46,7 @@ def _two_turns(model, cache, B=2, pad=20, L=120, q_len=12):
     cache.policy.before_extend = spy
     with torch.no_grad():
         model(ids, attention_mask=mask, **cache_kwarg(model, cache))
+        cache.end_prompt()
         turn_mask = torch.cat([mask, torch.ones(B, q_len, dtype=torch.long)], 1)
         model(_ids(B=B, L=q_len, seed=3), attention_mask=turn_mask, **cache_kwarg(model, cache))
     cache.policy.synchronize()
@@ -127,7 +128,9 @@ def test_summaries_are_paid_for_inside_the_budget():
     pivot = HeteroCache(toy_profile(), budget=OWN["budget"], turn_reselect="pivot")
     with torch.no_grad():
         model(_ids(), **cache_kwarg(model, own))
+        own.end_prompt()
         model(_ids(), **cache_kwarg(model, pivot))
+        pivot.end_prompt()
     pages = math.ceil(120 / OWN["page_size"])
     marks = own.policy.summarised_for(120)
     base = pivot.policy.plan_for(120)
@@ -145,6 +148,7 @@ def test_summaries_outside_the_budget_keep_the_plan_and_are_reported():
     cache = HeteroCache(toy_profile(), summaries_in_budget=False, **OWN)
     with torch.no_grad():
         model(_ids(), **cache_kwarg(model, cache))
+        cache.end_prompt()
     plain = HeteroCachePolicy(profile=toy_profile(), budget=OWN["budget"], turn_reselect="pivot")
     assert torch.equal(cache.policy.plan_for(120), plain.plan_for(120))
     compressed = torch.isin(toy_profile().roles, torch.tensor([int(Role.ANCHOR), int(Role.SATELLITE)]))
@@ -195,6 +199,7 @@ def test_host_bytes_include_the_anchors_copies_when_on(params, copied):
     cache = HeteroCache(toy_profile(), budget=0.5, **params, pivot_offload=False)
     with torch.no_grad():
         model(_ids(B=2, L=64), **cache_kwarg(model, cache))
+        cache.end_prompt()
     heads = sum(len(toy_profile().heads(role)) for role in copied)
     assert cache.memory_report().host_bytes == 2 * heads * 64 * D * 4 * 2  # rows x heads x tokens x D x fp32 x KV
 
@@ -207,6 +212,7 @@ def test_reselection_follows_row_changes(options):
     mask[1, :20] = 0
     with torch.no_grad():
         model(ids, attention_mask=mask, **cache_kwarg(model, cache))
+        cache.end_prompt()
         cache.batch_select_indices(torch.tensor([1]))  # keep the padded row only
         model(_ids(L=12, seed=3), attention_mask=torch.ones(1, 132, dtype=torch.long), **cache_kwarg(model, cache))
     policy = cache.policy

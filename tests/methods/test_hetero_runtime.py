@@ -43,6 +43,7 @@ def test_stored_tokens_follow_the_plan_and_roles(arch):
     mask[1, :30] = 0
     with torch.no_grad():
         model(ids, attention_mask=mask, **cache_kwarg(model, cache))
+        cache.end_prompt()
     report = cache.memory_report()
     for row, n in enumerate([100, 70]):
         plan = cache.policy.plan_for(n)
@@ -61,12 +62,14 @@ def test_only_satellites_are_copied_to_host_memory():
     cache = HeteroCache(toy_profile(), budget=0.5, turn_reselect="pivot")
     with torch.no_grad():
         model(_ids(B=2, L=64), **cache_kwarg(model, cache))
+        cache.end_prompt()
     host = cache.memory_report().host_bytes
     satellites = int((toy_profile().roles == Role.SATELLITE).sum())  # 4 of 12 heads
     assert host == 2 * satellites * 64 * 16 * 4 * 2  # rows x heads x tokens x dim x fp32 x (K, V)
     no_offload = HeteroCache(toy_profile(), budget=0.5, offload=False)
     with torch.no_grad():
         model(_ids(B=2, L=64), **cache_kwarg(model, no_offload))
+        no_offload.end_prompt()
     assert no_offload.memory_report().host_bytes == 0
 
 
@@ -74,6 +77,7 @@ def _prefilled(model, profile, ids, **params):
     cache = HeteroCache(profile, **params)
     with torch.no_grad():
         model(ids, **cache_kwarg(model, cache))
+        cache.end_prompt()
     return cache
 
 
@@ -163,6 +167,7 @@ def test_a_new_turn_is_checked_for_drift_before_its_answer_is_decoded():
         cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=1.0, refresh=refresh, pivot_offload=False)
         with torch.no_grad():
             model(ids, **cache_kwarg(model, cache))
+            cache.end_prompt()
             assert cache.stats()["drift_checks"] == 0
             model(question, **cache_kwarg(model, cache))  # the second turn: several tokens at once
         checks[refresh] = cache.stats()
@@ -188,6 +193,7 @@ def _turn_events(turn_refresh, monkeypatch):
     model = toy_model()
     with torch.no_grad():
         model(_ids(L=80), **cache_kwarg(model, cache))
+        cache.end_prompt()
         model(_ids(L=12, seed=3), **cache_kwarg(model, cache))
     return events, cache
 
@@ -221,6 +227,7 @@ def test_always_refreshes_every_pivot_at_a_new_turn_even_without_drift():
                             pivot_offload=False)
         with torch.no_grad():
             model(_ids(L=80), **cache_kwarg(model, cache))
+            cache.end_prompt()
             model(_ids(L=12, seed=3), **cache_kwarg(model, cache))
         refreshes[turn_refresh] = cache.stats()["refreshes"]
     assert refreshes == {"before": 0, "always": pivots}
@@ -240,9 +247,11 @@ def test_rows_with_different_padding_are_planned_independently():
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate() derives them from the mask
     with torch.no_grad():
         model(ids, attention_mask=mask, position_ids=positions, **cache_kwarg(model, cache))
+        cache.end_prompt()
     single = HeteroCache(toy_profile(), budget=0.5, refresh=False)
     with torch.no_grad():
         model(ids[1:, 20:], **cache_kwarg(model, single))
+        single.end_prompt()
     for layer_b, layer_s in zip(cache.layers, single.layers):
         for h in range(4):
             kb, _, pb = layer_b.store.segment(4 + h)  # row 1

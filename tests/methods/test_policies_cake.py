@@ -89,7 +89,8 @@ def test_decode_keeps_every_layer_at_its_budget():
     ids, mask = padded_batch((64, 45))
     cache = CAKECache(budget=0.25, window=4)
     seen = []
-    check = EachStep(lambda: seen.append(torch.stack(cache.stored_tokens(), -1)))
+    # end_prompt: after the prefill forward the prompt is still open (the first step would end it)
+    check = EachStep(lambda: cache.end_prompt() or seen.append(torch.stack(cache.stored_tokens(), -1)))
     model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=12, do_sample=False,
                    pad_token_id=0, logits_processor=LogitsProcessorList([check]))
     budgets = cache.policy.layer_budgets() + 4  # [B, m]
@@ -125,6 +126,7 @@ def test_rows_of_different_length_get_their_own_budgets():
     cache = CAKECache(budget_tokens=12, window=4, evict_during_decode=False)
     with torch.no_grad():
         model(ids, attention_mask=mask, **cache_kwarg(model, cache))
+        cache.end_prompt()
     stored = torch.stack(cache.stored_tokens(), -1)
     assert torch.equal(stored.sum(-1), torch.full((2, 2), 36))
 

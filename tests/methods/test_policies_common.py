@@ -116,6 +116,7 @@ def test_uniform_methods_store_their_plan_in_every_layer_and_head(method):
     cache = make_cache(method, 0.2, model)
     with torch.no_grad():
         model(ids, attention_mask=mask, **cache_kwarg(model, cache))
+        cache.end_prompt()
     expected = tokens_for_budget(0.2, mask.sum(-1))[:, None].expand(2, 2).tolist()
     report = cache.memory_report()
     assert len(report.layers) == 3

@@ -43,6 +43,7 @@ def test_stored_tokens_follow_the_schedule_in_every_layer_and_head():
     cache = PyramidKVCache(budget=0.25, window=4)
     with torch.no_grad():
         model(ids, attention_mask=mask, **cache_kwarg(model, cache))
+        cache.end_prompt()
     n = mask.sum(-1)
     expected = pyramid_budgets(tokens_for_budget(0.25, n), n, 4, 4, 20.0)
     report = cache.memory_report()

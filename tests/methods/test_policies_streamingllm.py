@@ -43,6 +43,7 @@ def test_window_slides_while_decoding_and_sinks_stay():
     cache = StreamingLLMCache(budget_tokens=10)  # 4 sinks + 6 recent
 
     def check():
+        cache.end_prompt()  # after the prefill forward the prompt is still open (the first step would end it)
         for layer in cache.layers:
             seen = layer.seen
             for row, n in enumerate((40, 31)):

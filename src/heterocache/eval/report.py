@@ -13,6 +13,7 @@ the page never depends on files outside ``docs/``. Do not edit the generated pag
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from collections import defaultdict
@@ -122,6 +123,36 @@ def selects_per_step(method: str) -> bool:
     except ValueError:
         return False
     return bool(getattr(entry.policy_class, "selects_per_step", False))
+
+
+def quest_budget_table(records: list[dict] | None) -> str:
+    """Quest's budget in tokens next to its fraction, from the records: per (length, budget), the
+    mean prompt tokens and the tokens each KV head of a paged layer reads per decode step, i.e.
+    ``max(min_pages, ceil(ceil(budget * tokens) / page_size)) * page_size`` with ``tokens`` the prompt
+    and the step's own token (``budget_tokens`` instead of ``budget * tokens`` when set;
+    ``QuestPolicy.pages_per_step`` at the first step). Empty string when no record is Quest's."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for r in records or []:
+        if r["method"].split(":")[0] != "quest" or "prompt_tokens" not in r or r.get("mode") not in ("query_aware",
+                                                                                                   "query_agnostic"):
+            continue
+        options = (r.get("settings") or {}).get("options", {})
+        page, least = int(options.get("page_size", 16)), int(options.get("min_pages", 3))
+        n = int(r["prompt_tokens"])
+        stored = n + 1  # the first step's token is stored before its pages are chosen
+        fixed = options.get("budget_tokens")
+        tokens = int(fixed) if fixed is not None else math.ceil(float(r["budget"]) * stored)
+        read = min(stored, max(least, -(-tokens // page)) * page)
+        groups[(r["method"], r["length"], float(r["budget"]))].append((n, read))
+    if not groups:
+        return ""
+    lines = ["| method | length | budget | prompt tokens | tokens read per step and KV head | share read |",
+             "|---|---|---|---|---|---|"]
+    for (method, length, budget), v in sorted(groups.items()):
+        n = sum(x for x, _ in v) / len(v)
+        read = sum(y for _, y in v) / len(v)
+        lines.append(f"| {method} | {length} | {budget:g} | {n:.0f} | {read:.0f} | {read / n:.3f} |")
+    return "\n".join(lines)
 
 
 def comparison_table(avg: list[dict], method: str = "heterocache", records: list[dict] | None = None,
@@ -250,6 +281,13 @@ def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> str:
                     "Dynamic retrieval (Quest, ShadowKV, OmniKV): every token kept somewhere, the tokens read "
                     "chosen again at every decode step; same budget, differences paired as above.", "",
                     retrieval, ""]
+        quest = quest_budget_table(records)
+        if quest:
+            out += ["### Quest's budget in tokens", "",
+                    "Quest keeps every token and reads, per decode step, whole pages of each KV head up to its "
+                    "budget (`QuestPolicy.pages_per_step`, at the first step; its first `dense_layers` layers "
+                    "read everything): the fraction in the tables above as tokens (means over the records).", "",
+                    quest, ""]
         variants = variant_table(avg, records)
         if variants:
             out += ["### Method variants against their plain method and the full cache (RULER average)", "",
