@@ -8,8 +8,9 @@ machine hits every method alike; the robust figures are each round's ratio to th
 
 Per round and method, with a fresh cache:
 - ``generate``: one ``generate(max_new_tokens=N)`` on the needle prompt; a logits processor stamps
-  the time of every step, so the per-token time is (last stamp - first stamp) / (N - 1): the same
-  quantity as (time of N tokens - time of 1) / (N - 1), without a second prefill.
+  the time of every step, so the per-token time is (last stamp - second stamp) / (N - 2): decode steps
+  only, without the prefill and without the first decode step, which ends the prompt (compresses it,
+  ``docs/prefill.md``; before that change the stamps were (last - first) / (N - 1)).
 - ``step``: then ``--steps`` bare ``model(token, cache=...)`` calls on the same cache (what
   ``heterocache bench`` times), median per step.
 Run it on an otherwise idle machine (set ``--threads``).
@@ -72,7 +73,8 @@ def one_round(model, ids, name: str, budget: float, new_tokens: int, steps: int)
                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                          logits_processor=LogitsProcessorList([clock]), **cache_kwarg(model, cache))
     stamps = clock.stamps
-    per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    # From the end of the first decode step, which also ends the prompt (compresses it; docs/prefill.md).
+    per_token = (stamps[-1] - stamps[1]) / (len(stamps) - 2)
     token = out[:, -1:]
     times = []
     for _ in range(steps):

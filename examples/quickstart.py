@@ -42,7 +42,8 @@ DEFAULT_WINDOW = 8
 
 
 class _StepClock(LogitsProcessor):
-    """Timestamps each generation step: the first call follows the prefill, later ones decode steps."""
+    """Timestamps each generation step: the first call follows the prefill, later ones decode steps
+    (the first of which ends the prompt: it compresses it)."""
 
     def __init__(self):
         self.times: list[float] = []
@@ -62,8 +63,9 @@ def answer(model, tokenizer, inputs, cache, max_new_tokens: int) -> tuple[str, f
         logits_processor=LogitsProcessorList([clock]),
     )
     text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-    steps = len(clock.times) - 1
-    tokens_per_s = steps / (clock.times[-1] - clock.times[0]) if steps > 0 else float("nan")
+    # From the first decode step's end: that step also ends the prompt (compresses it, docs/prefill.md).
+    steps = len(clock.times) - 2
+    tokens_per_s = steps / (clock.times[-1] - clock.times[1]) if steps > 0 else float("nan")
     return text, tokens_per_s
 
 

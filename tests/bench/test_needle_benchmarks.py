@@ -37,6 +37,7 @@ def test_head_coverage_is_each_compressed_heads_kept_share_of_the_span():
     cache = HeteroCache(profile, budget=0.6)
     with torch.inference_mode():
         model(input_ids=ids, use_cache=True, **cache_kwarg(model, cache))
+        cache.end_prompt()
     span = range(30, 40)
     got = bench.head_coverage(cache, span)
     # The same from the stored positions, head by head in (layer, head) order.

@@ -243,3 +243,20 @@ def test_results_page_compares_heterocache_with_the_best_dynamic_retrieval_metho
     without = [c for c in cells if c["method"] not in ("quest", "omnikv")]
     write_json(results, without, {"seed": 0}, {"model": "tiny/model"})
     assert "dynamic-retrieval" not in build_report([results], tmp_path / "results.md")
+
+
+def test_quests_budget_is_shown_in_tokens():
+    from heterocache.eval.report import quest_budget_table
+
+    def rec(budget, n, **options):
+        return {"method": "quest", "budget": budget, "length": 4096, "mode": "query_aware", "prompt_tokens": n,
+                "settings": {"options": {"page_size": 16, "min_pages": 3, **options}}}
+
+    table = quest_budget_table([rec(0.25, 4000), rec(0.25, 4000), rec(0.01, 100), rec(0.5, 4000, budget_tokens=512),
+                                {"method": "snapkv", "budget": 0.25, "length": 4096, "mode": "query_aware",
+                                 "prompt_tokens": 4000}])
+    rows = table.splitlines()[2:]
+    # ceil(0.25 * 4001) = 1001 tokens -> 63 pages of 16; 0.01 of 101 -> the 3-page minimum; 512 tokens -> 32 pages
+    assert rows == ["| quest | 4096 | 0.01 | 100 | 48 | 0.480 |", "| quest | 4096 | 0.25 | 4000 | 1008 | 0.252 |",
+                    "| quest | 4096 | 0.5 | 4000 | 512 | 0.128 |"]
+    assert quest_budget_table([]) == ""
