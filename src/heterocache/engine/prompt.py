@@ -117,15 +117,14 @@ class OpenPrompt:
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep, reorder or repeat batch rows (row i becomes old row ``rows[i]``)."""
         def pick(t, dim=0):
-            if t is None:
-                return None
-            if t.shape[dim] == 1 and t is self.position_ids:  # broadcast positions
+            if t is None or t.shape[dim] == 1 and t is self.position_ids:  # positions broadcast over rows
                 return t
             return t.index_select(dim, rows.to(t.device).long())
 
         self.valid, self.real = pick(self.valid), pick(self.real)
         self.key, self.value, self.queries = pick(self.key), pick(self.value), pick(self.queries)
-        self.position_ids = pick(self.position_ids)
+        if self.position_ids is not None:  # [B or 1, L], or [3, B, L] (multi-axis RoPE)
+            self.position_ids = pick(self.position_ids, self.position_ids.dim() - 2)
         self.host_key, self.host_value, self.host_valid = pick(self.host_key), pick(self.host_value), pick(
             self.host_valid)
 
