@@ -50,7 +50,7 @@ def dynamic_counts():
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("strategy", ["device", "segments"])
 def test_decode_steps_read_no_more_device_values_than_dynamic_cache(method, strategy, dynamic_counts, monkeypatch):
-    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", strategy)
+    monkeypatch.setenv("HETEROCACHE_DECODE", f"strategy={strategy}")
     model = tiny_model("llama", **SHAPE)
     cache = METHODS[method]()
     result = count_decode_steps(model, _ids(), cache, steps=8)
@@ -68,7 +68,7 @@ def test_decode_steps_read_no_more_device_values_than_dynamic_cache(method, stra
 def test_device_path_dispatches_few_ops_beyond_dynamic_cache(method, ratio, dynamic_counts, monkeypatch):
     """ATen ops per decode step (averaged, HeteroCache's drift checks at its default interval
     included) within the decode-step targets; each layer's attention is one registered op."""
-    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", "device")
+    monkeypatch.setenv("HETEROCACHE_DECODE", "strategy=device")
     model = tiny_model("llama", **SHAPE)
     cache = {"fullkv": FullKVCache, "snapkv": lambda: SnapKVCache(budget=0.3),
              "heterocache": lambda: HeteroCache(toy_profile(), budget=0.5, pivot_offload=False),
@@ -94,7 +94,7 @@ def test_the_device_path_gives_the_tokens_and_logits_of_the_cpu_path(method, mon
     mask[1, :17] = 0
     outs = {}
     for strategy in ("segments", "device"):
-        monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", strategy)
+        monkeypatch.setenv("HETEROCACHE_DECODE", f"strategy={strategy}")
         out = model.generate(ids, attention_mask=mask, **cache_kwarg(model, METHODS[method]()), max_new_tokens=12,
                              do_sample=False, output_logits=True, return_dict_in_generate=True)
         outs[strategy] = out
@@ -104,7 +104,7 @@ def test_the_device_path_gives_the_tokens_and_logits_of_the_cpu_path(method, mon
 
 
 def test_fullkv_on_the_device_path_gives_dynamic_cache_tokens(monkeypatch):
-    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", "device")
+    monkeypatch.setenv("HETEROCACHE_DECODE", "strategy=device")
     model = tiny_model("qwen2", **SHAPE)
     ids = _ids()
     model.set_attn_implementation("sdpa")
@@ -116,7 +116,7 @@ def test_fullkv_on_the_device_path_gives_dynamic_cache_tokens(monkeypatch):
 
 @pytest.mark.parametrize("strategy,plans_per_step", [("device", 0), ("segments", 1)])
 def test_equal_layouts_share_one_plan_per_step(strategy, plans_per_step, monkeypatch):
-    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", strategy)
+    monkeypatch.setenv("HETEROCACHE_DECODE", f"strategy={strategy}")
     model = tiny_model("llama", **SHAPE)
     cache = SnapKVCache(budget=0.3, reserve=64)  # every layer has the same layout
     steps = 6
@@ -183,7 +183,7 @@ def test_the_device_half_of_a_decode_step_compiles_as_one_graph(method, monkeypa
     graph capture."""
     import torch._dynamo
 
-    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", "device")
+    monkeypatch.setenv("HETEROCACHE_DECODE", "strategy=device")
     make = {
         "fullkv": FullKVCache,
         "snapkv": lambda: SnapKVCache(budget=0.3),

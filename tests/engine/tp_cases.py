@@ -53,6 +53,20 @@ CASES = [
                                                   "summary_drift": True, "page_size": 4}),
 ]
 
+
+
+def _registry_cases() -> list[tuple[str, str, dict]]:
+    """A default case for every registered ragged method the list above does not name (a new
+    method is run under tensor parallelism without editing this file)."""
+    from heterocache.engine.registry import get_method, list_methods
+
+    named = {method for _, method, _ in CASES}
+    return [(name, name, {"budget": 0.4} if get_method(name).uses_budget else {})
+            for name in list_methods() if get_method(name).needs_heterocache_attention and name not in named]
+
+
+CASES += _registry_cases()
+
 PROMPT, PAD, NEW1, MORE, NEW2 = 48, 8, 8, 5, 6
 
 

@@ -299,7 +299,7 @@ def test_a_budget_that_cannot_pay_for_any_summaries_warns_and_keeps_the_plan():
 def test_summary_drift_checks_in_decode_steps_read_no_more_device_values_than_dynamic_cache(monkeypatch):
     from heterocache.bench.diagnostics import count_decode_steps
 
-    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", "device")
+    monkeypatch.setenv("HETEROCACHE_DECODE", "strategy=device")
     model = toy_model()
     dynamic = count_decode_steps(model, _ids(B=2), DynamicCache(), steps=6)
     # A summary drift check and a re-selection decision at every step: the worst case for the host.

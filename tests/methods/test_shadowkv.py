@@ -11,11 +11,12 @@ import torch
 from transformers import LlamaConfig
 
 from helpers import dynamic_reference, tiny_model
-from heterocache import FullKVCache, ShadowKVCache, ShadowKVPolicy
+from heterocache import FullKVCache, ShadowKVCache
 from heterocache._compat import cache_kwarg
 from heterocache.attention.decode import selected_decode_attention
 from heterocache.bench.diagnostics import count_decode_steps
 from heterocache.engine.rope import Rotary
+from heterocache.methods.shadowkv import ShadowKVPolicy
 from heterocache.offload.host_rows import HostRows
 from heterocache.policy.base import PrefillContext
 from heterocache.store.ragged import RaggedKVStore
@@ -391,7 +392,7 @@ def test_memory_report_counts_factors_landmarks_and_exact_tokens_on_device_and_v
 
 @pytest.mark.parametrize("strategy", ["device", "segments"])
 def test_decode_steps_read_no_device_values_on_the_host(strategy, monkeypatch):
-    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", strategy)
+    monkeypatch.setenv("HETEROCACHE_DECODE", f"strategy={strategy}")
     model = tiny_model("llama", **SHAPE)
     ids = torch.randint(1, 256, (2, 150), generator=torch.Generator().manual_seed(4))
     cache = ShadowKVCache(**SMALL)

@@ -121,7 +121,7 @@ def selects_per_step(method: str) -> bool:
         entry = get_method(method.split(":")[0])
     except ValueError:
         return False
-    return bool(getattr(entry.policy_class, "selects_per_step", False))
+    return entry.selects_per_step
 
 
 def comparison_table(avg: list[dict], method: str = "heterocache", records: list[dict] | None = None,

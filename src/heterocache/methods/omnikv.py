@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from ..attention.decode import SlotSelection
-from ..engine.cache import PolicyCache
 from ..engine.registry import register_method
 from ..offload.host_context import HostContext
 from ..offload.transfer import RefreshTransfer
@@ -78,6 +77,12 @@ def _parse_layers(layers) -> tuple[int, ...] | None:
     return out
 
 
+@register_method(
+    "omnikv",
+    description="every token kept; per decode step filter layers choose the context tokens the layers behind "
+    "them attend to, optionally fetched from host memory (Hao et al. 2025)",
+    paper="https://openreview.net/forum?id=ulCAPXYXfa",
+)
 @dataclass
 class OmniKVPolicy(Policy):
     """Filter layers choose each step's tokens; the layers behind them attend only to those.
@@ -147,7 +152,6 @@ class OmniKVPolicy(Policy):
     dense_after_filter: int = 1
     scores: str = "logits"
     offload: bool = False
-    name = "omnikv"
     selects_per_step = True
     # The context bookkeeping (and the host copies) cannot follow a crop: refused, not stale.
     croppable = False
@@ -457,29 +461,4 @@ def _empty(store: RaggedKVStore) -> None:
                torch.zeros(0, dtype=torch.long, device=store.device))
 
 
-class OmniKVCache(PolicyCache):
-    """OmniKV: every token kept; at each decode step a few filter layers choose the context tokens
-    their query attends to most, and the layers behind each filter layer attend only to those
-    (Hao et al., ICLR 2025, https://openreview.net/forum?id=ulCAPXYXfa). Saves bandwidth per step;
-    with ``offload=True`` also the device memory of the sparse layers' context.
-
-    Args:
-        budget: share of each row's context read by the sparse layers per step, in (0, 1]
-            (default 0.067, the reference's ``num_of_selected_tokens``).
-        **policy_kwargs: ``budget_tokens``, ``filter_layers``, ``dense_after_filter``, ``scores``,
-            ``offload`` (see ``OmniKVPolicy``).
-    """
-
-    policy_class = OmniKVPolicy
-
-    def __init__(self, budget: float | None = 0.067, block_size: int = 64, reserve: int = 128, **policy_kwargs):
-        super().__init__(budget, block_size, reserve, **policy_kwargs)
-
-
-register_method(
-    "omnikv",
-    description="every token kept; per decode step filter layers choose the context tokens the layers behind "
-    "them attend to, optionally fetched from host memory (Hao et al. 2025)",
-    cache_class=OmniKVCache,
-    policy_class=OmniKVPolicy,
-)
+OmniKVCache = OmniKVPolicy.cache_class

@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.decode import SlotSelection
-from ..engine.cache import RaggedCache
 from ..engine.registry import register_method
 from ..engine.rope import Rotary
 from ..offload.host_rows import HostRows
@@ -54,6 +53,12 @@ PUBLISHED_BUDGET_TOKENS = 2048
 PUBLISHED_RANK = 160 / 1024
 
 
+@register_method(
+    "shadowkv",
+    description="pre-RoPE keys as low-rank factors + chunk landmarks on the device, values in host memory; each "
+    "decode step rebuilds the top chunks by landmark score (Sun et al. 2024)",
+    paper="https://arxiv.org/abs/2410.21465",
+)
 @dataclass
 class ShadowKVPolicy(Policy):
     """ShadowKV: low-rank pre-RoPE keys and chunk landmarks on the device, values in host memory,
@@ -120,7 +125,6 @@ class ShadowKVPolicy(Policy):
     chunk_size: int = 8
     outlier_chunks: int = 48
     local_chunks: int = 4
-    name = "shadowkv"
     selects_per_step = True
     # The compressed prompt cannot be cut back token by token.
     croppable = False
@@ -448,26 +452,4 @@ class ShadowKVLayer:
         self._refresh()
 
 
-class ShadowKVCache(RaggedCache):
-    """ShadowKV: the prompt's pre-RoPE keys as low-rank factors and one landmark per chunk on the
-    device, outlier and local chunks exact, values in host memory (pinned on CUDA); each decode step
-    rebuilds the top chunks by landmark score (Sun et al. 2024, arXiv 2410.21465).
-
-    Args:
-        budget: per-step budget as a fraction of each row's prompt, in (0, 1]; default None, which
-            means ``budget_tokens`` (2048 when not given either: the reference's ``sparse_budget``).
-        **policy_kwargs: ``budget_tokens``, ``rank``, ``rank_dims``, ``chunk_size``, ``outlier_chunks``,
-            ``local_chunks`` (see ``ShadowKVPolicy``).
-    """
-
-    def __init__(self, budget: float | None = None, block_size: int = 64, reserve: int = 128, **policy_kwargs):
-        super().__init__(ShadowKVPolicy(budget=budget, **policy_kwargs), block_size, reserve)
-
-
-register_method(
-    "shadowkv",
-    description="pre-RoPE keys as low-rank factors + chunk landmarks on the device, values in host memory; each "
-    "decode step rebuilds the top chunks by landmark score (Sun et al. 2024)",
-    cache_class=ShadowKVCache,
-    policy_class=ShadowKVPolicy,
-)
+ShadowKVCache = ShadowKVPolicy.cache_class

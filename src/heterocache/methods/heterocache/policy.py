@@ -583,6 +583,10 @@ class HeteroCachePolicy(Policy):
             return min(1.0, self.budget_tokens / max(1, prompt_tokens))
         return self.budget
 
+    def check_prompt(self, prompt_tokens: int) -> None:
+        """Raises ``InfeasibleBudgetError`` (a ValueError) when the budget is below the heads kept whole."""
+        self.plan_for(prompt_tokens)
+
     def plan_for(self, prompt_tokens: int) -> torch.Tensor:
         """Prompt tokens every KV head keeps for a row of ``prompt_tokens`` real tokens:
         int64 ``[layers, kv_heads]`` over the compressible layers (``model_layers``; all the
