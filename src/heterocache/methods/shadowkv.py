@@ -79,10 +79,10 @@ class ShadowKVPolicy(Policy):
             tokens are attended besides.
         rank: rank of the keys' truncated SVD as a fraction of the layer's key width ``H * D``
             (``round(rank * H * D)``, at most the prompt length). Default 160/1024: ``rank=160`` on
-            Llama-3.1-8B's 8 x 128 (``--rank 160``, ``ShadowKVCache(..., rank=160)``). Narrow
-            models need a larger share: on SmolLM2 (keys 3 x 64 = 192 wide) rank 30 leaves a
-            17% key error and costs RULER points that exact keys recover
-            (``benchmarks/shadowkv_keys.py``; ~0.33 keeps it near 10%).
+            Llama-3.1-8B's 8 x 128 (``--rank 160``, ``ShadowKVCache(..., rank=160)``). The same
+            share of a narrow key width keeps few dimensions (30 of SmolLM2's 3 x 64 = 192), so
+            narrow models may need a larger one: ``benchmarks/shadowkv_keys.py`` reports the key
+            error per rank (SmolLM2's figures: docs/benchmarks.md).
         rank_dims: the rank as a number of dimensions instead; overrides ``rank``. Default None.
         chunk_size: tokens per chunk, one landmark each. Default 8 (``chunk_size=8``).
         outlier_chunks: chunks per KV head kept exact for their lowest intra-chunk cosine similarity
