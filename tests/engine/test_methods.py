@@ -163,8 +163,16 @@ def test_a_decorated_policy_is_a_method_with_a_generated_cache(registry):
     assert store.lengths().tolist() == [[21, 21]]  # half the prompt, plus the one token fed back
     idx, valid = store.padded_index()
     assert store.pos[idx][valid].view(2, 21)[0].tolist() == list(range(20, 41))  # the newest, by the score
+    register_method("lastkeys", description="again")(LastKeysPolicy)  # the same definition run again
+    assert get_method("lastkeys").description == "again"
+
+    @dataclass
+    class OtherPolicy(ScorerPolicy):
+        def score(self, ctx):
+            return ctx.key[..., 0]
+
     with pytest.raises(ValueError, match="registered already"):
-        register_method("lastkeys", description="again")(LastKeysPolicy)
+        register_method("lastkeys", description="another")(OtherPolicy)
 
 
 def test_a_factory_can_be_registered(registry):

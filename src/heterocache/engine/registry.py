@@ -181,7 +181,8 @@ def register_method(
         policy_class, cache_class: with a factory: the classes behind it.
         params: parameter name -> default (default: the policy's fields, plus ``block_size`` and
             ``reserve`` for ragged caches).
-        replace: allow replacing an existing entry.
+        replace: allow replacing an existing entry (the same definition run again, from the same
+            module and qualified name, always replaces it).
 
     Returns:
         the decorator, which returns what it decorates unchanged (a policy gains ``cache_class``).
@@ -194,7 +195,7 @@ def register_method(
 
     def decorate(obj):
         _load_builtins()  # the built-in methods first: they keep their names and places in the listing
-        if key in _REGISTRY and not replace:
+        if key in _REGISTRY and not (replace or _same_definition(_REGISTRY[key], obj)):
             raise ValueError(f"method {key!r} is registered already (pass replace=True to replace it)")
         if key in ALIASES:
             raise ValueError(f"{key!r} is an alias of {ALIASES[key]!r}")
@@ -228,6 +229,14 @@ def register_method(
         return obj
 
     return decorate
+
+
+def _same_definition(method: Method, obj) -> bool:
+    """Whether ``obj`` is the registered definition run again (a re-imported file, a notebook
+    cell run twice): same module and qualified name. Then it replaces the entry quietly."""
+    old = method.policy_class if isinstance(obj, type) else method.factory
+    return old is not None and (getattr(old, "__module__", None), getattr(old, "__qualname__", None)) == (
+        getattr(obj, "__module__", None), getattr(obj, "__qualname__", None))
 
 
 def _class_factory(cache_class: type, uses_budget: bool) -> Callable[..., Cache]:
