@@ -209,7 +209,7 @@ def test_results_page_leaves_a_row_scored_on_fewer_tasks_out_of_the_averages(tmp
         _cell(m, b, s, task=t)
         for m, b, t, s in [("dynamic", 1.0, "niah_single", 100.0), ("dynamic", 1.0, "vt", 0.0),
                            ("heterocache", 0.25, "niah_single", 50.0), ("heterocache", 0.25, "vt", 0.0),
-                           ("heterocache:decision_lag=0", 0.25, "niah_single", 100.0)]
+                           ("heterocache:refresh_interval=1", 0.25, "niah_single", 100.0)]
     ]
     results = tmp_path / "results.json"
     write_json(results, cells, {"seed": 0}, {"model": "tiny/model"})
@@ -217,10 +217,10 @@ def test_results_page_leaves_a_row_scored_on_fewer_tasks_out_of_the_averages(tmp
     average = text.split("### RULER average")[1].split("### niah_single")[0]
     assert "| 1024 | query_aware | heterocache | 25.0 |  | 4 |" in average
     assert "| 1024 | query_aware | dynamic |  | 50.0 | 4 |" in average
-    assert "| 1024 | query_aware | heterocache:decision_lag=0 |" not in average
-    assert "- heterocache:decision_lag=0 at 0.25 (query_aware, 1024): 1 of 2 tasks (niah_single)" in average
+    assert "| 1024 | query_aware | heterocache:refresh_interval=1 |" not in average
+    assert "- heterocache:refresh_interval=1 at 0.25 (query_aware, 1024): 1 of 2 tasks (niah_single)" in average
     # the per-task table still shows it
-    assert "| 1024 | query_aware | heterocache:decision_lag=0 | 100.0 |" in text.split("### niah_single")[1]
+    assert "| 1024 | query_aware | heterocache:refresh_interval=1 | 100.0 |" in text.split("### niah_single")[1]
 
 
 def test_results_page_compares_heterocache_with_the_best_dynamic_retrieval_method(tmp_path):
