@@ -21,6 +21,8 @@ class MethodName(NamedTuple):
 
     uses_budget: bool
     params: tuple[str, ...]
+    #: the module that registers it when it is not registered by a module of :mod:`heterocache.methods`
+    provider: str | None = None
 
 
 #: The method registry's module (absent from a build without the engine).
@@ -45,10 +47,8 @@ METHODS: dict[str, MethodName] = {
                                   "local_chunks", *_ENGINE)),
     "heterocache": MethodName(
         True,
-        ("profile", "budget_tokens", "window", "score_window", "kernel", "pooling", "refresh_interval",
-         "drift_threshold", "drift_topk", "refresh", "offload", "inverse_stability", "asynchronous",
-         "decision_lag", "turn_refresh", "turn_reselect", "turn_scoring", "turn_window", "anchor_offload",
-         "pivot_offload", "page_size", "summaries_in_budget", "summary_memory", "summary_drift", *_ENGINE),
+        ("profile", "budget_tokens", "window", "kernel", "refresh_interval", "drift_threshold", "refresh",
+         "offload", "inverse_stability", "turn_reselect", "pivot_offload", *_ENGINE),
     ),
 }
 
@@ -57,6 +57,8 @@ METHODS: dict[str, MethodName] = {
 ALIASES: dict[str, str] = {"full": "dynamic"}
 #: Aliases kept only so that old commands and scripts still run; using one warns.
 DEPRECATED_ALIASES = frozenset({"full"})
+#: Methods registered by a module of their own when that module is imported (lazily, on demand).
+PROVIDERS: dict[str, str] = {name: m.provider for name, m in METHODS.items() if m.provider}
 
 
 def module_exists(name: str) -> bool:
@@ -118,6 +120,9 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     method = METHODS.get(key)
     if method is None:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    if method.provider is not None and not module_exists(method.provider):
+        raise ValueError(f"method {name!r} is provided by {method.provider}, which is not available; "
+                         f"available methods: {', '.join(k for k, m in METHODS.items() if m.provider is None)}")
     return key, parse_options(spec, items, key, method.params)
 
 

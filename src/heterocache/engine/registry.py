@@ -299,7 +299,7 @@ def describe_methods() -> str:
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """A method with options in one string, as the evaluation grid names it:
     ``"name"`` or ``"name:key=value:key=value"``, e.g.
-    ``"heterocache:turn_reselect=own:summary_memory=host"`` (values: ``true``/``false``, ``none``,
+    ``"heterocache:turn_reselect=pivot:refresh_interval=2"`` (values: ``true``/``false``, ``none``,
     numbers, else text). The whole string is the method's name in records and reports.
 
     Returns:

@@ -1,6 +1,6 @@
 """Full prompt KV of a layer's host-copied heads in host memory (pinned when the model is on CUDA):
-the satellites, and the anchors (``anchor_offload``, on by default) and pivots (``pivot_offload``)
-when they keep one.
+the satellites, and the anchors (with ``turn_reselect="own"``, the default) and pivots
+(``pivot_offload``) when they keep one.
 
 Only those heads are copied, never whole layers. Row ``b``'s copy holds its real prompt
 tokens in order, so index ``j`` is the ``j``-th real token: the same index as the ``j``-th prompt
@@ -8,7 +8,7 @@ slot of a pivot's (full) segment.
 
 Why not :class:`heterocache.offload.host_rows.HostRows` (ShadowKV, OmniKV): those gather by indices that
 live on the device, through a device kernel reading pinned memory. A satellite refresh is decided
-on the host (its drift decision arrives with ``decision_lag``), so its indices are host values and
+on the host (its drift decision arrives ``DECISION_LAG`` steps later), so its indices are host values and
 the gather runs on the host into fresh pinned staging, the source of one asynchronous
 host-to-device copy per refresh (``transfer.RefreshTransfer``) that a side stream overlaps with
 decoding; a UVA read would instead make the decode stream's kernel wait on the host link.

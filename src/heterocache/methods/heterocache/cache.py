@@ -19,13 +19,10 @@ class HeteroCache(RaggedCache):
             folder, a bundled profile name such as "meta-llama/Llama-3.1-8B-Instruct", a Hub repo).
         budget: fraction of the prompt KV kept on the device, in (0, 1] (default 0.25).
         block_size, reserve: store layout (see ``RaggedCache``).
-        **params: the policy's parameters (``budget_tokens``, ``window``, ``score_window``,
-            ``kernel``, ``pooling``, ``refresh_interval``, ``drift_threshold``, ``drift_topk``,
-            ``refresh``, ``offload``,
-            ``inverse_stability``, ``asynchronous``, ``decision_lag``, ``turn_refresh``,
-            ``turn_reselect``, ``turn_scoring``, ``turn_window``, ``anchor_offload``,
-            ``pivot_offload``, ``page_size``, ``summaries_in_budget``, ``summary_memory``,
-            ``summary_drift``; see ``HeteroCachePolicy``).
+        **params: the policy's options (``budget_tokens``, ``window``, ``kernel``,
+            ``refresh_interval``, ``drift_threshold``, ``refresh``, ``offload``,
+            ``inverse_stability``, ``turn_reselect``, ``pivot_offload``; see ``HeteroCachePolicy``
+            and docs/heterocache.md).
 
     Example::
 
@@ -67,7 +64,6 @@ class HeteroCache(RaggedCache):
             "refreshes": dict(s.refreshes),
             "satellite_refills": s.satellite_refills,
             "reselected_heads": s.reselected_heads,
-            "summary_checks": s.summary_checks,
             "tokens_moved": s.tokens_moved,
             "bytes_moved": s.bytes_moved,
             "copy_seconds": policy.copy_seconds(),
@@ -83,7 +79,6 @@ class HeteroCache(RaggedCache):
             "refreshes_per_layer_pivot": {f"{layer}:{pivot}": n for (layer, pivot), n in sorted(refreshes.items())},
             "satellite_refills": sum(p["satellite_refills"] for p in parts),
             "reselected_heads": sum(p["reselected_heads"] for p in parts),
-            "summary_checks": sum(p["summary_checks"] for p in parts),
             "tokens_moved": sum(p["tokens_moved"] for p in parts),
             "bytes_moved": sum(p["bytes_moved"] for p in parts),
             "copy_seconds": sum(p["copy_seconds"] for p in parts),
