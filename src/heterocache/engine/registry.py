@@ -92,6 +92,12 @@ class Method:
     paper: str | None = None
 
     @property
+    def builtin(self) -> bool:
+        """Whether the method is one of the package's own (not a user's registered one)."""
+        defined_by = self.policy_class if self.policy_class is not None else self.factory
+        return getattr(defined_by, "__module__", "").startswith("heterocache.")
+
+    @property
     def selects_per_step(self) -> bool:
         """Whether the method chooses, at every decode step, what attention reads (dynamic retrieval)."""
         return self.policy_class is not None and self.policy_class.selects_per_step
@@ -282,11 +288,14 @@ def list_methods() -> list[str]:
     return list(_REGISTRY)
 
 
-def describe_methods() -> str:
+def describe_methods(builtin_only: bool = False) -> str:
     """A Markdown table of the methods: name, cache class, parameters with defaults, description
-    with the paper's link (the README's method table is this, checked by a test)."""
+    with the paper's link (the README's method table is this with ``builtin_only``, checked by a
+    test)."""
     lines = ["| method | cache class | parameters (defaults) | description |", "|---|---|---|---|"]
     for key in list_methods():
+        if builtin_only and not _REGISTRY[key].builtin:
+            continue
         m = _REGISTRY[key]
         params = ", ".join(f"`{k}={v!r}`" for k, v in m.params.items() if k not in ENGINE_PARAMS) or "-"
         budget = "`budget`, " if m.uses_budget else ""
