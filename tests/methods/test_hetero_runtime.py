@@ -95,8 +95,8 @@ def test_forced_refresh_refills_satellites_from_host_at_pivot_top_positions():
         expected = scores.topk(n).indices.sort().values
         k, v, pos = store.segment(sat)
         assert torch.equal(pos[:n].long(), expected)  # prompt positions, in order
-        assert torch.equal(k[:n], state.host.k[0, state.host.slot[sat], expected])
-        assert torch.equal(v[:n], state.host.v[0, state.host.slot[sat], expected])
+        k_host, v_host = state.host.segment(state.host.segment_of(0, sat))
+        assert torch.equal(k[:n], k_host[expected]) and torch.equal(v[:n], v_host[expected])
         assert torch.equal(k[n:], before[sat][0][n:])  # decode-appended tokens untouched
         assert torch.equal(pos[n:], before[sat][2][n:])
     for other in (0, 3):  # pivot and anchor untouched
@@ -303,7 +303,8 @@ def _assert_satellites_match_host_copies(cache: HeteroCache) -> int:
             for row in range(store.num_rows):
                 seg, n = row * store.num_heads + head, int(state.plan[row, head])
                 slots = int(store.start[seg]) + torch.arange(n, device=store.device)
-                k_host, v_host = state.host.gather(row, head, store.pos[slots].cpu())  # no padding: pos = index
+                picks = store.pos[slots].cpu().long()  # no padding: pos = index
+                k_host, v_host = (t[picks] for t in state.host.segment(state.host.segment_of(row, head)))
                 torch.testing.assert_close(store.k[slots].cpu(), k_host, rtol=0, atol=0)
                 torch.testing.assert_close(store.v[slots].cpu(), v_host, rtol=0, atol=0)
                 checked += 1

@@ -307,4 +307,4 @@ def test_offload_on_cuda_reads_the_pinned_context_from_the_device_and_keeps_the_
     logits = {o: torch.stack(model.generate(ids, **cache_kwarg(model, c), **gen).logits) for o, c in caches.items()}
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
     host = caches[True].policy._contexts[2].host
-    assert host.k_rows.mode == "uva" and host.k_rows.sync_gathers == 0 and host.v_rows.sync_gathers == 0
+    assert host.mode == "uva" and host.sync_gathers == 0 and host.k.is_pinned() and host.v.is_pinned()

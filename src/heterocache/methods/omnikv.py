@@ -26,7 +26,7 @@ import torch
 
 from ..attention.decode import SlotSelection
 from ..engine.registry import register_method
-from ..offload.host_context import HostContext
+from ..offload.host_kv import HostKV
 from ..offload.transfer import RefreshTransfer
 from ..policy.base import Policy, PrefillContext
 from ..policy.budget import check_budget_spec
@@ -134,7 +134,7 @@ class OmniKVPolicy(Policy):
     Offload (``offload=True``): the sparse layers keep only their decoded tokens on the device;
     their context is packed in host memory. The choice never leaves the device: right after the
     filter layer's top-k, each sparse layer of its group gets one gather of its chosen tokens
-    (``HostRows``): on CUDA a device kernel reading the pinned context through its device alias
+    (``HostKV.gather``): on CUDA a device kernel reading the pinned context through its device alias
     (unified addressing), issued on a side stream so it overlaps the filter layer's attention and
     the ``dense_after_filter`` layers (the overlap the reference gets from its wait layers), and
     waited for by event where the sparse layer attends; on CPU a plain index. Cost per filter
@@ -229,8 +229,8 @@ class OmniKVPolicy(Policy):
         role, source = self.role(layer_idx)
         host = None
         if role == "sparse" and self.offload:
-            host = HostContext.from_prompt(ctx.key.to(store.dtype), ctx.value.to(store.dtype), ctx.valid,
-                                           store.device)
+            host = HostKV.from_prompt(ctx.key.to(store.dtype), ctx.value.to(store.dtype), ctx.valid, store.device,
+                                      positions=True)
             context = host.lengths_h.copy()
             if store.device.type == "cuda" and str(store.device) not in self._transfers:
                 self._transfers[str(store.device)] = RefreshTransfer(store.device)
@@ -258,7 +258,7 @@ class OmniKVPolicy(Policy):
         role, _ = self.role(layer_idx)
         host = None
         if role == "sparse" and self.offload:
-            host = HostContext.from_store(store)
+            host = HostKV.from_store(store)
             _empty(store)
         self._set_context(layer_idx, store, (host.lengths_h if host is not None else store.length_h).copy(), host)
         if role == "filter":
@@ -374,7 +374,7 @@ class OmniKVPolicy(Policy):
         """Start gathering the chosen context tokens of every offloaded layer of the group from
         host memory, right after the filter layer chose them. The indices stay on the device: on
         CUDA each gather is a device kernel reading the pinned context through its device alias
-        (``HostRows``), on the side stream, so it overlaps the layers before the sparse one that
+        (``HostKV.gather``), on the side stream, so it overlaps the layers before the sparse one that
         waits for it; the host never waits. On CPU a plain index."""
         for layer_idx in group.sparse:
             host = self._contexts[layer_idx].host
@@ -423,7 +423,7 @@ class _Context:
     context_max: int
     mask: torch.Tensor  # bool [S, context_max]: column j is a context token of segment s
     num_heads: int
-    host: HostContext | None = None
+    host: HostKV | None = None  # the context, packed segment after segment, with its positions
     index: torch.Tensor | None = None  # gather index of the context keys (filter layers), per layout
     index_version: int = -1
 

@@ -15,7 +15,7 @@ What a compressed layer holds, per batch row:
 Each decode step, per KV head: the query's attention over the landmarks (softmax per query head,
 maximum over the GQA group) picks the top chunks up to the per-step budget; their keys are rebuilt
 from ``U @ SV`` and rotated at their positions, their values fetched from host memory
-(:class:`heterocache.offload.host_rows.HostRows`: a device kernel reading pinned memory on CUDA, no host
+(:class:`heterocache.offload.host_kv.HostKV`: a device kernel reading pinned memory on CUDA, no host
 synchronisation), and attention reads the exact tokens plus the chosen chunks
 (``SlotSelection.extra_*``).
 
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ..attention.decode import SlotSelection
 from ..engine.registry import register_method
 from ..engine.rope import Rotary
-from ..offload.host_rows import HostRows
+from ..offload.host_kv import HostKV
 from ..policy.base import Policy, PrefillContext
 from ..policy.budget import check_budget
 from ..policy.budgeted import HostDevice
@@ -290,7 +290,8 @@ class ShadowKVLayer:
         landmarks: ``[S, Mmax, D]`` mean post-RoPE key of each candidate chunk (zeros past ``M``).
         chunk_index: int64 ``[S, Mmax]`` which chunk each candidate is (in chunk order).
         positions: int64 ``[B, A]`` RoPE position of each compressed-area token.
-        values: ``HostRows [S * Mmax, chunk_size * D]`` the candidates' values, in host memory.
+        values: ``HostKV`` of the candidates' values in host memory, ``Mmax`` rows of
+            ``chunk_size * D`` per segment (values only: the keys are rebuilt on the device).
         num_candidates, picks: per segment ``M`` and ``k`` (``HostDevice``: host and device copies).
         prompt_tokens, chunks: host int64 ``[B]``: real prompt tokens and compressed chunks per row.
         outliers: bool ``[B, H, max C]`` the outlier chunks (prefill-time record, for inspection).
@@ -304,7 +305,6 @@ class ShadowKVLayer:
         self.max_picks = int(self.picks.h.max()) if self.picks.h.size else 0
         self.work_dtype = torch.promote_types(self.dtype, torch.float32)  # float32, float64 for a float64 model
         self.seg_row = to_device(np.repeat(np.arange(self.num_rows), self.num_heads), self.device)
-        self.seg_ids = to_device(np.arange(self.num_rows * self.num_heads), self.device)
 
     @property
     def num_segments(self) -> int:
@@ -371,7 +371,7 @@ class ShadowKVLayer:
             area=A, max_candidates=Mmax, rotary=rotary,
             U=U_area, SV=SV.to(dtype).contiguous(), landmarks=landmarks.reshape(S, Mmax, D).to(dtype),
             chunk_index=chunk_index.reshape(S, Mmax).contiguous(), positions=pos[:, :A].contiguous(),
-            values=HostRows(cand_values.reshape(S * Mmax, cs * D), dev),
+            values=HostKV(np.full(S, Mmax), range(H), dev, v=cand_values.reshape(S * Mmax, cs * D)),
             num_candidates=HostDevice(np.repeat(cand_h, H), dev), picks=HostDevice(np.repeat(picks_h, H), dev),
             prompt_tokens=n_h.copy(), chunks=chunks_h.copy(), outliers=outliers,
         )
@@ -424,8 +424,8 @@ class ShadowKVLayer:
     def fetch_values(self, picks: torch.Tensor) -> torch.Tensor:
         """Values of the chosen candidates from host memory: ``[S, k * chunk_size, D]`` on the device."""
         S, k = picks.shape
-        flat = (self.seg_ids[:, None] * self.max_candidates + picks).reshape(-1)
-        return self.values.gather(flat).view(S, k * self.chunk_size, self.head_dim)
+        _, values = self.values.gather(picks)  # rows picks[s] of segment s
+        return values.view(S, k * self.chunk_size, self.head_dim)
 
     def extra_tokens(self, q: torch.Tensor, scaling: float, token_valid=None):
         """The chosen chunks as extra attention tokens: ``(key, value [S, k * cs, D], valid [S, k * cs])``."""
@@ -438,7 +438,7 @@ class ShadowKVLayer:
     # ------------------------------------------------------------------ batch
     def select_rows(self, rows: np.ndarray) -> None:
         """Keep, reorder or repeat rows (beam search, batch expansion): row i becomes old row ``rows[i]``."""
-        H, Mmax = self.num_heads, self.max_candidates
+        H = self.num_heads
         segs = (rows[:, None] * H + np.arange(H)).reshape(-1)
         rows_d, segs_d = to_device(rows, self.device), to_device(segs, self.device)
         self.U, self.positions = self.U[rows_d], self.positions[rows_d]
@@ -446,7 +446,7 @@ class ShadowKVLayer:
         self.outliers = self.outliers[rows_d]
         self.num_candidates = HostDevice(self.num_candidates.h[segs], self.device)
         self.picks = HostDevice(self.picks.h[segs], self.device)
-        self.values = self.values.select((segs[:, None] * Mmax + np.arange(Mmax)).reshape(-1))
+        self.values.select_rows(rows)
         self.prompt_tokens, self.chunks = self.prompt_tokens[rows], self.chunks[rows]
         self.num_rows = len(rows)
         self._refresh()

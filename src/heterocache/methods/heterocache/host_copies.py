@@ -3,7 +3,8 @@ slots (a satellite refill, a re-selection at a new turn), one copy stream per de
 bytes and copy time they account for.
 
 ``HostOffload`` is one part of ``HeteroCachePolicy`` (``policy.py``); the host copies themselves
-are ``offload.host_store.SatelliteHostStore``, the copies ``offload.transfer.RefreshTransfer``.
+are ``offload.host_kv.HostKV`` (read on the host: ``stage``), the copies
+``offload.transfer.RefreshTransfer``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class HostOffload:
         with the prompt tokens ``picks[i, :counts_h[i]]`` (host copy indices, ascending; ``picks``
         int64 ``[n, nmax]``): one host gather and one (asynchronous on CUDA) copy for the layer."""
         picks_h = picks[np.arange(picks.shape[-1])[None, :] < counts_h[:, None]]  # row after row
-        k_host, v_host = state.host.gather_batch(rows_h, heads_h, picks_h, counts_h)
+        segments = state.host.segment_of(rows_h, heads_h)
+        k_host, v_host = state.host.stage(state.host.rows_of(segments, picks_h, counts_h))
         slots = segment_ranges_host(store.start_h[rows_h * store.num_heads + heads_h], counts_h)
         positions = state.prompt_pos[np.repeat(rows_h, counts_h), picks_h]
         self._layer_transfer[layer_idx].write(layer_idx, store, to_device(slots, store.device), k_host, v_host,

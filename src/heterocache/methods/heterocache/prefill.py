@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ...engine.architectures import check_architecture
-from ...offload.host_store import SatelliteHostStore
+from ...offload.host_kv import HostKV
 from ...policy.base import PrefillContext
 from ...policy.scoring import pool_scores, reduce_gqa, row_taps, topk_keep, window_attention_scores
 from ...profile import Role
@@ -185,7 +185,7 @@ class PrefillSelection:
         heads = list(state.satellites)
         heads += [h for h in range(store.num_heads) if bool(copy[h]) and h not in state.satellites]
         if heads:  # host copies and the copy stream of the layer's own device
-            state.host = SatelliteHostStore(ctx.key, ctx.value, ctx.valid, heads, pin=dev.type == "cuda")
+            state.host = HostKV.from_prompt(ctx.key, ctx.value, ctx.valid, dev, heads=heads, padded=True)
             self._transfers_for(layer_idx, dev)
         if self.turn_reselect == "own" and heads:
             self._prefill_turn_heads(layer_idx, state, store, heads)
@@ -230,8 +230,7 @@ class PrefillSelection:
         chosen = [h for h in heads if marks[:, h].any()]
         if not chosen or state.prompt_pos.shape[1] == 0:
             return
-        slots = torch.tensor([state.host.slot[h] for h in chosen], dtype=torch.long)
-        state.turn = TurnHeads(chosen, slots, marks, store.device)
+        state.turn = TurnHeads(chosen, marks, store.device)
         state.turn.to_device(state.plan, state.prompt_tokens, store.device)
 
     def _pivot_scores(self, state: LayerState, store: RaggedKVStore, queries: torch.Tensor, scaling: float):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ...offload.host_store import SatelliteHostStore
+from ...offload.host_kv import HostKV
 from ...store.ragged import RaggedKVStore, to_device
 from .clusters import ClusterLayout, LayoutIndex
 
@@ -37,15 +37,14 @@ class TurnHeads:
 
     Attributes:
         heads: store indices of the heads re-chosen in some row; ``heads_dev`` the same on the device.
-        slots: int64 CPU tensor: each one's slot in the layer's host copy.
         marks: bool ``[B, H]`` (host): which (row, head) a turn re-chooses.
         counts_dev: int64 ``[B, Nr]`` (device): prompt slots of each re-chosen (row, head), 0 where
             not re-chosen; ``nmax`` their maximum (host).
         prompt_dev: int64 ``[B]`` (device): real prompt tokens of each row.
     """
 
-    def __init__(self, heads: list[int], slots: torch.Tensor, marks: np.ndarray, device: torch.device):
-        self.heads, self.slots, self.marks = heads, slots, marks
+    def __init__(self, heads: list[int], marks: np.ndarray, device: torch.device):
+        self.heads, self.marks = heads, marks
         self.heads_dev = to_device(heads, device)
         self.counts_dev: torch.Tensor | None = None
         self.prompt_dev: torch.Tensor | None = None
@@ -81,7 +80,9 @@ class LayerState:
         reference: bool ``[B, P, Lmax]`` device: each pivot's reference top-k set as a map.
         queries: buffered decode queries ``[B, Hq, D]`` (device).
         pending: drift decisions computed on the device, acted on a later step (``refresh.Decision``).
-        host: the host copies of the layer's heads that keep one (None: no head does).
+        host: the host copies of the layer's heads that keep one (``HostKV``, one segment per row
+            and held head, each ``Lmax`` rows: the row's real prompt tokens in order, then zeros;
+            None: no head does).
         turn: the heads a new turn re-chooses (``TurnHeads``; None: none).
     """
 
@@ -103,7 +104,7 @@ class LayerState:
         self.reference: torch.Tensor | None = None
         self.queries: list[torch.Tensor] = []
         self.pending: list = []
-        self.host: SatelliteHostStore | None = None
+        self.host: HostKV | None = None
         self.turn: TurnHeads | None = None
         # (layout_version, idx [B, P, Lmax], valid [B, P, Lmax], strides or None)
         self._pivot_index = None
@@ -133,7 +134,7 @@ class LayerState:
             self.turn.to_device(self.plan, self.prompt_tokens, device)
         self._pivot_index = None
         if self.host is not None:
-            self.host.select_rows(torch.from_numpy(rows_h))
+            self.host.select_rows(rows_h)
 
     def pivot_index(self, store: RaggedKVStore) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         """Slot index and validity ``[B, P, Lmax]`` of every pivot's prompt tokens, and, when the

@@ -58,24 +58,27 @@ class TurnReselection:
         state.pending.clear()
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         W = min(self._turn_window, query.shape[2])
-        picks = self._turn_picks(state, store, query[:, :, -W:, :], scale).cpu().numpy()
+        picks = self._turn_picks(layer_idx, state, store, query[:, :, -W:, :], scale).cpu().numpy()
         self._write_picks(layer_idx, store, state, picks)
         return picks
 
-    def _turn_picks(self, state: LayerState, store: RaggedKVStore, query: torch.Tensor,
+    def _turn_picks(self, layer_idx: int, state: LayerState, store: RaggedKVStore, query: torch.Tensor,
                     scaling: float) -> torch.Tensor:
         """int64 ``[B, Nr, nmax]`` the prompt indices each re-chosen head would hold (ascending,
         padded with ``Lmax``): the top tokens of the attention of queries ``[B, Hq, W, D]`` over the
-        head's full prompt keys (host copy, copied to the device for this call), pooled and maxed
-        over the group as the prefill selection scores."""
+        head's full prompt keys (host copy, staged and copied to the device for this call through
+        the layer's transfer), pooled and maxed over the group as the prefill selection scores."""
         B, Hq, W, D = query.shape
-        H, turn = store.num_heads, state.turn
+        H, turn, host = store.num_heads, state.turn, state.host
         G, Lmax = Hq // H, state.prompt_pos.shape[1]
         dev = query.device
-        keys = state.host.k  # [B, held, Lmax, D] (host, pinned on CUDA)
-        if not torch.equal(turn.slots, torch.arange(keys.shape[1])):  # host tensors: no device read
-            keys = keys.index_select(1, turn.slots)  # [B, Nr, Lmax, D]
-        keys = keys.to(dev, non_blocking=True).float()
+        # Every host segment holds Lmax rows: the re-chosen heads' keys read as [B, Nr, Lmax, D].
+        segments = host.segment_of(np.arange(B)[:, None], np.asarray(turn.heads, np.int64)[None, :]).reshape(-1)
+        (staged,) = host.stage(host.rows_of(segments), values=False)
+        transfer = self._layer_transfer[layer_idx]
+        (keys,) = transfer.fetch(layer_idx, staged)
+        transfer.wait(layer_idx)
+        keys = keys.view(B, len(turn.heads), Lmax, D).float()
         q = query.view(B, H, G, W, D).index_select(1, turn.heads_dev).float()  # [B, Nr, G, W, D]
         logits = torch.einsum("brgwd,brld->brgwl", q, keys) * scaling
         valid = torch.arange(Lmax, device=dev) < turn.prompt_dev[:, None]  # [B, Lmax]
