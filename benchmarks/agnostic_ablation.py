@@ -24,11 +24,16 @@ changed from "after" to "always" on 2026-11-29, after this ablation):
   or not (now the default, so the grid's ``heterocache`` runs are this variant).
 
 Writes ``records.jsonl``/``results.json`` of the variants and ``comparison.json`` under ``--out``.
+
+``turn_refresh`` and ``drift_topk`` were removed after this ablation (docs/results.md#ablations):
+the variants that set them are compared from the committed records (``--compare-only``); running
+them again needs the code before the removal (git history).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -40,6 +45,7 @@ from heterocache.engine.registry import make_cache
 from heterocache.eval.paired import paired_difference
 from heterocache.eval.results import RecordLog
 from heterocache.eval.runner import EvalConfig, run_eval
+from heterocache.methods.heterocache import HeteroCachePolicy
 from heterocache.models import SMOLLM2_NAME, load_smollm2
 
 VARIANTS = {
@@ -102,6 +108,11 @@ def main(argv=None) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
+    options = {f.name for f in dataclasses.fields(HeteroCachePolicy)}
+    retired = sorted(v for v in variants if set(VARIANTS[v]) - options)
+    if retired and not args.compare_only:
+        parser.error(f"variants {retired} set removed options (docs/results.md#ablations): compare their committed "
+                     "records with --compare-only, or run them with the code before the removal")
     if not args.compare_only:
         grid_config = json.loads((Path(args.grid) / "config.json").read_text())
         model, tokenizer = load_smollm2()

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if device.type == "cpu":  # the path CUDA takes (CPU's own strategy plans lengths per step)
-        os.environ["HETEROCACHE_DECODE_STRATEGY"] = "device"
+        os.environ["HETEROCACHE_DECODE"] = "strategy=device"
     model, tokenizer = load_model(args.model, attn_implementation="heterocache", dtype=dtype, device=device,
                                   num_layers=args.num_layers)
     # A layer's step closes over its own store: one graph per layer, so allow as many recompiles.

@@ -6,7 +6,7 @@ milliseconds per step on the device path, and decode ms/token on this machine's 
 
 For each method and prompt length: one prefill, then ``--timed`` greedy steps on the default
 strategy (on CPU: "segments"), timed (median ms/token), then ``--counted`` steps on the device
-strategy (``HETEROCACHE_DECODE_STRATEGY=device``: the path CUDA tensors take, with PyTorch standing
+strategy (``HETEROCACHE_DECODE=strategy=device``: the path CUDA tensors take, with PyTorch standing
 in for the Triton kernel) under ``heterocache.bench.diagnostics.HostReadCounter``. DynamicCache + sdpa is
 the reference. Run on an otherwise idle machine.
 """
@@ -37,10 +37,11 @@ from heterocache import (
     StreamingLLMCache,
 )
 from heterocache._compat import cache_kwarg
-from heterocache.attention.plan import STRATEGY_ENV
+from heterocache.attention.kernels.settings import ENV_VAR
 from heterocache.bench.cli import machine_info
 from heterocache.bench.diagnostics import count_steps
 from heterocache.bench.measure import kv_bytes, prompt_ids
+from heterocache.engine.cache import RaggedCache
 from heterocache.engine.registry import make_cache, parse_method_spec
 from heterocache.methods.heterocache import HeteroCache
 from heterocache.models import load_smollm2
@@ -90,21 +91,21 @@ def measure(model, ids, make_cache, timed: int, counted: int, warmup: int = 2) -
         cache.end_prompt()
     prefill_s = time.perf_counter() - t0
     token = logits.argmax(-1, keepdim=True)
-    saved = os.environ.pop(STRATEGY_ENV, None)
+    saved = os.environ.pop(ENV_VAR, None)
     times = []
     for i in range(warmup + timed):  # the machine's default strategy
         t = time.perf_counter()
         token = _step(model, cache, token)
         if i >= warmup:
             times.append(time.perf_counter() - t)
-    os.environ[STRATEGY_ENV] = "device"
+    os.environ[ENV_VAR] = "strategy=device"
     try:
         _, counts = count_steps(model, cache, token, counted, warmup)
     finally:
-        os.environ.pop(STRATEGY_ENV, None)
+        os.environ.pop(ENV_VAR, None)
         if saved is not None:
-            os.environ[STRATEGY_ENV] = saved
-    stats = cache.stats() if callable(getattr(cache, "stats", None)) else {}
+            os.environ[ENV_VAR] = saved
+    stats = cache.stats() if isinstance(cache, RaggedCache) else {}
     return {
         "prefill_s": prefill_s,
         "decode_ms_per_token": statistics.median(times) * 1e3,
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
         "commit": commit,
         "date": time.strftime("%Y-%m-%d"),
         "notes": "decode_ms_per_token: default strategy of this machine (CPU: segments), median of the timed steps. "
-                 "device_path: HETEROCACHE_DECODE_STRATEGY=device, per step, under a TorchDispatchMode counter "
+                 "device_path: HETEROCACHE_DECODE=strategy=device, per step, under a TorchDispatchMode counter "
                  "(host_ms includes the counter's own overhead). HeteroCache: bundled SmolLM2 profile, defaults "
                  "(drift checks every 5 steps included).",
         "results": rows,

@@ -15,7 +15,6 @@ import time
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-import heterocache
 from heterocache import FullKVCache, HeteroCache, SnapKVCache
 from heterocache._compat import cache_kwarg
 from heterocache.eval.prompting import PromptFormatter
@@ -89,7 +88,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     print("Loading SmolLM2-135M-Instruct ...", flush=True)
-    model, tokenizer = load_smollm2(attn_implementation=heterocache.ATTENTION_NAME)
+    model, tokenizer = load_smollm2(attn_implementation="heterocache")
     ids, expected, question = needle_prompt(tokenizer, args.tokens, args.seed)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     print(f"Prompt: {ids.shape[1]} tokens. Question: {question!r} (expected: {expected})\n")

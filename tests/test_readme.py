@@ -80,3 +80,14 @@ def test_demo_runs_with_threads_and_no_deprecation_warning():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("answer:") == 2 and "(correct)" in result.stdout, result.stdout
     _no_deprecation(result.stderr)
+
+
+def test_the_readme_method_table_is_the_registry_s():
+    """The table between the markers is ``describe_methods()`` (regenerate it with
+    ``python -c "from heterocache.engine.registry import describe_methods as d; print(d(True))"``)."""
+    from heterocache.engine.registry import describe_methods
+
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"<!-- methods:start -->\n(.*?)\n<!-- methods:end -->", readme, re.S)
+    assert match, "the README has no <!-- methods:start --> ... <!-- methods:end --> block"
+    assert match.group(1).strip() == describe_methods(builtin_only=True).strip()

@@ -11,45 +11,38 @@ from ._launch import started_as_cli as _started_as_cli
 from ._lazy import lazy_exports
 from ._version import __version__  # noqa: F401  (public: heterocache.__version__)
 
-# public name -> submodule defining it
+# public name -> submodule defining it: what a user writes. A method's policy, the Policy interface
+# and the engine's internals stay in their modules (heterocache.policy, heterocache.methods.<name>,
+# heterocache.engine).
 _EXPORTS = {
-    "UnsupportedArchitectureError": "engine.architectures",
-    "check_architecture": "engine.architectures",
-    "ATTENTION_NAME": "engine.integration",
-    "AttentionNotEnabledError": "engine.integration",
-    "enable": "engine.integration",
+    # the caches, one per registered method (made by the registry from each method's policy)
+    "FullKVCache": "methods.fullkv",
+    "StreamingLLMCache": "methods.streamingllm",
+    "H2OCache": "methods.h2o",
+    "SnapKVCache": "methods.snapkv",
+    "PyramidKVCache": "methods.pyramidkv",
+    "CAKECache": "methods.cake",
+    "QuestCache": "methods.quest",
+    "OmniKVCache": "methods.omnikv",
+    "ShadowKVCache": "methods.shadowkv",
+    "HeteroCache": "methods.heterocache",
     "RaggedCache": "engine.cache",
-    "MemoryReport": "engine.memory",
-    "KVShard": "engine.parallel",
-    "TensorParallelError": "engine.parallel",
+    # methods by name, and a user's own
     "list_methods": "engine.registry",
     "make_cache": "engine.registry",
     "register_method": "engine.registry",
-    "check_budget": "policy.budget",
-    "FullKVPolicy": "policy.base",
-    "Policy": "policy.base",
-    "PrefillContext": "policy.base",
-    "FullKVCache": "methods.fullkv",
-    "StreamingLLMCache": "methods.streamingllm",
-    "StreamingLLMPolicy": "methods.streamingllm",
-    "H2OCache": "methods.h2o",
-    "H2OPolicy": "methods.h2o",
-    "SnapKVCache": "methods.snapkv",
-    "SnapKVPolicy": "methods.snapkv",
-    "PyramidKVCache": "methods.pyramidkv",
-    "PyramidKVPolicy": "methods.pyramidkv",
-    "CAKECache": "methods.cake",
-    "CAKEPolicy": "methods.cake",
-    "QuestCache": "methods.quest",
-    "QuestPolicy": "methods.quest",
-    "OmniKVCache": "methods.omnikv",
-    "OmniKVPolicy": "methods.omnikv",
-    "ShadowKVCache": "methods.shadowkv",
-    "ShadowKVPolicy": "methods.shadowkv",
-    "HeteroCache": "methods.heterocache",
-    "HeteroCachePolicy": "methods.heterocache",
-    "InfeasibleBudgetError": "methods.heterocache",
+    # the model side
+    "enable": "engine.integration",
+    "check_architecture": "engine.architectures",
+    # profiles
     "HeadProfile": "profile",
+    "profile_for_model": "profile",
+    # errors
+    "AttentionNotEnabledError": "engine.integration",
+    "InfeasibleBudgetError": "methods.heterocache",
+    "ProfileError": "profile",
+    "TensorParallelError": "engine.parallel",
+    "UnsupportedArchitectureError": "engine.architectures",
 }
 
 __all__ = sorted(_EXPORTS)

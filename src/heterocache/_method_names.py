@@ -47,11 +47,8 @@ METHODS: dict[str, MethodName] = {
                                   "local_chunks", *_ENGINE)),
     "heterocache": MethodName(
         True,
-        ("profile", "budget_tokens", "window", "score_window", "kernel", "pooling", "refresh_interval",
-         "drift_threshold", "drift_topk", "refresh", "offload", "inverse_stability", "asynchronous",
-         "decision_lag", "turn_refresh", "turn_reselect", "turn_scoring", "turn_window", "anchor_offload",
-         "pivot_offload", "page_size", "summaries_in_budget", "summary_memory", "summary_drift", *_ENGINE),
-        provider="heterocache.methods.heterocache",
+        ("profile", "budget_tokens", "window", "kernel", "refresh_interval", "drift_threshold", "refresh",
+         "offload", "inverse_stability", "turn_reselect", "pivot_offload", *_ENGINE),
     ),
 }
 

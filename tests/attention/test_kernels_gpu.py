@@ -108,7 +108,7 @@ def test_the_triton_op_compiles_without_a_graph_break(tri, backend):
 
 
 def test_dispatcher_auto_uses_triton_on_cuda(tri, monkeypatch):
-    monkeypatch.delenv("HETEROCACHE_DECODE_BACKEND", raising=False)
+    monkeypatch.delenv("HETEROCACHE_DECODE", raising=False)
     assert resolve_backend(torch.device("cuda")) == "triton"
     case = make_ragged_case([100, 0, 5], 4, 128, torch.bfloat16, "cuda", seed=12)
     out = ragged_decode_attention(**case, scale=0.1)

@@ -162,7 +162,7 @@ def test_rejects_inputs_outside_the_contract(change, match):
 
 
 def test_auto_picks_torch_on_cpu(monkeypatch):
-    monkeypatch.delenv("HETEROCACHE_DECODE_BACKEND", raising=False)
+    monkeypatch.delenv("HETEROCACHE_DECODE", raising=False)
     assert resolve_backend(torch.device("cpu")) == "torch"
     case = make_ragged_case(LENGTHS, 3, 64, seed=10)
     torch.testing.assert_close(ragged_decode_attention(**case, scale=0.1),
@@ -172,7 +172,7 @@ def test_auto_picks_torch_on_cpu(monkeypatch):
 def test_auto_would_pick_triton_on_cuda(monkeypatch):
     import heterocache.attention.kernels as kernels
 
-    monkeypatch.delenv("HETEROCACHE_DECODE_BACKEND", raising=False)
+    monkeypatch.delenv("HETEROCACHE_DECODE", raising=False)
     monkeypatch.setattr(kernels, "triton_available", lambda: True)
     assert kernels.resolve_backend(torch.device("cuda", 0)) == "triton"
     monkeypatch.setattr(kernels, "triton_available", lambda: False)
@@ -180,16 +180,16 @@ def test_auto_would_pick_triton_on_cuda(monkeypatch):
 
 
 def test_env_var_selects_backend_and_argument_overrides_it(monkeypatch):
-    monkeypatch.setenv("HETEROCACHE_DECODE_BACKEND", "Triton")
+    monkeypatch.setenv("HETEROCACHE_DECODE", "backend=Triton")
     assert resolve_backend(torch.device("cpu")) == "triton"
     assert resolve_backend(torch.device("cpu"), "torch") == "torch"
-    monkeypatch.setenv("HETEROCACHE_DECODE_BACKEND", "torch")
+    monkeypatch.setenv("HETEROCACHE_DECODE", "strategy=device,backend=torch")
     assert resolve_backend(torch.device("cuda", 0)) == "torch"
 
 
 def test_unknown_backend_is_an_error(monkeypatch):
-    monkeypatch.setenv("HETEROCACHE_DECODE_BACKEND", "cutlass")
-    with pytest.raises(ValueError, match="HETEROCACHE_DECODE_BACKEND"):
+    monkeypatch.setenv("HETEROCACHE_DECODE", "backend=cutlass")
+    with pytest.raises(ValueError, match="backend= of .HETEROCACHE_DECODE"):
         resolve_backend(torch.device("cpu"))
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend(torch.device("cpu"), "fast")

@@ -132,12 +132,12 @@ def _worker() -> None:
     mask[1, :9] = 0
     runs = {}
     for backend in ("torch", "triton"):
-        os.environ["HETEROCACHE_DECODE_BACKEND"] = backend
+        os.environ["HETEROCACHE_DECODE"] = f"backend={backend}"
         with torch.no_grad():
             cache = QuestCache(budget=0.3, dense_layers=1, page_size=8)
             runs[backend] = model.generate(ids, attention_mask=mask, **cache_kwarg(model, cache), max_new_tokens=4,
                                            do_sample=False, output_scores=True, return_dict_in_generate=True)
-    os.environ.pop("HETEROCACHE_DECODE_BACKEND")
+    os.environ.pop("HETEROCACHE_DECODE")
     # The registered op (torch.library.triton_op) the device decode path calls, eagerly.
     from heterocache.attention.kernels.ops import ragged_decode_triton
 
@@ -149,17 +149,15 @@ def _worker() -> None:
     # The device decode path through the engine: the op vs the block-wise stand-in, same tokens.
     from heterocache import FullKVCache, SnapKVCache
 
-    os.environ["HETEROCACHE_DECODE_STRATEGY"] = "device"
     device_runs = {}
     for backend in ("torch", "triton"):
-        os.environ["HETEROCACHE_DECODE_BACKEND"] = backend
+        os.environ["HETEROCACHE_DECODE"] = f"strategy=device,backend={backend}"
         for name, make in (("fullkv", FullKVCache), ("snapkv", lambda: SnapKVCache(budget=0.4))):
             with torch.no_grad():
                 device_runs[backend, name] = model.generate(
                     ids, attention_mask=mask, **cache_kwarg(model, make()), max_new_tokens=4, do_sample=False,
                     output_scores=True, return_dict_in_generate=True)
-    os.environ.pop("HETEROCACHE_DECODE_BACKEND")
-    os.environ.pop("HETEROCACHE_DECODE_STRATEGY")
+    os.environ.pop("HETEROCACHE_DECODE")
     results["device_path_triton_op"] = {
         name: {"tokens_equal": bool(torch.equal(device_runs["torch", name].sequences,
                                                 device_runs["triton", name].sequences)),

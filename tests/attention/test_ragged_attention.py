@@ -156,7 +156,7 @@ def test_planner_resolves_the_selection_backend_once_per_step(monkeypatch):
     cpu = torch.device("cpu")
     assert [planner.backend(cpu, step=0) for _ in range(3)] == ["torch"] * 3
     assert len(calls) == 1  # every layer of the step reuses it
-    monkeypatch.setenv(kernels.ENV_VAR, "triton")
+    monkeypatch.setenv("HETEROCACHE_DECODE", "backend=triton")
     assert planner.backend(cpu, step=0) == "torch"  # within the step: unchanged
     assert planner.backend(cpu, step=1) == "triton" and len(calls) == 2  # a new step reads the setting again
 
@@ -165,8 +165,11 @@ def test_strategy_comes_from_the_environment(monkeypatch):
     from heterocache.attention.plan import resolve_strategy
 
     assert resolve_strategy(torch.device("cpu")) == "segments"
-    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", "device")
+    monkeypatch.setenv("HETEROCACHE_DECODE", "strategy=device")
     assert resolve_strategy(torch.device("cpu")) == "device"
-    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", "bogus")
-    with pytest.raises(ValueError, match="HETEROCACHE_DECODE_STRATEGY"):
+    monkeypatch.setenv("HETEROCACHE_DECODE", "strategy=bogus")
+    with pytest.raises(ValueError, match="strategy= of .HETEROCACHE_DECODE"):
+        resolve_strategy(torch.device("cpu"))
+    monkeypatch.setenv("HETEROCACHE_DECODE", "strategi=device")
+    with pytest.raises(ValueError, match="comma-separated key=value"):
         resolve_strategy(torch.device("cpu"))

@@ -84,3 +84,26 @@ def test_bandwidth_is_measured_on_cuda():
     from heterocache.bench.measure import copy_bandwidth
 
     assert copy_bandwidth("cuda", 1 << 26) > 1e11
+
+
+def test_a_method_from_the_user_s_own_file_runs_by_name(toy_config, tmp_path, capsys, monkeypatch):
+    """``--methods-from FILE`` imports the file that registers the method (the example's key-norm
+    eviction); a name no file registers is still a one-line error, before any model loads."""
+    from pathlib import Path
+
+    import heterocache.engine.registry as registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # unregistered after the test
+    example = Path(__file__).resolve().parents[2] / "examples" / "custom_method.py"
+    out = tmp_path / "bench"
+    rc = main(["bench", "--model", f"random:{toy_config}", "--methods-from", str(example), "--methods", "keynorm",
+               "--budgets", "0.5", "--lengths", "64", "--batch-sizes", "1", "--new-tokens", "2", "--warmup", "1",
+               "--no-plot", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["keynorm"] and "error" not in rows[0]
+    with pytest.raises(SystemExit) as err:
+        main(["bench", "--model", f"random:{toy_config}", "--methods-from", str(example), "--methods", "keynorn",
+              "--out", str(tmp_path / "b2")])
+    assert err.value.code == 2
+    assert "unknown method 'keynorn'" in capsys.readouterr().err

@@ -105,7 +105,9 @@ def _policy_state_of_layer(policy, idx):
     found = []
     if hasattr(policy, "_layers") and idx in policy._layers:  # HeteroCache
         state = policy._layers[idx]
-        found += [state.k_dev, state.sat_tokens_dev, state.target_tokens_dev, state.reference]
+        found += [state.k_dev, state.target_tokens_dev, state.reference]
+        if state.turn is not None:
+            found += [state.turn.heads_dev, state.turn.counts_dev, state.turn.prompt_dev]
         if state.index is not None:
             found += list(vars(state.index).values())
     for holder in ("_decode", "_state"):  # LayerState of the evicting methods

@@ -102,7 +102,7 @@ def test_crop_with_positive_count_is_rejected():
 
 def test_the_main_classes_import_from_the_package_root():
     import heterocache
-    from heterocache import HeadProfile, HeteroCache, HeteroCachePolicy, InfeasibleBudgetError  # noqa: F401
+    from heterocache import HeadProfile, HeteroCache, InfeasibleBudgetError, profile_for_model  # noqa: F401
 
     assert heterocache.HeteroCache.__name__ == "HeteroCache" and heterocache.HeadProfile.__name__ == "HeadProfile"
 
@@ -111,7 +111,7 @@ def test_a_policy_passed_as_the_cache_is_a_clear_error():
     import torch
 
     from helpers import tiny_model
-    from heterocache import SnapKVPolicy
+    from heterocache.methods.snapkv import SnapKVPolicy
 
     model = tiny_model("llama")
     with pytest.raises(TypeError, match=r"policy, not a cache: pass RaggedCache\(SnapKVPolicy"):

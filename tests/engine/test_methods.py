@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from transformers import DynamicCache
@@ -29,7 +27,6 @@ CLASSES = {
 def registry(monkeypatch):
     """A private copy of the registry, so tests may register methods."""
     monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
-    monkeypatch.setattr(methods, "PROVIDERS", dict(methods.PROVIDERS))
     return methods
 
 
@@ -133,38 +130,62 @@ def test_make_cache_is_the_evaluation_harness_default_factory():
     assert out.shape == (1, 43)
 
 
-def test_registered_method_is_listed_and_built(registry):
+def test_a_decorated_policy_is_a_method_with_a_generated_cache(registry):
+    from dataclasses import dataclass
+
+    from heterocache.policy.scorer import ScorerPolicy
+
+    @register_method("lastkeys", description="a test method", paper="https://example.org/paper")
+    @dataclass
+    class LastKeysPolicy(ScorerPolicy):
+        """Keep the newest tokens (scores rise with the position)."""
+
+        bias: float = 0.0
+
+        def score(self, ctx):
+            B, H, L, _ = ctx.key.shape
+            return torch.arange(L, dtype=torch.float32).expand(B, H, L) + self.bias
+
+    cache_class = LastKeysPolicy.cache_class
+    assert cache_class.__name__ == "LastKeysCache" and cache_class.policy_class is LastKeysPolicy
+    spec = get_method("lastkeys")
+    assert spec.cache_class is cache_class and spec.paper == "https://example.org/paper"
+    assert spec.params["bias"] == 0.0 and "budget_tokens" in spec.params and "block_size" in spec.params
+    assert "lastkeys" in list_methods() and "`lastkeys`" in describe_methods()
+    cache = make_cache("lastkeys:bias=1.5", 0.5)
+    assert type(cache) is cache_class and cache.policy.bias == 1.5 and cache.policy.name == "lastkeys"
+    with pytest.raises(TypeError, match="has no parameter"):
+        make_cache("lastkeys", 0.5, nope=1)
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (1, 40))
+    model.generate(ids, **cache_kwarg(model, cache), max_new_tokens=2, do_sample=False)
+    store = cache.layers[0].store
+    assert store.lengths().tolist() == [[21, 21]]  # half the prompt, plus the one token fed back
+    idx, valid = store.padded_index()
+    assert store.pos[idx][valid].view(2, 21)[0].tolist() == list(range(20, 41))  # the newest, by the score
+    register_method("lastkeys", description="again")(LastKeysPolicy)  # the same definition run again
+    assert get_method("lastkeys").description == "again"
+
+    @dataclass
+    class OtherPolicy(ScorerPolicy):
+        def score(self, ctx):
+            return ctx.key[..., 0]
+
+    with pytest.raises(ValueError, match="registered already"):
+        register_method("lastkeys", description="another")(OtherPolicy)
+
+
+def test_a_factory_can_be_registered(registry):
+    @register_method("mine", description="a test method", params={"window": 2})
     def factory(budget, model, **params):
         return SnapKVCache(budget=budget, window=params.get("window", 2))
 
-    register_method("mine", description="a test method", factory=factory, params={"window": 2})
     assert "mine" in list_methods()
     assert make_cache("mine", 0.5, window=3).policy.window == 3
-    with pytest.raises(ValueError, match="registered already"):
-        register_method("mine", description="again", factory=factory)
-    register_method("mine", description="again", factory=factory, replace=True)
+    register_method("mine", description="again", params={"window": 2}, replace=True)(factory)
     assert get_method("mine").description == "again"
-
-
-def test_provider_module_registers_its_method_when_first_asked(registry, tmp_path, monkeypatch):
-    (tmp_path / "hc_fake_provider.py").write_text(
-        "from heterocache import register_method\n"
-        "from heterocache import SnapKVCache\n"
-        "register_method('later', description='registered on import', cache_class=SnapKVCache)\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "hc_fake_provider", raising=False)
-    registry.PROVIDERS["later"] = "hc_fake_provider"
-    assert "later" not in registry._REGISTRY
-    assert type(make_cache("later", 0.5)) is SnapKVCache
-    assert "later" in list_methods()
-
-
-def test_missing_provider_is_a_clear_error(registry):
-    registry.PROVIDERS["future"] = "heterocache.no_such_module"
-    assert "future" not in list_methods()
-    with pytest.raises(ValueError, match=r"provided by heterocache\.no_such_module.*register_method\('future'"):
-        make_cache("future", 0.5)
+    with pytest.raises(TypeError, match="decorates a Policy subclass or a cache factory"):
+        register_method("other", description="x")(DynamicCache)
 
 
 def test_heterocache_is_registered_and_takes_a_profile_or_finds_the_models():

@@ -261,7 +261,7 @@ def test_sliding_layers_add_no_host_read_to_the_decode_step_and_the_device_path_
     model.set_attn_implementation("sdpa")
     dynamic = count_decode_steps(model, ids, DynamicCache(config=model.config), steps=6)
     for strategy in ("device", "segments"):
-        monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", strategy)
+        monkeypatch.setenv("HETEROCACHE_DECODE", f"strategy={strategy}")
         model.set_attn_implementation("heterocache")
         for method in ("fullkv", "streamingllm"):
             result = count_decode_steps(model, ids, make_cache(method, 0.5, model), steps=6)

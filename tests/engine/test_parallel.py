@@ -12,7 +12,7 @@ from heterocache import FullKVCache, HeteroCache
 from heterocache._compat import cache_kwarg
 from heterocache.engine.memory import LayerMemory, MemoryReport, merge_reports
 from heterocache.engine.parallel import KVShard, TensorParallelError, kv_head_shard
-from heterocache.methods.heterocache.policy import _ClusterLayout
+from heterocache.methods.heterocache.clusters import ClusterLayout
 from heterocache.profile.testing import toy_profile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,15 +75,15 @@ def test_a_profile_of_another_head_count_is_refused_when_the_shard_is_bound():
 
 
 def test_one_process_decides_and_refills_every_cluster_itself():
-    layout = _ClusterLayout.build({0: [1, 2]}, KVShard.single(4))
+    layout = ClusterLayout.build({0: [1, 2]}, KVShard.single(4))
     assert layout.own == [0] and layout.targets == layout.local == [0, 1]
     assert not layout.exchange and layout.local_src is None
 
 
 def test_a_cluster_across_two_shards_exchanges_its_decisions():
     clusters = {0: [1, 2]}  # pivot 0 and satellite 1 on rank 0, satellite 2 on rank 1
-    rank0 = _ClusterLayout.build(clusters, KVShard.contiguous(0, 2, 4))
-    rank1 = _ClusterLayout.build(clusters, KVShard.contiguous(1, 2, 4))
+    rank0 = ClusterLayout.build(clusters, KVShard.contiguous(0, 2, 4))
+    rank1 = ClusterLayout.build(clusters, KVShard.contiguous(1, 2, 4))
     assert rank0.cross == rank1.cross == [1] and rank0.exchange and rank1.exchange
     # Rank 0 scores the pivot and computes both satellites' refills, sends satellite 2's.
     assert rank0.own == [0] and rank0.targets == [0, 1] and rank0.local == [0]
@@ -94,7 +94,7 @@ def test_a_cluster_across_two_shards_exchanges_its_decisions():
 
 
 def test_a_rank_outside_the_shards_clusters_does_not_exchange():
-    layout = _ClusterLayout.build({0: [1]}, KVShard.contiguous(1, 2, 4))
+    layout = ClusterLayout.build({0: [1]}, KVShard.contiguous(1, 2, 4))
     assert not (layout.own or layout.local or layout.exchange)
 
 

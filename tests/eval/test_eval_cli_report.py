@@ -204,23 +204,49 @@ def test_results_page_compares_a_method_variant_with_its_plain_method_and_the_fu
 
 
 def test_results_page_leaves_a_row_scored_on_fewer_tasks_out_of_the_averages(tmp_path):
-    # a variant run on one of two tasks: its "average" would be over another task set than its neighbours'
+    # rows run on one of two tasks: their "average" would be over another task set than their neighbours'
     cells = [
         _cell(m, b, s, task=t)
         for m, b, t, s in [("dynamic", 1.0, "niah_single", 100.0), ("dynamic", 1.0, "vt", 0.0),
                            ("heterocache", 0.25, "niah_single", 50.0), ("heterocache", 0.25, "vt", 0.0),
-                           ("heterocache:decision_lag=0", 0.25, "niah_single", 100.0)]
+                           ("snapkv", 0.25, "niah_single", 30.0),
+                           ("heterocache:refresh_interval=1", 0.25, "niah_single", 100.0)]
     ]
     results = tmp_path / "results.json"
     write_json(results, cells, {"seed": 0}, {"model": "tiny/model"})
     text = build_report([results], tmp_path / "results.md")
-    average = text.split("### RULER average")[1].split("### niah_single")[0]
+    main, ablations = text.split("## Ablations")
+    average = main.split("### RULER average")[1].split("### niah_single")[0]
     assert "| 1024 | query_aware | heterocache | 25.0 |  | 4 |" in average
     assert "| 1024 | query_aware | dynamic |  | 50.0 | 4 |" in average
-    assert "| 1024 | query_aware | heterocache:decision_lag=0 |" not in average
-    assert "- heterocache:decision_lag=0 at 0.25 (query_aware, 1024): 1 of 2 tasks (niah_single)" in average
+    assert "| 1024 | query_aware | snapkv |" not in average
+    assert "- snapkv at 0.25 (query_aware, 1024): 1 of 2 tasks (niah_single)" in average
     # the per-task table still shows it
-    assert "| 1024 | query_aware | heterocache:decision_lag=0 | 100.0 |" in text.split("### niah_single")[1]
+    assert "| 1024 | query_aware | snapkv | 30.0 |" in main.split("### niah_single")[1]
+    # a method variant is left out of the main tables, and listed likewise under Ablations
+    assert "refresh_interval=1" not in main
+    assert "- heterocache:refresh_interval=1 at 0.25 (query_aware, 1024): 1 of 2 tasks (niah_single)" in ablations
+    assert "| 1024 | query_aware | heterocache:refresh_interval=1 | 100.0 |" in ablations.split("#### niah_single")[1]
+
+
+def test_results_page_puts_method_variants_and_the_hand_written_notes_under_ablations(tmp_path):
+    cells = [_cell(m, b, s) for m, b, s in [("dynamic", 1.0, 90.0), ("heterocache", 0.25, 70.0),
+                                            ("heterocache:kernel=5", 0.25, 60.0)]]
+    results = tmp_path / "run" / "results.json"
+    write_json(results, cells, {"seed": 0}, {"model": "tiny/model"})
+    page = tmp_path / "docs" / "results.md"
+    assert "## Ablations" in build_report([results], page)  # generated variants, no notes
+    notes = tmp_path / "docs" / "results" / "ablations.md"
+    notes.parent.mkdir(parents=True, exist_ok=True)  # the plots are there
+    notes.write_text("### Removed options\n\n- `pooling`: no better\n")
+    text = build_report([results], page)
+    main, ablations = text.split("## Ablations")
+    assert "[Ablations](#ablations)" in main and "kernel=5" not in main
+    assert ablations.index("- `pooling`: no better") < ablations.index("### Method variants on tiny/model")
+    assert "| `heterocache:kernel=5` | 1024 | query_aware | 0.25 | 60.0 | 70.0 | -10.0 | 90.0 | -30.0 |" in ablations
+    plain = [_cell(m, b, s) for m, b, s in [("dynamic", 1.0, 90.0), ("heterocache", 0.25, 70.0)]]
+    write_json(results, plain, {"seed": 0}, {"model": "tiny/model"})
+    assert "- `pooling`: no better" in build_report([results], page)  # the notes stay without variants
 
 
 def test_results_page_compares_heterocache_with_the_best_dynamic_retrieval_method(tmp_path):

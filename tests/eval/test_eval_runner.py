@@ -227,9 +227,9 @@ def test_records_made_with_other_cache_settings_are_not_resumed_over(model, toke
     from heterocache.methods.heterocache import HeteroCache
     from heterocache.profile.testing import toy_profile
 
-    def hetero(turn_refresh):
+    def hetero(**options):
         def make(method, budget, model):
-            return HeteroCache(toy_profile(), budget=budget, turn_refresh=turn_refresh) if method == "hetero" \
+            return HeteroCache(toy_profile(), budget=budget, **options) if method == "hetero" \
                 else factory(method, budget, model)
         return make
 
@@ -238,30 +238,44 @@ def test_records_made_with_other_cache_settings_are_not_resumed_over(model, toke
     small = tiny_model(vocab_size=260, num_hidden_layers=3, hidden_size=128, num_attention_heads=8,
                        num_key_value_heads=4, head_dim=16, max_position_embeddings=4096)  # the toy profile's shape
     config = EvalConfig(**{**GRID, "methods": ("dynamic", "hetero"), "budgets": (0.5,), "num_samples": 1})
-    first = run_eval(small, tokenizer, config, tmp_path, make_cache=hetero("after"), progress=False, plots=False)
+    run = dict(progress=False, plots=False)
+    first = run_eval(small, tokenizer, config, tmp_path, make_cache=hetero(refresh_interval=3), **run)
     settings = {r["method"]: r["settings"] for r in first.records}
     assert settings["dynamic"] == {"cache": "DynamicCache"}
     assert settings["hetero"]["policy"] == "HeteroCachePolicy"
-    assert settings["hetero"]["options"]["turn_refresh"] == "after" and settings["hetero"]["options"]["budget"] == 0.5
+    assert settings["hetero"]["options"]["refresh_interval"] == 3 and settings["hetero"]["options"]["budget"] == 0.5
     assert settings["hetero"]["options"]["profile"]["roles"] == {"anchor": 3, "pivot": 3, "satellite": 4, "volatile": 2}
     with pytest.raises(ValueError, match="other cache settings.*hetero@0.5"):
-        run_eval(small, tokenizer, config, tmp_path, make_cache=hetero("always"), progress=False, plots=False)
-    again = run_eval(small, tokenizer, config, tmp_path, make_cache=hetero("after"), progress=False, plots=False)
+        run_eval(small, tokenizer, config, tmp_path, make_cache=hetero(), **run)
+    again = run_eval(small, tokenizer, config, tmp_path, make_cache=hetero(refresh_interval=3), **run)
     assert again.ran == 0
-    # Records written before an option existed: it counts as its default (the old behaviour) ...
     log = tmp_path / "records.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
-    for r in rows:
-        r["settings"].get("options", {}).pop("summary_memory", None)
-    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert run_eval(small, tokenizer, config, tmp_path, make_cache=hetero("after"), progress=False,
-                    plots=False).ran == 0
+
+    def rewrite_options(change):
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        for r in rows:
+            if "options" in r["settings"]:
+                change(r["settings"]["options"])
+        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # Records written before an option existed: it counts as its default (the old behaviour) ...
+    rewrite_options(lambda options: options.pop("inverse_stability"))
+    assert run_eval(small, tokenizer, config, tmp_path, make_cache=hetero(refresh_interval=3), **run).ran == 0
     # ... so the same records are stale for a cache that sets it otherwise.
     with pytest.raises(ValueError, match="other cache settings"):
-        def host(method, budget, model):
-            return HeteroCache(toy_profile(), budget=budget, turn_refresh="after", turn_reselect="own",
-                               summary_memory="host") if method == "hetero" else factory(method, budget, model)
-        run_eval(small, tokenizer, config, tmp_path, make_cache=host, progress=False, plots=False)
+        run_eval(small, tokenizer, config, tmp_path, make_cache=hetero(refresh_interval=3, inverse_stability=False),
+                 **run)
+    # Records written while a since removed option existed agree at the value whose behaviour was
+    # kept (anchor_offload: on exactly with turn_reselect="own") ...
+    rewrite_options(lambda options: options.update(pooling="avg", turn_window=32, decision_lag=2,
+                                                   anchor_offload=options["turn_reselect"] == "own"))
+    assert run_eval(small, tokenizer, config, tmp_path, make_cache=hetero(refresh_interval=3), **run).ran == 0
+    # ... and describe another cache at any other value.
+    for retired in ({"pooling": "max"}, {"anchor_offload": False}, {"turn_window": 8}):
+        rewrite_options(lambda options: options.update(retired))
+        with pytest.raises(ValueError, match="other cache settings"):
+            run_eval(small, tokenizer, config, tmp_path, make_cache=hetero(refresh_interval=3), **run)
+        rewrite_options(lambda options: options.update(pooling="avg", turn_window=32, anchor_offload=True))
 
 
 def test_pairs_skipped_by_an_earlier_run_stay_explained(tmp_path):

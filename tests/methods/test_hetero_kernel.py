@@ -64,8 +64,14 @@ def test_rows_with_different_auto_kernels_keep_what_each_keeps_alone():
     ids = torch.randint(1, 256, (2, L), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, L, dtype=torch.long)
     mask[1, : L - short] = 0
-    options = dict(budget=0.5, refresh_interval=1, drift_threshold=1.0, decision_lag=0)
-    batch = HeteroCache(toy_profile(), **options, pivot_offload=False)
+    options = dict(budget=0.5, refresh_interval=1, drift_threshold=1.0, pivot_offload=False)
+
+    def cache(**more):
+        made = HeteroCache(toy_profile(), **options, **more)
+        made.policy._decision_lag = 0  # refills at the check: the rows' refills land in the same steps
+        return made
+
+    batch = cache()
     steps = torch.randint(1, 256, (2, 3), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -78,7 +84,7 @@ def test_rows_with_different_auto_kernels_keep_what_each_keeps_alone():
                   **cache_kwarg(model, batch))
     assert batch.stats()["satellite_refills"] > 0
     for row, n in enumerate((L, short)):
-        alone = HeteroCache(toy_profile(), **options, pivot_offload=False)
+        alone = cache()
         with torch.no_grad():
             model(ids[row : row + 1, L - n :], **cache_kwarg(model, alone))
             for t in range(steps.shape[1]):
@@ -87,7 +93,7 @@ def test_rows_with_different_auto_kernels_keep_what_each_keeps_alone():
         got = [[p - shift for p in seg] for seg in _positions(batch, row)]
         assert got == _positions(alone, 0), row
         # "auto" resolved to an int kernel: the same tokens as that kernel given explicitly
-        fixed = HeteroCache(toy_profile(), **options, kernel=kernels[row], pivot_offload=False)
+        fixed = cache(kernel=kernels[row])
         with torch.no_grad():
             model(ids[row : row + 1, L - n :], **cache_kwarg(model, fixed))
             for t in range(steps.shape[1]):

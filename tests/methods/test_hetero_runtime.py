@@ -99,8 +99,8 @@ def test_forced_refresh_refills_satellites_from_host_at_pivot_top_positions():
         expected = scores.topk(n).indices.sort().values
         k, v, pos = store.segment(sat)
         assert torch.equal(pos[:n].long(), expected)  # prompt positions, in order
-        assert torch.equal(k[:n], state.host.k[0, state.host.slot[sat], expected])
-        assert torch.equal(v[:n], state.host.v[0, state.host.slot[sat], expected])
+        k_host, v_host = state.host.segment(state.host.segment_of(0, sat))
+        assert torch.equal(k[:n], k_host[expected]) and torch.equal(v[:n], v_host[expected])
         assert torch.equal(k[n:], before[sat][0][n:])  # decode-appended tokens untouched
         assert torch.equal(pos[n:], before[sat][2][n:])
     for other in (0, 3):  # pivot and anchor untouched
@@ -114,8 +114,7 @@ def _one_layer_setup(query_vec, steps_query, threshold=0.5):
         roles=torch.tensor([[3, 4]]), stability=torch.tensor([[0.3, 0.6]]), budget_ratios=torch.tensor([[0.0, 1.0]]),
         pivots=torch.tensor([[-1, 0]]), model_name="toy/one-layer", num_attention_heads=2, head_dim=8,
     )
-    policy = HeteroCachePolicy(profile=profile, budget=0.75, refresh_interval=4, drift_threshold=threshold,
-                               drift_topk=5)
+    policy = HeteroCachePolicy(profile=profile, budget=0.75, refresh_interval=4, drift_threshold=threshold)
     cache = RaggedCache(policy)
     cache.layers.append(RaggedLayer(0))
     g = torch.Generator().manual_seed(0)
@@ -176,7 +175,7 @@ def test_a_new_turn_is_checked_for_drift_before_its_answer_is_decoded():
     assert checks[False]["drift_checks"] == 0 and checks[False]["refreshes"] == 0
 
 
-def _turn_events(turn_refresh, monkeypatch):
+def _turn_events(monkeypatch):
     """(event, layer store) in order while a question turn follows a prefill: the turn's extend
     attentions and the satellite refills."""
     import heterocache.engine.cache as cache_module
@@ -185,8 +184,7 @@ def _turn_events(turn_refresh, monkeypatch):
     attend = cache_module.extend_attention
     monkeypatch.setattr(cache_module, "extend_attention",
                         lambda store, *a, **k: events.append(("attend", id(store))) or attend(store, *a, **k))
-    cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=1.0, turn_refresh=turn_refresh,
-                        pivot_offload=False)
+    cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=1.0, pivot_offload=False)
     refill = cache.policy._refill
     cache.policy._refill = lambda layer_idx, store, *a: events.append(("refill", id(store))) or refill(
         layer_idx, store, *a)
@@ -198,44 +196,24 @@ def _turn_events(turn_refresh, monkeypatch):
     return events, cache
 
 
-@pytest.mark.parametrize("turn_refresh", ["after", "before"])
-def test_a_new_turn_refreshes_satellites_before_or_after_attending_it(turn_refresh, monkeypatch):
-    events, cache = _turn_events(turn_refresh, monkeypatch)
+def test_a_new_turn_refreshes_satellites_before_attending_it(monkeypatch):
+    events, cache = _turn_events(monkeypatch)
     refilled = {store for kind, store in events if kind == "refill"}
     assert len([e for e in events if e[0] == "attend"]) == 3 and refilled
     for store in refilled:
         order = [kind for kind, s in events if s == store]
-        first_refill, attend = order.index("refill"), order.index("attend")
-        assert (first_refill < attend) == (turn_refresh == "before"), order
+        assert order.index("refill") < order.index("attend"), order
 
 
-def test_refreshing_before_the_turn_picks_what_refreshing_after_it_picks_in_the_first_layer(monkeypatch):
-    # Layer 0's queries do not depend on attention, so both orders make the same choice there.
-    _, after = _turn_events("after", monkeypatch)
-    _, before = _turn_events("before", monkeypatch)
-    sa, sb = after.layers[0].store, before.layers[0].store
-    assert after.stats()["refreshes"] > 0
-    assert torch.equal(sa.pos[: sa.lengths().sum()], sb.pos[: sb.lengths().sum()])
-
-
-def test_always_refreshes_every_pivot_at_a_new_turn_even_without_drift():
+def test_a_new_turn_refreshes_every_pivot_even_without_drift():
     model = toy_model()
     pivots = sum(len(toy_profile().clusters(layer)) for layer in range(3))
-    refreshes = {}
-    for turn_refresh in ("before", "always"):
-        cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=0.0, turn_refresh=turn_refresh,
-                            pivot_offload=False)
-        with torch.no_grad():
-            model(_ids(L=80), **cache_kwarg(model, cache))
-            cache.end_prompt()
-            model(_ids(L=12, seed=3), **cache_kwarg(model, cache))
-        refreshes[turn_refresh] = cache.stats()["refreshes"]
-    assert refreshes == {"before": 0, "always": pivots}
-
-
-def test_turn_refresh_rejects_unknown_orders():
-    with pytest.raises(ValueError, match="turn_refresh"):
-        HeteroCachePolicy(profile=toy_profile(), turn_refresh="during")
+    cache = HeteroCache(toy_profile(), budget=0.5, drift_threshold=0.0, pivot_offload=False)
+    with torch.no_grad():
+        model(_ids(L=80), **cache_kwarg(model, cache))
+        cache.end_prompt()
+        model(_ids(L=12, seed=3), **cache_kwarg(model, cache))
+    assert cache.stats()["refreshes"] == pivots
 
 
 def test_rows_with_different_padding_are_planned_independently():
@@ -334,7 +312,8 @@ def _assert_satellites_match_host_copies(cache: HeteroCache) -> int:
             for row in range(store.num_rows):
                 seg, n = row * store.num_heads + head, int(state.plan[row, head])
                 slots = int(store.start[seg]) + torch.arange(n, device=store.device)
-                k_host, v_host = state.host.gather(row, head, store.pos[slots].cpu())  # no padding: pos = index
+                picks = store.pos[slots].cpu().long()  # no padding: pos = index
+                k_host, v_host = (t[picks] for t in state.host.segment(state.host.segment_of(row, head)))
                 torch.testing.assert_close(store.k[slots].cpu(), k_host, rtol=0, atol=0)
                 torch.testing.assert_close(store.v[slots].cpu(), v_host, rtol=0, atol=0)
                 checked += 1
@@ -353,7 +332,8 @@ def test_refresh_on_every_step_leaves_every_satellite_equal_to_its_host_copy():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_async_refresh_every_step_stress_leaves_no_corruption():
     model = toy_model().cuda()
-    cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0, asynchronous=True)
+    cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0)
+    assert cache.policy._asynchronous
     model.generate(_ids(B=2, L=2000).cuda(), **cache_kwarg(model, cache), max_new_tokens=200, do_sample=False)
     assert cache.stats()["refreshes"] > 100
     assert _assert_satellites_match_host_copies(cache) > 0
@@ -366,8 +346,8 @@ def test_gpu_async_refresh_gives_the_tokens_of_the_synchronous_path():
     ids = _ids(B=2, L=300).cuda()
     outs = []
     for asynchronous in (False, True):
-        cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0,
-                            asynchronous=asynchronous)
+        cache = HeteroCache(toy_profile(), budget=0.5, refresh_interval=1, drift_threshold=1.0)
+        cache.policy._asynchronous = asynchronous  # an internal constant, read at the first host copy
         outs.append(model.generate(ids, **cache_kwarg(model, cache), max_new_tokens=64, do_sample=False))
         assert cache.stats()["refreshes"] > 0
     assert torch.equal(outs[0], outs[1])
@@ -394,10 +374,9 @@ def test_heterocache_refuses_crop_rather_than_keep_stale_drift_state():
     assert not cache.is_croppable
 
 
-@pytest.mark.parametrize("pooling, kept", [("max", [9, 10, 11]), ("avg", [41, 42, 43])])
-def test_max_pooling_keeps_a_peak_with_its_neighbours(pooling, kept):
+def test_average_pooling_prefers_a_plateau_to_a_lone_peak():
     """A lone peak (0.5 at token 10) against a plateau (0.2 at 40..44): averaged over 3 neighbours
-    the plateau wins; max-pooled the peak and both its neighbours score 0.5 and are kept together."""
+    the plateau wins."""
     from heterocache.policy.base import PrefillContext
 
     L, D = 60, 16
@@ -408,19 +387,17 @@ def test_max_pooling_keeps_a_peak_with_its_neighbours(pooling, kept):
     query = torch.zeros(1, 8, L, D)
     query[..., 0] = 1.0
     ctx = PrefillContext(0, query, key, key.clone(), torch.ones(1, L, dtype=torch.bool), scaling=1.0)
-    policy = HeteroCachePolicy(profile=toy_profile(), budget=0.5, kernel=3, pooling=pooling)
+    policy = HeteroCachePolicy(profile=toy_profile(), budget=0.5, kernel=3)
     plan = torch.tensor([[L, 4, 4, 4]])  # three chosen tokens and the protected last one
     mask = policy.select(ctx, plan)
     for head in (1, 2, 3):
-        assert torch.nonzero(mask[0, head]).flatten().tolist() == [*kept, L - 1]
+        assert torch.nonzero(mask[0, head]).flatten().tolist() == [41, 42, 43, L - 1]
 
 
-@pytest.mark.parametrize("options, kept", [(dict(), [10, 59]), (dict(score_window=8), [30, 59]),
-                                             (dict(window=8), [58, 59])])
-def test_score_window_scores_with_more_queries_than_it_keeps(options, kept):
+@pytest.mark.parametrize("options, kept", [(dict(), [10, 59]), (dict(window=8), [58, 59])])
+def test_window_scores_with_the_last_queries_and_keeps_them(options, kept):
     """The last query attends to token 10, the seven before it to token 30. ``window=1`` scores with
-    the last query and keeps 10; ``score_window=8`` sums the eight and keeps 30, still protecting
-    only the last token; ``window=8`` protects the last eight, which use the whole count here."""
+    the last query and keeps 10; ``window=8`` protects the last eight, which use the whole count here."""
     from heterocache.policy.base import PrefillContext
 
     L, D = 60, 16
@@ -434,10 +411,12 @@ def test_score_window_scores_with_more_queries_than_it_keeps(options, kept):
     mask = policy.select(ctx, torch.tensor([[L, 2, 2, 2]]))
     for head in (1, 2, 3):
         assert torch.nonzero(mask[0, head]).flatten().tolist() == kept
-    with pytest.raises(ValueError, match="score_window"):
-        HeteroCachePolicy(profile=toy_profile(), score_window=0)
 
 
-def test_pooling_rejects_an_unknown_mode():
-    with pytest.raises(ValueError, match="pooling"):
-        HeteroCachePolicy(profile=toy_profile(), pooling="median")
+@pytest.mark.parametrize("option", ["score_window", "pooling", "turn_refresh", "drift_topk", "turn_scoring",
+                                    "page_size", "summaries_in_budget", "summary_memory", "summary_drift",
+                                    "asynchronous", "decision_lag", "turn_window", "anchor_offload"])
+def test_removed_options_are_refused(option):
+    """Options removed after their ablations (docs/results.md#ablations) are no longer accepted."""
+    with pytest.raises(TypeError, match=option):
+        HeteroCache(toy_profile(), **{option: None})

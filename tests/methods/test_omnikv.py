@@ -10,10 +10,11 @@ import torch
 from transformers import DynamicCache
 
 from helpers import tiny_model
-from heterocache import FullKVCache, OmniKVCache, OmniKVPolicy, PrefillContext
+from heterocache import FullKVCache, OmniKVCache
 from heterocache._compat import cache_kwarg
 from heterocache.bench.diagnostics import count_decode_steps
-from heterocache.methods.omnikv import scaled_filter_layers
+from heterocache.methods.omnikv import OmniKVPolicy, scaled_filter_layers
+from heterocache.policy.base import PrefillContext
 from heterocache.store.ragged import RaggedKVStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -249,7 +250,7 @@ def test_memory_report_on_device_and_host_by_hand():
 @pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("strategy", ["device", "segments"])
 def test_decode_steps_read_no_device_values_on_the_host(strategy, offload, monkeypatch):
-    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", strategy)
+    monkeypatch.setenv("HETEROCACHE_DECODE", f"strategy={strategy}")
     model = tiny_model("llama", **SHAPE)
     ids = torch.randint(1, 256, (2, 150), generator=torch.Generator().manual_seed(4))
     cache = OmniKVCache(budget=0.2, filter_layers=(1,), dense_after_filter=0, offload=offload)
@@ -306,4 +307,4 @@ def test_offload_on_cuda_reads_the_pinned_context_from_the_device_and_keeps_the_
     logits = {o: torch.stack(model.generate(ids, **cache_kwarg(model, c), **gen).logits) for o, c in caches.items()}
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
     host = caches[True].policy._contexts[2].host
-    assert host.k_rows.mode == "uva" and host.k_rows.sync_gathers == 0 and host.v_rows.sync_gathers == 0
+    assert host.mode == "uva" and host.sync_gathers == 0 and host.k.is_pinned() and host.v.is_pinned()

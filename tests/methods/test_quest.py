@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from helpers import dynamic_reference, tiny_model
-from heterocache import FullKVCache, QuestCache, QuestPolicy
+from heterocache import FullKVCache, QuestCache
 from heterocache._compat import cache_kwarg
 from heterocache.attention.decode import SlotSelection, selected_decode_attention
 from heterocache.bench.diagnostics import count_decode_steps
-from heterocache.methods.quest import PageSummaries
+from heterocache.methods.quest import QuestPolicy
+from heterocache.policy.page_selection import PageSummaries
 from heterocache.store.ragged import RaggedKVStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,7 +70,8 @@ def test_page_scores_are_the_upper_bound_formula_with_the_newest_page_forced_in(
     store, key, keep = _store([10, 3], H=1)
     summaries = PageSummaries.build(store, page_size=4)
     q = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1))  # [S, G, D]
-    scores = summaries.scores(q, store, "max")
+    raw = QuestPolicy().page_scores(q, summaries.kmin, summaries.kmax)
+    scores = summaries.mask(raw, store, "max")
     for s, n in enumerate([10, 3]):
         used = -(-n // 4)
         for p in range(scores.shape[1]):
@@ -171,7 +173,7 @@ def test_memory_report_counts_every_token_and_the_summaries():
 
 @pytest.mark.parametrize("strategy", ["device", "segments"])
 def test_decode_steps_read_no_device_values_on_the_host(strategy, monkeypatch):
-    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", strategy)
+    monkeypatch.setenv("HETEROCACHE_DECODE", f"strategy={strategy}")
     model = tiny_model("llama", **SHAPE)
     ids = torch.randint(1, 256, (2, 150), generator=torch.Generator().manual_seed(4))
     result = count_decode_steps(model, ids, QuestCache(budget=0.2), steps=8)

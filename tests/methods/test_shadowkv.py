@@ -11,12 +11,12 @@ import torch
 from transformers import LlamaConfig
 
 from helpers import dynamic_reference, tiny_model
-from heterocache import FullKVCache, ShadowKVCache, ShadowKVPolicy
+from heterocache import FullKVCache, ShadowKVCache
 from heterocache._compat import cache_kwarg
 from heterocache.attention.decode import selected_decode_attention
 from heterocache.bench.diagnostics import count_decode_steps
 from heterocache.engine.rope import Rotary
-from heterocache.offload.host_rows import HostRows
+from heterocache.methods.shadowkv import ShadowKVPolicy
 from heterocache.policy.base import PrefillContext
 from heterocache.store.ragged import RaggedKVStore
 
@@ -95,7 +95,7 @@ def test_landmarks_are_chunk_means_and_outliers_the_least_similar_chunks():
     assert keep[0, 1].nonzero().flatten().tolist() == [0, 1, 8, 9]
     assert store.lengths().tolist() == [[4, 4]]
     # The other chunks' values are in host memory, chunk after chunk.
-    host = layer.values.host.view(2, 3, 2, 4)
+    host = layer.values.v.view(2, 3, 2, 4)
     assert torch.equal(host[0], value[0, 0, [0, 1, 2, 3, 6, 7]].view(3, 2, 4))
     assert torch.equal(host[1], value[0, 1, [2, 3, 4, 5, 6, 7]].view(3, 2, 4))
 
@@ -300,23 +300,7 @@ def test_select_rows_reorders_the_compressed_rows():
     keys, values, valid = (x[[2, 3, 0, 1, 2, 3]] for x in before)
     torch.testing.assert_close(after[0], keys, rtol=1e-12, atol=1e-12)
     assert torch.equal(after[1], values) and torch.equal(after[2], valid)
-    assert layer.values.shape[0] == 6 * layer.max_candidates
-
-
-def test_host_rows_gather_by_device_indices():
-    rows = torch.randn(10, 6)
-    host = HostRows(rows, torch.device("cpu"))
-    assert host.mode == "cpu" and host.nbytes() == 240
-    assert torch.equal(host.gather(torch.tensor([3, 3, 0, 9])), rows[[3, 3, 0, 9]])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_host_rows_are_read_by_the_device_from_pinned_memory():  # pragma: no cover - GPU only
-    rows = torch.randn(1000, 64, dtype=torch.bfloat16)
-    host = HostRows(rows, torch.device("cuda"))
-    assert host.mode == "uva" and host.host.is_pinned()
-    index = torch.randint(0, 1000, (300,), device="cuda")
-    assert torch.equal(host.gather(index).cpu(), rows[index.cpu()]) and host.sync_gathers == 0
+    assert layer.values.v.shape[0] == 6 * layer.max_candidates and layer.values.k is None
 
 
 # ----------------------------------------------------------------------------- generate()
@@ -391,7 +375,7 @@ def test_memory_report_counts_factors_landmarks_and_exact_tokens_on_device_and_v
 
 @pytest.mark.parametrize("strategy", ["device", "segments"])
 def test_decode_steps_read_no_device_values_on_the_host(strategy, monkeypatch):
-    monkeypatch.setenv("HETEROCACHE_DECODE_STRATEGY", strategy)
+    monkeypatch.setenv("HETEROCACHE_DECODE", f"strategy={strategy}")
     model = tiny_model("llama", **SHAPE)
     ids = torch.randint(1, 256, (2, 150), generator=torch.Generator().manual_seed(4))
     cache = ShadowKVCache(**SMALL)

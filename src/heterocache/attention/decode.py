@@ -164,7 +164,7 @@ def _decode_uniform(store: RaggedKVStore, query: torch.Tensor, scaling: float, p
     k = store.k[: store.num_segments * c].view(B, H, c, D)[:, :, :n]
     v = store.v[: store.num_segments * c].view(B, H, c, D)[:, :, :n]
     # The G query heads of a KV head as G query rows over its keys ([B, H, G, D]): one pass over each
-    # KV head's keys, where SDPA's enable_gqa reads them once per query head (2x slower on CPU).
+    # KV head's keys, where SDPA's enable_gqa reads them once per query head.
     q = query.reshape(B, H, Hq // H, D).to(store.dtype)
     mask = None
     if plan.masked:

@@ -11,18 +11,17 @@ cannot run, the loop-free ``"blocks"`` computation (:mod:`heterocache.attention.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from ..store.ragged import RaggedKVStore
 from . import kernels
+from .kernels.settings import ENV_VAR, decode_setting
 from .kernels.triton_decode import _num_sms, choose_num_splits
 
 #: Environment variable choosing the decode strategy ("auto", "device", "segments", "blocks", "kernel";
 #: "kernel" is "device" under its earlier name, "blocks" the device path's PyTorch half alone).
-STRATEGY_ENV = "HETEROCACHE_DECODE_STRATEGY"
 STRATEGIES = ("auto", "device", "segments", "blocks", "kernel")
 #: Strategies whose plan depends on capacities only (lengths are read on the device).
 _CAPACITY_KEYED = ("device", "kernel", "blocks")
@@ -34,16 +33,16 @@ def resolve_strategy(device: torch.device, strategy: str | None = None) -> str:
     loop-free block-wise PyTorch stand-in, with launch shapes from capacities).
 
     Args:
-        strategy: one of :data:`STRATEGIES`; None reads ``$HETEROCACHE_DECODE_STRATEGY`` (default
+        strategy: one of :data:`STRATEGIES`; None reads ``strategy=`` of ``$HETEROCACHE_DECODE`` (default
             "auto": "segments" on CPU, "device" elsewhere). ``device`` on CPU tensors takes exactly
             the CUDA path, with PyTorch standing in for the kernel (how CI covers it).
 
     Raises:
         ValueError: unknown strategy.
     """
-    name = (strategy if strategy is not None else os.environ.get(STRATEGY_ENV, "auto")).strip().lower() or "auto"
+    name = (strategy if strategy is not None else decode_setting("strategy")).strip().lower() or "auto"
     if name not in STRATEGIES:
-        source = "strategy" if strategy is not None else f"${STRATEGY_ENV}"
+        source = "strategy" if strategy is not None else f"strategy= of ${ENV_VAR}"
         raise ValueError(f"{source} must be one of {STRATEGIES}, got {name!r}")
     if name == "auto":
         return "segments" if torch.device(device).type == "cpu" else "device"

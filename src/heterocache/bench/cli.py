@@ -41,6 +41,9 @@ def register(subparsers) -> None:
                    "checked (and its config read) before anything loads")
     p.add_argument("--methods", type=csv(method_name), default=DEFAULT_METHODS.split(","),
                    help="method registry names, comma-separated (an unknown name lists the known ones)")
+    p.add_argument("--methods-from", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="a module or .py file that registers methods of your own (@heterocache.register_method); "
+                   "repeatable")
     p.add_argument("--budgets", type=csv(bounded(float, 0, 1, low_open=True)), default=[0.25],
                    help="kept fractions of the prompt KV, in (0, 1], for the compressing methods")
     p.add_argument("--lengths", type=csv(bounded(int, 1)), default=[2048, 4096], help="prompt tokens")
@@ -98,13 +101,14 @@ def _main(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: {err} (or pass --no-plot)") from None
     import torch
 
-    from ..cli._preflight import check_method_options
+    from ..cli._preflight import check_method_options, import_method_modules
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.max_batch and device.type != "cuda":
         raise UsageError(f"argument --max-batch: {_MAX_BATCH_NEEDS_CUDA}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"argument --device: {args.device}: torch finds no CUDA device")
+    import_method_modules(args.methods_from)
     check_method_options(args.methods, args.budgets, getattr(args, "profiles", None))
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,6 +10,7 @@ import torch
 from transformers import Cache, DynamicCache
 
 from .._compat import cache_kwarg
+from ..engine.cache import RaggedCache
 
 
 def kv_bytes(cache: Cache) -> int:
@@ -94,7 +95,7 @@ def measure_decode(
             times.append(time.perf_counter() - t)
         generated.append(token)
     median = statistics.median(times)
-    stats = cache.stats() if callable(getattr(cache, "stats", None)) else {}
+    stats = cache.stats() if isinstance(cache, RaggedCache) else {}
     return {
         "prompt_tokens": int(input_ids.shape[1]),
         "batch": int(token.shape[0]),

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 from .._version import __version__
-from ._argparse import ArgumentParser, HelpFormatter, dispatch
+from ._argparse import ArgumentParser, HelpFormatter, dispatch, note_method_modules
 
 # Feature modules that contribute sub-commands, in help order.
 _COMMAND_MODULES = (
@@ -39,4 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    note_method_modules(argv)
     return dispatch(build_parser().parse_args(argv))

@@ -125,6 +125,22 @@ def text_value(value) -> str:
     return str(value)
 
 
+#: What ``--methods-from`` names on this command line (found by :func:`note_method_modules` before
+#: parsing): modules or files that register methods of their own, which the built-in table cannot know.
+METHOD_MODULES: list[str] = []
+
+
+def note_method_modules(argv: list[str]) -> None:
+    """Remember the ``--methods-from`` values of ``argv``, so that :func:`method_name` lets a name
+    it does not know through (the command checks it with the registry once they are imported)."""
+    METHOD_MODULES.clear()
+    for i, word in enumerate(argv):
+        if word == "--methods-from" and i + 1 < len(argv):
+            METHOD_MODULES.append(argv[i + 1])
+        elif word.startswith("--methods-from="):
+            METHOD_MODULES.append(word.partition("=")[2])
+
+
 def method_name(text: str) -> str:
     """An argparse ``type``: the registry name of a KV-cache method (aliases resolved; options
     as ``name:key=value:...`` kept, see ``heterocache.engine.registry.parse_method_spec``), or an
@@ -134,8 +150,10 @@ def method_name(text: str) -> str:
     Raises:
         ModuleNotFoundError: this build has no ``heterocache.engine.registry`` (``err.name`` says so).
     """
-    from .._method_names import parse_method_spec
+    from .._method_names import METHODS, canonical_name, parse_method_spec
 
+    if METHOD_MODULES and canonical_name(text.split(":")[0]) not in METHODS:
+        return text.strip()  # a method of a --methods-from module: checked once that is imported
     try:
         name, params = parse_method_spec(text)
     except (ValueError, TypeError) as err:

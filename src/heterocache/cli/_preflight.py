@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,9 +215,9 @@ def check_heterocache_profiles(methods, model: ModelSpec, profile: str | None = 
 
     found: dict[str, Path | None] = {}
     for spec in methods:
+        if spec.split(":")[0].strip().lower() != "heterocache":
+            continue  # (a --methods-from method is not in the built-in table)
         name, params = parse_method_spec(spec)
-        if name != "heterocache":
-            continue
         hint = ""
         if profile is not None:
             path, option = resolve_profile(profile, profile_option), profile_option
@@ -235,6 +236,32 @@ def check_heterocache_profiles(methods, model: ModelSpec, profile: str | None = 
 
 
 # ------------------------------------------------------------------------- after importing torch
+def import_method_modules(modules, option: str = "--methods-from") -> None:
+    """Import the modules (dotted names) or Python files that register a user's own methods
+    (``@heterocache.register_method``), so that ``--methods`` can name them.
+
+    Raises:
+        UsageError: a file that does not exist, or a module that cannot be imported.
+    """
+    import importlib
+    import importlib.util
+
+    for name in modules:
+        path = Path(name)
+        try:
+            if name.endswith(".py"):
+                if not path.is_file():
+                    raise UsageError(f"argument {option}: {name}: no such file")
+                spec = importlib.util.spec_from_file_location(f"heterocache_user_methods_{path.stem}", path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(name)
+        except ImportError as err:
+            raise UsageError(f"argument {option}: {name}: {err}") from None
+
+
 def check_method_options(methods, budgets, profiles: dict[str, Path | None] | None = None,
                          option: str = "--methods") -> None:
     """Refuse option values a method's own code rejects (``snapkv:pooling=median``,
@@ -252,7 +279,10 @@ def check_method_options(methods, budgets, profiles: dict[str, Path | None] | No
     except ModuleNotFoundError:
         InfeasibleBudgetError = ()  # noqa: N806  (no HeteroCache in this build: nothing to tolerate)
     for spec in methods:
-        name, params = parse_method_spec(spec)
+        try:  # a --methods-from method is known only now
+            name, params = parse_method_spec(spec)
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"argument {option}: {err}") from None
         method = get_method(name)
         if method.policy_class is None:
             continue

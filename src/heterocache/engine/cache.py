@@ -461,6 +461,15 @@ class RaggedCache(PromptPieces, Cache):
         """
         return build_memory_report(self, aggregate=aggregate)
 
+    def stats(self, aggregate: bool = False) -> dict:
+        """The method's counters (refreshes, drift checks, bytes moved, ...) as plain values; empty
+        for methods that keep none (HeteroCache's cache overrides this).
+
+        Args:
+            aggregate: under tensor parallelism, the whole model's numbers (a collective).
+        """
+        return {}
+
     @property
     def kv_heads(self) -> range | None:
         """Global indices of the KV heads this process stores (None before the first prefill)."""

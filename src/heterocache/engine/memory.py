@@ -155,10 +155,10 @@ def build_memory_report(cache, aggregate: bool = False) -> MemoryReport:
             call it); a no-op without sharding.
     """
     report = MemoryReport()
-    host_by_layer = getattr(cache.policy, "host_bytes_per_layer", lambda: {})()
+    host_by_layer = cache.policy.host_bytes_per_layer()
     # Device tensors a policy keeps beside the store (e.g. Quest's page summaries).
-    extra_by_layer = getattr(cache.policy, "device_extra_bytes_per_layer", lambda: {})()
-    shard = getattr(cache, "kv_shard", None)
+    extra_by_layer = cache.policy.device_extra_bytes_per_layer()
+    shard = cache.kv_shard
     for layer in cache.layers:
         store = layer.store
         if store is None:
@@ -167,11 +167,11 @@ def build_memory_report(cache, aggregate: bool = False) -> MemoryReport:
                 report.layers.append(_open_prompt_memory(layer, prompt, shard))
             continue
         elt = store.k.element_size()
-        window = getattr(layer, "sliding_window", None)
+        window = layer.sliding_window
         # A sliding layer in a DynamicCache (DynamicSlidingWindowLayer) keeps its W - 1 newest tokens.
         tokens = layer.seen if window is None else min(layer.seen, window - 1)
         dynamic = store.num_rows * store.num_heads * tokens * store.head_dim * elt * 2
-        idx = getattr(layer, "policy_idx", layer.layer_idx)  # what the policy calls the layer
+        idx = layer.policy_idx  # what the policy calls the layer
         if window is None:
             roles = cache.policy.head_roles(idx, store.num_heads)
         else:

@@ -1,4 +1,6 @@
-"""Every KV-cache method by name, on the same engine: the registry the evaluation harness uses.
+"""Every KV-cache method by name, on the same engine: the one list that ``make_cache``,
+``list_methods``, the command line, the evaluation harness, the README's method table and the tests
+read.
 
 ::
 
@@ -10,14 +12,20 @@
     model.generate(**inputs, cache=cache)                # past_key_values= before transformers 5.24
     make_cache("h2o", None, model, budget_tokens=512)    # an absolute budget: 512 tokens per head
 
-Each method is a module of :mod:`heterocache.methods` (its policy dataclass and a convenience
-cache class, ``StreamingLLMCache(budget=0.25)``, ...) that registers itself here with
-``register_method``; the registry imports :mod:`heterocache.methods` (all of them, in order) the
-first time it is asked for a method, and registers transformers' own cache ("dynamic") itself.
-``budget`` is the fraction of the prompt KV kept, in (0, 1] (kvpress's ``compression_ratio`` is
-``1 - budget``); ``budget_tokens`` keeps an absolute number of prompt tokens per head instead.
-Methods defined elsewhere register themselves with ``register_method``, or are imported when first
-asked for (``PROVIDERS``).
+A method is one module of :mod:`heterocache.methods` (or a user's own file): a policy dataclass
+registered with the :func:`register_method` decorator, which also makes its cache class
+(``SnapKVPolicy`` -> ``SnapKVCache(budget=0.25, **options)``)::
+
+    @register_method("keynorm", description="keep the keys of lowest L2 norm", paper="https://arxiv.org/abs/2406.11430")
+    @dataclass
+    class KeyNormPolicy(ScorerPolicy):
+        def score(self, ctx):
+            return -ctx.key.float().norm(dim=-1)
+
+The registry imports :mod:`heterocache.methods` (all of them, in order) the first time it is asked
+for a method, and registers transformers' own cache ("dynamic") itself. ``budget`` is the fraction
+of the prompt KV kept, in (0, 1] (kvpress's ``compression_ratio`` is ``1 - budget``);
+``budget_tokens`` keeps an absolute number of prompt tokens per head instead.
 """
 
 from __future__ import annotations
@@ -32,10 +40,11 @@ from typing import Any
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from .._method_names import ALIASES, PROVIDERS, parse_options
+from .._method_names import ALIASES, parse_options
 from .._method_names import canonical_name as _canonical_name
+from ..policy.base import Policy
 from .architectures import check_architecture
-from .cache import RaggedCache
+from .cache import PolicyCache, RaggedCache
 from .integration import ATTENTION_NAME
 
 __all__ = [
@@ -45,6 +54,7 @@ __all__ = [
     "list_methods",
     "make_cache",
     "parse_method_spec",
+    "policy_cache_class",
     "register_method",
 ]
 
@@ -68,6 +78,7 @@ class Method:
         uses_budget: False for the uncompressed methods (they ignore the budget).
         needs_heterocache_attention: the cache is a ragged cache that only the ``heterocache``
             attention reads.
+        paper: a link to the method's paper (None for the engine's own references).
     """
 
     name: str
@@ -78,15 +89,27 @@ class Method:
     params: Mapping[str, Any] = field(default_factory=dict)
     uses_budget: bool = True
     needs_heterocache_attention: bool = True
+    paper: str | None = None
+
+    @property
+    def builtin(self) -> bool:
+        """Whether the method is one of the package's own (not a user's registered one)."""
+        defined_by = self.policy_class if self.policy_class is not None else self.factory
+        return getattr(defined_by, "__module__", "").startswith("heterocache.")
+
+    @property
+    def selects_per_step(self) -> bool:
+        """Whether the method chooses, at every decode step, what attention reads (dynamic retrieval)."""
+        return self.policy_class is not None and self.policy_class.selects_per_step
 
 
 _REGISTRY: dict[str, Method] = {}
 
-# ALIASES (other names accepted for a method), DEPRECATED_ALIASES (those that warn) and PROVIDERS
-# (methods registered by a module of their own when that module is imported, lazily, on demand) are
-# shared with the command line's torch-free check of method names (heterocache._method_names).
+# ALIASES (other names accepted for a method) and DEPRECATED_ALIASES (those that warn) are shared
+# with the command line's torch-free check of method names (heterocache._method_names).
 
-_ENGINE_PARAMS = {"block_size": 64, "reserve": 128, "prefill": "exact"}
+#: The engine's own parameters, which every ragged cache takes besides its policy's.
+ENGINE_PARAMS = {"block_size": 64, "reserve": 128, "prefill": "exact"}
 
 
 def _policy_params(policy_class: type) -> dict[str, Any]:
@@ -98,62 +121,130 @@ def _policy_params(policy_class: type) -> dict[str, Any]:
     return out
 
 
+def _budget_default(policy_class: type) -> float | None:
+    for f in dataclasses.fields(policy_class):
+        if f.name == "budget":
+            return f.default if f.default is not dataclasses.MISSING else None
+    return None
+
+
+def policy_cache_class(policy_class: type, *, uses_budget: bool = True, name: str | None = None) -> type:
+    """The cache class of a policy: a ``PolicyCache`` subclass named after it (``SnapKVPolicy`` ->
+    ``SnapKVCache``) whose ``__init__(budget=<the policy's default>, block_size=64, reserve=128,
+    prefill="exact", **options)`` builds the policy from its options (``budget`` left out when not ``uses_budget``).
+    What :func:`register_method` makes for every policy it registers."""
+    name = name or policy_class.__name__.removesuffix("Policy") + "Cache"
+    budget_default = _budget_default(policy_class)
+
+    if uses_budget:
+        def __init__(self, budget=budget_default, block_size: int = 64, reserve: int = 128, prefill: str = "exact",
+                     **options):
+            RaggedCache.__init__(self, policy_class(budget=budget, **options), block_size, reserve, prefill)
+        budget_doc = (f"        budget: fraction of the prompt KV kept, in (0, 1] (default {budget_default}).\n")
+    else:
+        def __init__(self, block_size: int = 64, reserve: int = 128, prefill: str = "exact", **options):
+            RaggedCache.__init__(self, policy_class(**options), block_size, reserve, prefill)
+        budget_doc = ""
+    summary = (policy_class.__doc__ or policy_class.__name__).strip().splitlines()[0]
+    doc = (f"{summary}\n\nThe cache of :class:`{policy_class.__module__}.{policy_class.__name__}`.\n\n"
+           f"    Args:\n{budget_doc}"
+           "        block_size, reserve: store layout (see ``RaggedCache``).\n"
+           "        prefill: \"exact\" or \"bounded\", how a prompt in pieces is compressed (see ``RaggedCache``).\n"
+           f"        **options: the policy's options (see ``{policy_class.__name__}``).\n")
+    __init__.__qualname__ = f"{name}.__init__"
+    return type(name, (PolicyCache,), {
+        "__init__": __init__, "__doc__": doc, "__module__": policy_class.__module__, "__qualname__": name,
+        "policy_class": policy_class,
+    })
+
+
 def register_method(
     name: str,
     *,
     description: str,
-    cache_class: type | None = None,
-    policy_class: type | None = None,
-    factory: Callable[..., Cache] | None = None,
-    params: Mapping[str, Any] | None = None,
+    paper: str | None = None,
     uses_budget: bool = True,
     needs_heterocache_attention: bool = True,
+    policy_class: type | None = None,
+    cache_class: type | None = None,
+    params: Mapping[str, Any] | None = None,
     replace: bool = False,
-) -> Method:
-    """Add a method to the registry (what the HeteroCache runtime calls to appear under its name).
+) -> Callable:
+    """Class decorator that adds a method to the registry under ``name``.
+
+    Decorate a ``Policy`` dataclass (the usual case): its cache class is made from it
+    (:func:`policy_cache_class`, also set as ``policy.cache_class``), its fields other than
+    ``budget`` become the method's parameters, and ``make_cache(name, budget, model, **options)``,
+    the command line (``--methods NAME``) and the evaluation harness find it. Or decorate a factory
+    ``factory(budget, model, **params) -> Cache`` for a cache that needs more than its options
+    (HeteroCache finds its profile from the model), giving ``policy_class``/``cache_class`` for
+    the listing.
 
     Args:
         name: registry name (case-insensitive).
         description: one line.
-        cache_class: a cache class taking ``budget=`` (when ``uses_budget``) and ``params`` as keyword
-            arguments; used when no ``factory`` is given.
-        policy_class: the policy dataclass (its fields other than ``budget`` become the listed
-            parameters when ``params`` is not given).
-        factory: ``factory(budget, model, **params) -> Cache``; overrides ``cache_class``.
-        params: parameter name -> default, for listings and to reject unknown parameters.
-        uses_budget: False if the method ignores the budget.
+        paper: a link to the method's paper.
+        uses_budget: False if the method ignores the budget (its cache then takes no ``budget``).
         needs_heterocache_attention: whether the model must use the ``heterocache`` attention.
-        replace: allow replacing an existing entry.
+        policy_class, cache_class: with a factory: the classes behind it.
+        params: parameter name -> default (default: the policy's fields, plus ``block_size``,
+            ``reserve`` and ``prefill`` for ragged caches).
+        replace: allow replacing an existing entry (the same definition run again, from the same
+            module and qualified name, always replaces it).
 
     Returns:
-        the registered ``Method``.
+        the decorator, which returns what it decorates unchanged (a policy gains ``cache_class``).
+
+    Raises:
+        ValueError: ``name`` is registered already (without ``replace``) or is an alias.
+        TypeError: what is decorated is neither a ``Policy`` subclass nor callable.
     """
-    _load_builtins()  # the built-in methods first: they keep their names and places in the listing
     key = name.lower()
-    if key in _REGISTRY and not replace:
-        raise ValueError(f"method {key!r} is registered already (pass replace=True to replace it)")
-    if key in ALIASES:
-        raise ValueError(f"{key!r} is an alias of {ALIASES[key]!r}")
-    if factory is None:
-        if cache_class is None:
-            raise TypeError("register_method needs a factory or a cache_class")
-        factory = _class_factory(cache_class, uses_budget)
-    if params is None:
-        params = _policy_params(policy_class) if policy_class is not None else {}
-    if needs_heterocache_attention and cache_class is not None and issubclass(cache_class, RaggedCache):
-        params = {**params, **_ENGINE_PARAMS}
-    method = Method(
-        name=key,
-        description=description,
-        factory=factory,
-        cache_class=cache_class,
-        policy_class=policy_class,
-        params=MappingProxyType(dict(params)),
-        uses_budget=uses_budget,
-        needs_heterocache_attention=needs_heterocache_attention,
-    )
-    _REGISTRY[key] = method
-    return method
+
+    def decorate(obj):
+        _load_builtins()  # the built-in methods first: they keep their names and places in the listing
+        if key in _REGISTRY and not (replace or _same_definition(_REGISTRY[key], obj)):
+            raise ValueError(f"method {key!r} is registered already (pass replace=True to replace it)")
+        if key in ALIASES:
+            raise ValueError(f"{key!r} is an alias of {ALIASES[key]!r}")
+        policy, cache = policy_class, cache_class
+        if isinstance(obj, type) and issubclass(obj, Policy):
+            policy = obj
+            cache = cache or policy_cache_class(policy, uses_budget=uses_budget)
+            policy.name, policy.cache_class = key, cache
+            factory = _class_factory(cache, uses_budget)
+        elif callable(obj) and not isinstance(obj, type):
+            factory = obj
+        else:
+            raise TypeError(f"register_method decorates a Policy subclass or a cache factory, got {obj!r}")
+        listed = params
+        if listed is None:
+            listed = _policy_params(policy) if policy is not None else {}
+            if needs_heterocache_attention and (policy is not None or
+                                                (cache is not None and issubclass(cache, RaggedCache))):
+                listed = {**listed, **ENGINE_PARAMS}
+        _REGISTRY[key] = Method(
+            name=key,
+            description=description,
+            factory=factory,
+            cache_class=cache,
+            policy_class=policy,
+            params=MappingProxyType(dict(listed)),
+            uses_budget=uses_budget,
+            needs_heterocache_attention=needs_heterocache_attention,
+            paper=paper,
+        )
+        return obj
+
+    return decorate
+
+
+def _same_definition(method: Method, obj) -> bool:
+    """Whether ``obj`` is the registered definition run again (a re-imported file, a notebook
+    cell run twice): same module and qualified name. Then it replaces the entry quietly."""
+    old = method.policy_class if isinstance(obj, type) else method.factory
+    return old is not None and (getattr(old, "__module__", None), getattr(old, "__qualname__", None)) == (
+        getattr(obj, "__module__", None), getattr(obj, "__qualname__", None))
 
 
 def _class_factory(cache_class: type, uses_budget: bool) -> Callable[..., Cache]:
@@ -176,19 +267,6 @@ def _load_builtins() -> None:
             raise
 
 
-def _load_provider(key: str) -> None:
-    """Import the module that registers ``key`` (if any and not registered yet); a provider that
-    does not exist yet is not an error, a broken one is."""
-    module = PROVIDERS.get(key)
-    if module is None or key in _REGISTRY:
-        return
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name is None or not (module == err.name or module.startswith(err.name + ".")):
-            raise
-
-
 def _canonical(method: str) -> str:
     return _canonical_name(method, stacklevel=4)
 
@@ -201,43 +279,38 @@ def get_method(method: str) -> Method:
     """
     key = _canonical(method)
     _load_builtins()
-    _load_provider(key)
     if key in _REGISTRY:
         return _REGISTRY[key]
-    if key in PROVIDERS:
-        raise ValueError(
-            f"method {method!r} is provided by {PROVIDERS[key]}, which is not available or did not register it "
-            f"(it should call heterocache.register_method({key!r}, ...)); "
-            f"available methods: {', '.join(_REGISTRY)}"
-        )
-    known = [*_REGISTRY, *(p for p in PROVIDERS if p not in _REGISTRY)]
-    raise ValueError(f"unknown method {method!r}; known methods: {', '.join(known)}")
+    raise ValueError(f"unknown method {method!r}; known methods: {', '.join(_REGISTRY)}")
 
 
 def list_methods() -> list[str]:
-    """Names of the available methods, in registration order (providers loaded when available)."""
+    """Names of the available methods, in registration order."""
     _load_builtins()
-    for key in PROVIDERS:
-        _load_provider(key)
     return list(_REGISTRY)
 
 
-def describe_methods() -> str:
-    """A Markdown table of the methods: name, cache class, parameters with defaults, description."""
+def describe_methods(builtin_only: bool = False) -> str:
+    """A Markdown table of the methods: name, cache class, parameters with defaults, description
+    with the paper's link (the README's method table is this with ``builtin_only``, checked by a
+    test)."""
     lines = ["| method | cache class | parameters (defaults) | description |", "|---|---|---|---|"]
     for key in list_methods():
+        if builtin_only and not _REGISTRY[key].builtin:
+            continue
         m = _REGISTRY[key]
-        params = ", ".join(f"`{k}={v!r}`" for k, v in m.params.items() if k not in _ENGINE_PARAMS) or "-"
+        params = ", ".join(f"`{k}={v!r}`" for k, v in m.params.items() if k not in ENGINE_PARAMS) or "-"
         budget = "`budget`, " if m.uses_budget else ""
         cls = f"`{m.cache_class.__name__}`" if m.cache_class is not None else "-"
-        lines.append(f"| `{key}` | {cls} | {budget}{params} | {m.description} |")
+        about = f"{m.description} ([paper]({m.paper}))" if m.paper else m.description
+        lines.append(f"| `{key}` | {cls} | {budget}{params} | {about} |")
     return "\n".join(lines)
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """A method with options in one string, as the evaluation grid names it:
     ``"name"`` or ``"name:key=value:key=value"``, e.g.
-    ``"heterocache:turn_reselect=own:summary_memory=host"`` (values: ``true``/``false``, ``none``,
+    ``"heterocache:turn_reselect=pivot:refresh_interval=2"`` (values: ``true``/``false``, ``none``,
     numbers, else text). The whole string is the method's name in records and reports.
 
     Returns:

@@ -141,12 +141,46 @@ def option_defaults(cache) -> dict:
     return out
 
 
+def _anchor_offload_default(options: dict) -> bool:
+    """HeteroCache's retired ``anchor_offload`` as its default resolved: on exactly when a new turn
+    re-chose the anchors (``turn_reselect="own"``, which needs ``offload``); now always so."""
+    return options.get("offload", True) and options.get("turn_reselect", "own") == "own"
+
+
+#: Options a policy no longer has (by policy class), with the value that gave the behaviour kept
+#: (a callable: computed from the record's other options). A record made when the option existed
+#: describes the current cache only if it used that value (docs/results.md#ablations).
+RETIRED_OPTIONS: dict[str, dict[str, object]] = {
+    "HeteroCachePolicy": {
+        "score_window": None,
+        "pooling": "avg",
+        "turn_refresh": "always",
+        "drift_topk": None,
+        "turn_scoring": "keys",
+        "page_size": 16,
+        "summaries_in_budget": True,
+        "summary_memory": "device",
+        "summary_drift": False,
+        "asynchronous": True,
+        "decision_lag": 2,
+        "turn_window": 32,
+        "anchor_offload": _anchor_offload_default,
+    },
+}
+
+
 def settings_agree(recorded: dict, current: dict, defaults: dict) -> bool:
     """Whether a record's ``cache_settings`` describe the current cache. An option the record
     lacks counts as its default (``defaults``): an option added to a policy later, at the value
-    that keeps the old behaviour, does not make the records before it stale."""
+    that keeps the old behaviour, does not make the records before it stale. An option the policy
+    no longer has (:data:`RETIRED_OPTIONS`) agrees only at the value whose behaviour was kept."""
     if {k: v for k, v in recorded.items() if k != "options"} != {k: v for k, v in current.items() if k != "options"}:
         return False
-    old, new = recorded.get("options", {}), current.get("options", {})
+    old, new = dict(recorded.get("options", {})), current.get("options", {})
+    for name, kept in RETIRED_OPTIONS.get(recorded.get("policy"), {}).items():
+        if name in old and name not in new:
+            value = old.pop(name)
+            if value != (kept(old) if callable(kept) else kept):
+                return False
     missing = object()
     return all(old.get(k, defaults.get(k, missing)) == new.get(k, defaults.get(k, missing)) for k in {*old, *new})

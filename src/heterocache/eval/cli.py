@@ -65,6 +65,9 @@ def register(subparsers) -> None:
         help="comma-separated method registry names; 'dynamic' (transformers' DynamicCache) is the "
         "uncompressed reference (old name: full)",
     )
+    p.add_argument("--methods-from", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="a module or .py file that registers methods of your own (@heterocache.register_method); "
+                   "repeatable")
     p.add_argument(
         "--budgets",
         type=_csv(bounded(float, 0, 1, low_open=True)),
@@ -258,10 +261,11 @@ def run_command(args: argparse.Namespace) -> int:
             require_matplotlib("the eval plots")  # fail now, not after the grid ran
         except MissingExtraError as err:
             raise SystemExit(f"heterocache eval: error: {err} (or pass --no-plots)") from None
-    from ..cli._preflight import check_method_options
+    from ..cli._preflight import check_method_options, import_method_modules
     from .fidelity import FidelityConfig
     from .runner import run_eval
 
+    import_method_modules(args.methods_from)
     try:
         fidelity = None
         if args.fidelity:

@@ -8,6 +8,11 @@ Usage::
 
 Plots are redrawn from the JSON into ``<out folder>/results/<run>/`` (``docs/results/...``), so
 the page never depends on files outside ``docs/``. Do not edit the generated page by hand.
+
+The main tables hold one row per method; method variants (a method with options,
+``name:key=value``) go to the page's "Ablations" section, after the hand-written notes of
+``<out folder>/results/ablations.md`` (ablations measured outside the evaluation grid, options
+since removed) when that file exists.
 """
 
 from __future__ import annotations
@@ -35,8 +40,12 @@ metric × 100). Budget = fraction of the prompt KV cache kept in fast memory (kv
 `compression_ratio` is 1 − budget); full-cache methods are listed under budget 1. *query_aware*: the question is part of the prefilled prompt;
 *query_agnostic*: the context is prefilled and compressed before the question arrives.
 Fidelity: teacher-forced decoding after P prefill tokens; mean KL(full ‖ method) in nats and top-1
-agreement with the full cache.
+agreement with the full cache. Method variants (a method with options, `name:key=value`) are under
+[Ablations](#ablations).
 """  # noqa: E501  (the generated page's text, unchanged)
+
+#: The hand-written part of the Ablations section, relative to the page's folder.
+ABLATION_NOTES = Path("results") / "ablations.md"
 
 PLACEHOLDER = """
 No results yet. Produce them with, for example:
@@ -84,7 +93,7 @@ def ruler_average(cells: list[dict]) -> tuple[list[dict], list[str]]:
     A mean is taken only where a group has the whole task set of its (length, mode) (the widest
     any group there has): a group scored on fewer tasks (a grid row run on a subset) is left out,
     since its mean would be over other tasks than its neighbours' yet read as comparable. Returns
-    the means and one line per group left out (method, budget, the tasks it has)."""
+    the means and, per group left out, its method and a line (method, budget, the tasks it has)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for c in cells:
         if c["task"] in GROUPS["ruler"] and "score" in c:
@@ -97,8 +106,8 @@ def ruler_average(cells: list[dict]) -> tuple[list[dict], list[str]]:
     means, partial = [], []
     for k, v in groups.items():
         if have[k] != tasks[k[:2]]:
-            partial.append(f"{k[2]} at {k[3]:g} ({k[1]}, {k[0]}): {len(have[k])} of {len(tasks[k[:2]])} tasks "
-                           f"({', '.join(sorted(have[k]))})")
+            partial.append((k[2], f"{k[2]} at {k[3]:g} ({k[1]}, {k[0]}): {len(have[k])} of {len(tasks[k[:2]])} "
+                                  f"tasks ({', '.join(sorted(have[k]))})"))
             continue
         means.append(dict(
             task="ruler (mean)",
@@ -122,7 +131,7 @@ def selects_per_step(method: str) -> bool:
         entry = get_method(method.split(":")[0])
     except ValueError:
         return False
-    return bool(getattr(entry.policy_class, "selects_per_step", False))
+    return entry.selects_per_step
 
 
 def quest_budget_table(records: list[dict] | None) -> str:
@@ -224,6 +233,11 @@ def variant_table(avg: list[dict], records: list[dict] | None = None) -> str:
     return "\n".join(lines) if variants else ""
 
 
+def is_variant(method: str) -> bool:
+    """Whether ``method`` is a method variant: a registry spec with options (``"name:key=value"``)."""
+    return ":" in method
+
+
 def _samples_line(cells: list[dict], config: dict) -> str:
     """Seed, samples per cell as actually aggregated (a grid grown over several runs may be uneven),
     and the chat-template setting."""
@@ -238,8 +252,9 @@ def _samples_line(cells: list[dict], config: dict) -> str:
     return f"Seed {config.get('seed')}, {per_cell}, chat template: {template}."
 
 
-def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> str:
-    """Markdown for one ``results.json``; its plots are drawn into ``img_dir``."""
+def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> tuple[str, str]:
+    """Markdown for one ``results.json``: its main part (one row per method) and its part of the
+    Ablations section (the method variants; empty without any). Its plots are drawn into ``img_dir``."""
     cells, config, meta = load_cells(results_path)
     name = meta.get("model") or results_path.parent.name
     images = plot.plot_all(cells, img_dir, title=name)
@@ -257,14 +272,15 @@ def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> str:
         out += ["Not run (the method cannot meet the budget):", ""]
         out += [f"- {s['method']} at {s['budget']:g}: {s['reason']}" for s in skipped] + [""]
     avg, partial = ruler_average(cells)
+    plain_avg = [c for c in avg if not is_variant(c["method"])]
+    ablations = [f"### Method variants on {name}", "", f"*source: `{results_path}`*", ""]
     if avg:
         tasks_present = sorted({c["task"] for c in cells if c["task"] in GROUPS["ruler"]})
-        out += [f"### RULER average ({', '.join(tasks_present)})", "", markdown_table(avg, "score"), ""]
-        if partial:
-            out += ["Not averaged (scored on fewer tasks than the rest; see the per-task tables):", ""]
-            out += [f"- {line}" for line in partial] + [""]
+        average_title = f"RULER average ({', '.join(tasks_present)})"
+        out += [f"### {average_title}", "", markdown_table(plain_avg, "score"), ""]
+        out += _partial_lines([p for p in partial if not is_variant(p[0])])
         records = _records_next_to(results_path)
-        comparison = comparison_table(avg, records=records)
+        comparison = comparison_table(plain_avg, records=records)
         if comparison:
             out += ["### HeteroCache against the full cache and the best other method (RULER average)", ""]
             if records is not None:
@@ -274,7 +290,7 @@ def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> str:
                     "",
                 ]
             out += [comparison, ""]
-        retrieval = comparison_table(avg, records=records, among=selects_per_step,
+        retrieval = comparison_table(plain_avg, records=records, among=selects_per_step,
                                      label="best dynamic-retrieval method")
         if retrieval:
             out += ["### HeteroCache against the best dynamic-retrieval method (RULER average)", "",
@@ -290,34 +306,56 @@ def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> str:
                     quest, ""]
         variants = variant_table(avg, records)
         if variants:
-            out += ["### Method variants against their plain method and the full cache (RULER average)", "",
-                    "A variant is a method with options (`name:key=value:...`, as `--methods` takes it). The "
-                    "plain and full columns are those cells' own means (over all their samples); the "
-                    "differences are paired over the samples both scored.", "",
-                    variants, ""]
+            ablations += ["#### Method variants against their plain method and the full cache (RULER average)", "",
+                          "A variant is a method with options (`name:key=value:...`, as `--methods` takes it). The "
+                          "plain and full columns are those cells' own means (over all their samples); the "
+                          "differences are paired over the samples both scored.", "",
+                          variants, ""]
+        variant_avg = [c for c in avg if is_variant(c["method"])]
+        variant_partial = [p for p in partial if is_variant(p[0])]
+        if variant_avg or variant_partial:
+            ablations += [f"#### {average_title}", ""]
+            ablations += [markdown_table(variant_avg, "score"), ""] if variant_avg else []
+            ablations += _partial_lines(variant_partial)
     for task in sorted({c["task"] for c in cells if c["task"] != plot.FIDELITY_TASK}):
-        out += [f"### {task}", "", markdown_table([c for c in cells if c["task"] == task], "score"), ""]
+        task_cells = [c for c in cells if c["task"] == task]
+        out += [f"### {task}", "", markdown_table([c for c in task_cells if not is_variant(c["method"])], "score"),
+                ""]
         image = img_dir / f"score_{plot._safe(task)}.png"
         if image in images:
             out += [f"![{task}]({image.relative_to(page_dir).as_posix()})", ""]
+        variant_table_md = markdown_table([c for c in task_cells if is_variant(c["method"])], "score")
+        if variant_table_md:
+            ablations += [f"#### {task}", "", variant_table_md, ""]
     fidelity = [c for c in cells if c["task"] == plot.FIDELITY_TASK]
+    for part, rows, level in ((out, [c for c in fidelity if not is_variant(c["method"])], "###"),
+                              (ablations, [c for c in fidelity if is_variant(c["method"])], "####")):
+        if rows:
+            part += [
+                f"{level} Fidelity (teacher-forced)",
+                "",
+                "Mean KL(full ‖ method), nats:",
+                "",
+                markdown_table(rows, "kl", ("length", "method")),
+                "",
+                "Top-1 agreement:",
+                "",
+                markdown_table(rows, "top1_agreement", ("length", "method")),
+                "",
+            ]
     if fidelity:
-        out += [
-            "### Fidelity (teacher-forced)",
-            "",
-            "Mean KL(full ‖ method), nats:",
-            "",
-            markdown_table(fidelity, "kl", ("length", "method")),
-            "",
-            "Top-1 agreement:",
-            "",
-            markdown_table(fidelity, "top1_agreement", ("length", "method")),
-            "",
-        ]
         for image in images:
             if image.name.startswith("fidelity_"):
                 out += [f"![fidelity]({image.relative_to(page_dir).as_posix()})", ""]
-    return "\n".join(out)
+    return "\n".join(out), ("\n".join(ablations) if len(ablations) > 4 else "")
+
+
+def _partial_lines(partial: list[tuple[str, str]]) -> list[str]:
+    """The page's lines for the groups ``ruler_average`` left out (none: no lines)."""
+    if not partial:
+        return []
+    return ["Not averaged (scored on fewer tasks than the rest; see the per-task tables):", "",
+            *[f"- {line}" for _, line in partial], ""]
 
 
 def _records_next_to(results_path: Path) -> list[dict] | None:
@@ -330,10 +368,18 @@ def build_report(results_paths, out_md: Path) -> str:
     """The page's markdown; plots go to ``<out_md folder>/results/<run>/``."""
     out_md = Path(out_md)
     page_dir = out_md.parent
-    sections = []
+    sections, ablations = [], []
     for path in map(Path, results_paths):
         img_dir = page_dir / "results" / _slug(path.parent.name)
-        sections.append(run_section(path, img_dir, page_dir))
+        main, variants = run_section(path, img_dir, page_dir)
+        sections.append(main)
+        if variants:
+            ablations.append(variants)
+    notes = page_dir / ABLATION_NOTES
+    if notes.exists():
+        ablations.insert(0, notes.read_text(encoding="utf-8").strip() + "\n")
+    if sections and ablations:
+        sections.append("## Ablations\n\n" + "\n\n".join(ablations))
     return HEADER + ("\n" + "\n\n".join(sections) if sections else PLACEHOLDER)
 
 

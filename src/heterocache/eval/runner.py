@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.cache import RaggedCache
 from . import plot
 from .batched_decode import DecodeStart, greedy_continue_many
 from .caches import (
@@ -246,9 +247,8 @@ def _feasible_pairs(pairs, factory: CacheFactory, model, prompt_tokens: int) -> 
     for method, budget in pairs:
         try:  # a budget below the floor is refused when the cache is made, a short prompt's at plan
             cache = new_cache(factory, method, budget, model)
-            policy = getattr(cache, "policy", None)
-            if hasattr(policy, "plan_for"):
-                policy.plan_for(prompt_tokens)
+            if isinstance(cache, RaggedCache):
+                cache.policy.check_prompt(prompt_tokens)
         except ValueError as err:
             skipped.append({"method": method, "budget": budget, "reason": str(err)})
             print(f"skipping {method} at budget {budget}: {err}", file=sys.stderr)

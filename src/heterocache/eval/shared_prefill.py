@@ -8,8 +8,8 @@ query-agnostic cache receives the context tokens only (causal attention makes th
 tensors as a context-only forward would give), a query-aware cache the whole prompt. Each cache
 then decodes on its own (:func:`greedy_continue`), exactly as ``generate()`` would greedily.
 
-On a CPU a 4K-token prefill of SmolLM2-135M costs far more than the ~20 answer tokens, so this
-divides the cost of an evaluation grid by about the number of (method, budget, mode) cells.
+A long prompt's prefill costs far more than a short answer's decode steps, so sharing it divides
+the cost of an evaluation grid by about the number of (method, budget, mode) cells.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.cache import PolicyCache
 from ..engine.registry import register_method
 from ..policy.base import PrefillContext
 from ..policy.budget import allocate_proportional, round_preserving_sum
@@ -19,6 +18,11 @@ from ..store.ragged import RaggedKVStore
 SCORE_BUFFER = "cake.indicator"
 
 
+@register_method(
+    "cake",
+    description="layer budgets from attention dispersion and shift, cascading eviction (Qin et al. 2025)",
+    paper="https://arxiv.org/abs/2503.12491",
+)
 @dataclass
 class CAKEPolicy(BudgetedPolicy):
     """Layer budgets from each layer's attention preference, allocated in a cascade during prefill.
@@ -73,7 +77,6 @@ class CAKEPolicy(BudgetedPolicy):
     gamma: float = 200.0
     cascade: bool = True
     evict_during_decode: bool = True
-    name = "cake"
 
     @property
     def prompt_queries(self) -> int:
@@ -243,21 +246,4 @@ class CAKEPolicy(BudgetedPolicy):
         self._clear_prefill()
 
 
-class CAKECache(PolicyCache):
-    """CAKE: layer budgets from attention dispersion and shift, cascading eviction.
-
-    Args:
-        budget: fraction of the prompt KV kept per head on average, in (0, 1] (default 0.25).
-        **policy_kwargs: ``budget_tokens``, ``window``, ``kernel``, ``pooling``, ``gqa_reduce``,
-            ``tau1``, ``tau2``, ``gamma``, ``cascade``, ``evict_during_decode`` (see ``CAKEPolicy``).
-    """
-
-    policy_class = CAKEPolicy
-
-
-register_method(
-    "cake",
-    description="layer budgets from attention dispersion and shift, cascading eviction (Qin et al. 2025)",
-    cache_class=CAKECache,
-    policy_class=CAKEPolicy,
-)
+CAKECache = CAKEPolicy.cache_class

@@ -1,26 +1,19 @@
-"""FullKV: keep every token (the uncompressed reference on the ragged engine)."""
+"""FullKV: keep every token (the uncompressed reference on the ragged engine).
+
+The policy is the engine's default, ``heterocache.policy.base.FullKVPolicy`` (what a ``RaggedCache``
+uses when given none); this module registers it by name. Gives exactly the tokens of
+DynamicCache + sdpa.
+"""
 
 from __future__ import annotations
 
-from ..engine.cache import RaggedCache
 from ..engine.registry import register_method
 from ..policy.base import FullKVPolicy
-
-
-class FullKVCache(RaggedCache):
-    """Keeps every token on the ragged engine: the uncompressed reference.
-
-    Gives exactly the tokens of DynamicCache + sdpa.
-    """
-
-    def __init__(self, block_size: int = 64, reserve: int = 128):
-        super().__init__(FullKVPolicy(), block_size, reserve)
-
 
 register_method(
     "fullkv",
     description="every token on the ragged engine (no compression; exactly DynamicCache's tokens)",
-    cache_class=FullKVCache,
-    policy_class=FullKVPolicy,
     uses_budget=False,
-)
+)(FullKVPolicy)
+
+FullKVCache = FullKVPolicy.cache_class

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.cache import PolicyCache
 from ..engine.registry import register_method
 from ..policy.base import PrefillContext
 from ..policy.budgeted import BudgetedPolicy, LayerState, evict_to_limit
@@ -17,6 +16,11 @@ from ..store.ragged import RaggedKVStore
 SCORE_BUFFER = "h2o.accumulated_attention"
 
 
+@register_method(
+    "h2o",
+    description="heavy hitters by accumulated attention + recent tokens, evicting while decoding (Zhang et al. 2023)",
+    paper="https://arxiv.org/abs/2306.14048",
+)
 @dataclass
 class H2OPolicy(BudgetedPolicy):
     """Keep heavy hitters (tokens with the largest accumulated attention) and the recent tokens.
@@ -52,7 +56,6 @@ class H2OPolicy(BudgetedPolicy):
     recent_ratio: float = 0.5
     evict_during_decode: bool = True
     gqa_reduce: str = "mean"
-    name = "h2o"
     # Its scores need every prompt query: accumulated piece by piece (observe_prompt_piece).
     prompt_queries = 0
 
@@ -147,21 +150,4 @@ class H2OPolicy(BudgetedPolicy):
         self._observed.clear()
 
 
-class H2OCache(PolicyCache):
-    """H2O: heavy hitters by accumulated attention + recent tokens, evicting while decoding.
-
-    Args:
-        budget: fraction of the prompt KV kept per head, in (0, 1] (default 0.25).
-        **policy_kwargs: ``budget_tokens``, ``recent_ratio``, ``evict_during_decode``, ``gqa_reduce``
-            (see ``H2OPolicy``).
-    """
-
-    policy_class = H2OPolicy
-
-
-register_method(
-    "h2o",
-    description="heavy hitters by accumulated attention + recent tokens, evicting while decoding (Zhang et al. 2023)",
-    cache_class=H2OCache,
-    policy_class=H2OPolicy,
-)
+H2OCache = H2OPolicy.cache_class

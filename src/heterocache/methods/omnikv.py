@@ -25,9 +25,8 @@ import numpy as np
 import torch
 
 from ..attention.decode import SlotSelection
-from ..engine.cache import PolicyCache
 from ..engine.registry import register_method
-from ..offload.host_context import HostContext
+from ..offload.host_kv import HostKV
 from ..offload.transfer import RefreshTransfer
 from ..policy.base import Policy, PrefillContext
 from ..policy.budget import check_budget_spec
@@ -78,6 +77,12 @@ def _parse_layers(layers) -> tuple[int, ...] | None:
     return out
 
 
+@register_method(
+    "omnikv",
+    description="every token kept; per decode step filter layers choose the context tokens the layers behind "
+    "them attend to, optionally fetched from host memory (Hao et al. 2025)",
+    paper="https://openreview.net/forum?id=ulCAPXYXfa",
+)
 @dataclass
 class OmniKVPolicy(Policy):
     """Filter layers choose each step's tokens; the layers behind them attend only to those.
@@ -129,7 +134,7 @@ class OmniKVPolicy(Policy):
     Offload (``offload=True``): the sparse layers keep only their decoded tokens on the device;
     their context is packed in host memory. The choice never leaves the device: right after the
     filter layer's top-k, each sparse layer of its group gets one gather of its chosen tokens
-    (``HostRows``): on CUDA a device kernel reading the pinned context through its device alias
+    (``HostKV.gather``): on CUDA a device kernel reading the pinned context through its device alias
     (unified addressing), issued on a side stream so it overlaps the filter layer's attention and
     the ``dense_after_filter`` layers (the overlap the reference gets from its wait layers), and
     waited for by event where the sparse layer attends; on CPU a plain index. Cost per filter
@@ -147,16 +152,15 @@ class OmniKVPolicy(Policy):
     dense_after_filter: int = 1
     scores: str = "logits"
     offload: bool = False
-    name = "omnikv"
     prompt_queries = 0  # reads the prompt's keys and values only
+    selects_per_step = True
+    # The context bookkeeping (and the host copies) cannot follow a crop: refused, not stale.
+    croppable = False
 
     @property
     def bounded_prefill(self) -> bool:
         """Without offload every prompt token stays on the device: a bounded prefill is the exact one."""
         return not self.offload
-    selects_per_step = True
-    # The context bookkeeping (and the host copies) cannot follow a crop: refused, not stale.
-    croppable = False
 
     def __post_init__(self):
         self.budget, self.budget_tokens = check_budget_spec(self.budget, self.budget_tokens)
@@ -231,8 +235,8 @@ class OmniKVPolicy(Policy):
         role, source = self.role(layer_idx)
         host = None
         if role == "sparse" and self.offload:
-            host = HostContext.from_prompt(ctx.key.to(store.dtype), ctx.value.to(store.dtype), ctx.valid,
-                                           store.device)
+            host = HostKV.from_prompt(ctx.key.to(store.dtype), ctx.value.to(store.dtype), ctx.valid, store.device,
+                                      positions=True)
             context = host.lengths_h.copy()
             if store.device.type == "cuda" and str(store.device) not in self._transfers:
                 self._transfers[str(store.device)] = RefreshTransfer(store.device)
@@ -260,7 +264,7 @@ class OmniKVPolicy(Policy):
         role, _ = self.role(layer_idx)
         host = None
         if role == "sparse" and self.offload:
-            host = HostContext.from_store(store)
+            host = HostKV.from_store(store)
             _empty(store)
         self._set_context(layer_idx, store, (host.lengths_h if host is not None else store.length_h).copy(), host)
         if role == "filter":
@@ -376,7 +380,7 @@ class OmniKVPolicy(Policy):
         """Start gathering the chosen context tokens of every offloaded layer of the group from
         host memory, right after the filter layer chose them. The indices stay on the device: on
         CUDA each gather is a device kernel reading the pinned context through its device alias
-        (``HostRows``), on the side stream, so it overlaps the layers before the sparse one that
+        (``HostKV.gather``), on the side stream, so it overlaps the layers before the sparse one that
         waits for it; the host never waits. On CPU a plain index."""
         for layer_idx in group.sparse:
             host = self._contexts[layer_idx].host
@@ -425,7 +429,7 @@ class _Context:
     context_max: int
     mask: torch.Tensor  # bool [S, context_max]: column j is a context token of segment s
     num_heads: int
-    host: HostContext | None = None
+    host: HostKV | None = None  # the context, packed segment after segment, with its positions
     index: torch.Tensor | None = None  # gather index of the context keys (filter layers), per layout
     index_version: int = -1
 
@@ -463,29 +467,4 @@ def _empty(store: RaggedKVStore) -> None:
                torch.zeros(0, dtype=torch.long, device=store.device))
 
 
-class OmniKVCache(PolicyCache):
-    """OmniKV: every token kept; at each decode step a few filter layers choose the context tokens
-    their query attends to most, and the layers behind each filter layer attend only to those
-    (Hao et al., ICLR 2025, https://openreview.net/forum?id=ulCAPXYXfa). Saves bandwidth per step;
-    with ``offload=True`` also the device memory of the sparse layers' context.
-
-    Args:
-        budget: share of each row's context read by the sparse layers per step, in (0, 1]
-            (default 0.067, the reference's ``num_of_selected_tokens``).
-        **policy_kwargs: ``budget_tokens``, ``filter_layers``, ``dense_after_filter``, ``scores``,
-            ``offload`` (see ``OmniKVPolicy``).
-    """
-
-    policy_class = OmniKVPolicy
-
-    def __init__(self, budget: float | None = 0.067, block_size: int = 64, reserve: int = 128, **policy_kwargs):
-        super().__init__(budget, block_size, reserve, **policy_kwargs)
-
-
-register_method(
-    "omnikv",
-    description="every token kept; per decode step filter layers choose the context tokens the layers behind "
-    "them attend to, optionally fetched from host memory (Hao et al. 2025)",
-    cache_class=OmniKVCache,
-    policy_class=OmniKVPolicy,
-)
+OmniKVCache = OmniKVPolicy.cache_class

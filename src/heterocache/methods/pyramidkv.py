@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.cache import PolicyCache
 from ..engine.registry import register_method
 from ..policy.base import PrefillContext
 from ..policy.budget import round_preserving_sum
@@ -56,6 +55,11 @@ def pyramid_budgets(
     return round_preserving_sum(scheduled, caps) + w.long()[:, None]
 
 
+@register_method(
+    "pyramidkv",
+    description="SnapKV's selection with layer budgets shrinking linearly bottom to top (Cai et al. 2024)",
+    paper="https://arxiv.org/abs/2406.02069",
+)
 @dataclass
 class PyramidKVPolicy(WindowScoredPolicy):
     """SnapKV's token selection with per-layer budgets that shrink linearly from bottom to top.
@@ -76,7 +80,6 @@ class PyramidKVPolicy(WindowScoredPolicy):
     """
 
     beta: float = 20.0
-    name = "pyramidkv"
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,21 +96,4 @@ class PyramidKVPolicy(WindowScoredPolicy):
         return self.layer_budgets(ctx)[:, ctx.layer_idx, None].expand(B, H).clone()
 
 
-class PyramidKVCache(PolicyCache):
-    """PyramidKV: SnapKV's selection with layer budgets shrinking linearly from bottom to top.
-
-    Args:
-        budget: fraction of the prompt KV kept per head on average, in (0, 1] (default 0.25).
-        **policy_kwargs: ``budget_tokens``, ``beta``, ``window``, ``kernel``, ``pooling``,
-            ``gqa_reduce`` (see ``PyramidKVPolicy``).
-    """
-
-    policy_class = PyramidKVPolicy
-
-
-register_method(
-    "pyramidkv",
-    description="SnapKV's selection with layer budgets shrinking linearly bottom to top (Cai et al. 2024)",
-    cache_class=PyramidKVCache,
-    policy_class=PyramidKVPolicy,
-)
+PyramidKVCache = PyramidKVPolicy.cache_class

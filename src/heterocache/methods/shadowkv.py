@@ -15,7 +15,7 @@ What a compressed layer holds, per batch row:
 Each decode step, per KV head: the query's attention over the landmarks (softmax per query head,
 maximum over the GQA group) picks the top chunks up to the per-step budget; their keys are rebuilt
 from ``U @ SV`` and rotated at their positions, their values fetched from host memory
-(:class:`heterocache.offload.host_rows.HostRows`: a device kernel reading pinned memory on CUDA, no host
+(:class:`heterocache.offload.host_kv.HostKV`: a device kernel reading pinned memory on CUDA, no host
 synchronisation), and attention reads the exact tokens plus the chosen chunks
 (``SlotSelection.extra_*``).
 
@@ -39,10 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.decode import SlotSelection
-from ..engine.cache import RaggedCache
 from ..engine.registry import register_method
 from ..engine.rope import Rotary
-from ..offload.host_rows import HostRows
+from ..offload.host_kv import HostKV
 from ..policy.base import Policy, PrefillContext
 from ..policy.budget import check_budget
 from ..policy.budgeted import HostDevice
@@ -54,6 +53,12 @@ PUBLISHED_BUDGET_TOKENS = 2048
 PUBLISHED_RANK = 160 / 1024
 
 
+@register_method(
+    "shadowkv",
+    description="pre-RoPE keys as low-rank factors + chunk landmarks on the device, values in host memory; each "
+    "decode step rebuilds the top chunks by landmark score (Sun et al. 2024)",
+    paper="https://arxiv.org/abs/2410.21465",
+)
 @dataclass
 class ShadowKVPolicy(Policy):
     """ShadowKV: low-rank pre-RoPE keys and chunk landmarks on the device, values in host memory,
@@ -74,10 +79,10 @@ class ShadowKVPolicy(Policy):
             tokens are attended besides.
         rank: rank of the keys' truncated SVD as a fraction of the layer's key width ``H * D``
             (``round(rank * H * D)``, at most the prompt length). Default 160/1024: ``rank=160`` on
-            Llama-3.1-8B's 8 x 128 (``--rank 160``, ``ShadowKVCache(..., rank=160)``). Narrow
-            models need a larger share: on SmolLM2 (keys 3 x 64 = 192 wide) rank 30 leaves a
-            17% key error and costs RULER points that exact keys recover
-            (``benchmarks/shadowkv_keys.py``; ~0.33 keeps it near 10%).
+            Llama-3.1-8B's 8 x 128 (``--rank 160``, ``ShadowKVCache(..., rank=160)``). The same
+            share of a narrow key width keeps few dimensions (30 of SmolLM2's 3 x 64 = 192), so
+            narrow models may need a larger one: ``benchmarks/shadowkv_keys.py`` reports the key
+            error per rank (SmolLM2's figures: docs/benchmarks.md).
         rank_dims: the rank as a number of dimensions instead; overrides ``rank``. Default None.
         chunk_size: tokens per chunk, one landmark each. Default 8 (``chunk_size=8``).
         outlier_chunks: chunks per KV head kept exact for their lowest intra-chunk cosine similarity
@@ -120,7 +125,6 @@ class ShadowKVPolicy(Policy):
     chunk_size: int = 8
     outlier_chunks: int = 48
     local_chunks: int = 4
-    name = "shadowkv"
     prompt_queries = 0  # reads the prompt's keys and values only
     selects_per_step = True
     # The compressed prompt cannot be cut back token by token.
@@ -287,7 +291,8 @@ class ShadowKVLayer:
         landmarks: ``[S, Mmax, D]`` mean post-RoPE key of each candidate chunk (zeros past ``M``).
         chunk_index: int64 ``[S, Mmax]`` which chunk each candidate is (in chunk order).
         positions: int64 ``[B, A]`` RoPE position of each compressed-area token.
-        values: ``HostRows [S * Mmax, chunk_size * D]`` the candidates' values, in host memory.
+        values: ``HostKV`` of the candidates' values in host memory, ``Mmax`` rows of
+            ``chunk_size * D`` per segment (values only: the keys are rebuilt on the device).
         num_candidates, picks: per segment ``M`` and ``k`` (``HostDevice``: host and device copies).
         prompt_tokens, chunks: host int64 ``[B]``: real prompt tokens and compressed chunks per row.
         outliers: bool ``[B, H, max C]`` the outlier chunks (prefill-time record, for inspection).
@@ -301,7 +306,6 @@ class ShadowKVLayer:
         self.max_picks = int(self.picks.h.max()) if self.picks.h.size else 0
         self.work_dtype = torch.promote_types(self.dtype, torch.float32)  # float32, float64 for a float64 model
         self.seg_row = to_device(np.repeat(np.arange(self.num_rows), self.num_heads), self.device)
-        self.seg_ids = to_device(np.arange(self.num_rows * self.num_heads), self.device)
 
     @property
     def num_segments(self) -> int:
@@ -368,7 +372,7 @@ class ShadowKVLayer:
             area=A, max_candidates=Mmax, rotary=rotary,
             U=U_area, SV=SV.to(dtype).contiguous(), landmarks=landmarks.reshape(S, Mmax, D).to(dtype),
             chunk_index=chunk_index.reshape(S, Mmax).contiguous(), positions=pos[:, :A].contiguous(),
-            values=HostRows(cand_values.reshape(S * Mmax, cs * D), dev),
+            values=HostKV(np.full(S, Mmax), range(H), dev, v=cand_values.reshape(S * Mmax, cs * D)),
             num_candidates=HostDevice(np.repeat(cand_h, H), dev), picks=HostDevice(np.repeat(picks_h, H), dev),
             prompt_tokens=n_h.copy(), chunks=chunks_h.copy(), outliers=outliers,
         )
@@ -421,8 +425,8 @@ class ShadowKVLayer:
     def fetch_values(self, picks: torch.Tensor) -> torch.Tensor:
         """Values of the chosen candidates from host memory: ``[S, k * chunk_size, D]`` on the device."""
         S, k = picks.shape
-        flat = (self.seg_ids[:, None] * self.max_candidates + picks).reshape(-1)
-        return self.values.gather(flat).view(S, k * self.chunk_size, self.head_dim)
+        _, values = self.values.gather(picks)  # rows picks[s] of segment s
+        return values.view(S, k * self.chunk_size, self.head_dim)
 
     def extra_tokens(self, q: torch.Tensor, scaling: float, token_valid=None):
         """The chosen chunks as extra attention tokens: ``(key, value [S, k * cs, D], valid [S, k * cs])``."""
@@ -435,7 +439,7 @@ class ShadowKVLayer:
     # ------------------------------------------------------------------ batch
     def select_rows(self, rows: np.ndarray) -> None:
         """Keep, reorder or repeat rows (beam search, batch expansion): row i becomes old row ``rows[i]``."""
-        H, Mmax = self.num_heads, self.max_candidates
+        H = self.num_heads
         segs = (rows[:, None] * H + np.arange(H)).reshape(-1)
         rows_d, segs_d = to_device(rows, self.device), to_device(segs, self.device)
         self.U, self.positions = self.U[rows_d], self.positions[rows_d]
@@ -443,32 +447,10 @@ class ShadowKVLayer:
         self.outliers = self.outliers[rows_d]
         self.num_candidates = HostDevice(self.num_candidates.h[segs], self.device)
         self.picks = HostDevice(self.picks.h[segs], self.device)
-        self.values = self.values.select((segs[:, None] * Mmax + np.arange(Mmax)).reshape(-1))
+        self.values.select_rows(rows)
         self.prompt_tokens, self.chunks = self.prompt_tokens[rows], self.chunks[rows]
         self.num_rows = len(rows)
         self._refresh()
 
 
-class ShadowKVCache(RaggedCache):
-    """ShadowKV: the prompt's pre-RoPE keys as low-rank factors and one landmark per chunk on the
-    device, outlier and local chunks exact, values in host memory (pinned on CUDA); each decode step
-    rebuilds the top chunks by landmark score (Sun et al. 2024, arXiv 2410.21465).
-
-    Args:
-        budget: per-step budget as a fraction of each row's prompt, in (0, 1]; default None, which
-            means ``budget_tokens`` (2048 when not given either: the reference's ``sparse_budget``).
-        **policy_kwargs: ``budget_tokens``, ``rank``, ``rank_dims``, ``chunk_size``, ``outlier_chunks``,
-            ``local_chunks`` (see ``ShadowKVPolicy``).
-    """
-
-    def __init__(self, budget: float | None = None, block_size: int = 64, reserve: int = 128, **policy_kwargs):
-        super().__init__(ShadowKVPolicy(budget=budget, **policy_kwargs), block_size, reserve)
-
-
-register_method(
-    "shadowkv",
-    description="pre-RoPE keys as low-rank factors + chunk landmarks on the device, values in host memory; each "
-    "decode step rebuilds the top chunks by landmark score (Sun et al. 2024)",
-    cache_class=ShadowKVCache,
-    policy_class=ShadowKVPolicy,
-)
+ShadowKVCache = ShadowKVPolicy.cache_class

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine.cache import RaggedCache
 from ..engine.registry import register_method
-from ..policy.budget import check_budget
 from ..policy.window_selection import WindowScoredPolicy
 
 
+@register_method(
+    "snapkv",
+    description="prompt tokens most attended by the last prompt queries, pooled (Li et al. 2024)",
+    paper="https://arxiv.org/abs/2404.14469",
+)
 @dataclass
 class SnapKVPolicy(WindowScoredPolicy):
     """Keep the prompt tokens most attended by the last ``window`` prompt queries.
@@ -32,24 +35,5 @@ class SnapKVPolicy(WindowScoredPolicy):
     Decoded tokens are appended and never evicted.
     """
 
-    name = "snapkv"
 
-
-class SnapKVCache(RaggedCache):
-    """SnapKV with a uniform budget: every KV head keeps ``round(budget * prompt)`` prompt tokens.
-
-    Args:
-        budget: fraction of the prompt KV kept, in (0, 1] (default 0.25).
-        **policy_kwargs: ``window``, ``kernel``, ``pooling``, ``gqa_reduce`` (see ``SnapKVPolicy``).
-    """
-
-    def __init__(self, budget: float = 0.25, block_size: int = 64, reserve: int = 128, **policy_kwargs):
-        super().__init__(SnapKVPolicy(budget=check_budget(budget), **policy_kwargs), block_size, reserve)
-
-
-register_method(
-    "snapkv",
-    description="prompt tokens most attended by the last prompt queries, pooled (Li et al. 2024)",
-    cache_class=SnapKVCache,
-    policy_class=SnapKVPolicy,
-)
+SnapKVCache = SnapKVPolicy.cache_class

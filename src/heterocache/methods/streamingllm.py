@@ -6,13 +6,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.cache import PolicyCache
 from ..engine.registry import register_method
 from ..policy.base import PrefillContext
 from ..policy.budgeted import BudgetedPolicy, LayerState, evict_to_limit
 from ..store.ragged import RaggedKVStore
 
 
+@register_method(
+    "streamingllm",
+    description="attention sinks + recent window, sliding while decoding (Xiao et al. 2023)",
+    paper="https://arxiv.org/abs/2309.17453",
+)
 @dataclass
 class StreamingLLMPolicy(BudgetedPolicy):
     """Keep the first ``sinks`` tokens (attention sinks) and a window of the most recent ones.
@@ -38,7 +42,6 @@ class StreamingLLMPolicy(BudgetedPolicy):
     budget: float | None = 0.25
     sinks: int = 4
     evict_during_decode: bool = True
-    name = "streamingllm"
     prompt_queries = 0
     bounded_prefill = True
 
@@ -92,21 +95,4 @@ class StreamingLLMPolicy(BudgetedPolicy):
         self._state.clear()
 
 
-class StreamingLLMCache(PolicyCache):
-    """StreamingLLM: 4 attention sinks + a recent window, sliding while decoding.
-
-    Args:
-        budget: fraction of the prompt KV kept per head, in (0, 1] (default 0.25).
-        **policy_kwargs: ``budget_tokens``, ``sinks``, ``evict_during_decode`` (see
-            ``StreamingLLMPolicy``).
-    """
-
-    policy_class = StreamingLLMPolicy
-
-
-register_method(
-    "streamingllm",
-    description="attention sinks + recent window, sliding while decoding (Xiao et al. 2023)",
-    cache_class=StreamingLLMCache,
-    policy_class=StreamingLLMPolicy,
-)
+StreamingLLMCache = StreamingLLMPolicy.cache_class

@@ -1,3 +1,3 @@
-"""Host memory: per-row host copies of KV read by indices (``host_rows``), an offloaded layer's
-context (``host_context``), the satellite heads' host store (``host_store``) and the asynchronous
-device <-> host refresh copies (``transfer``)."""
+"""Host memory: the KV that methods keep off the device (``host_kv``: HeteroCache's host copies,
+OmniKV's offloaded context, ShadowKV's values) and the one asynchronous host-to-device path
+(``transfer``)."""

@@ -1,6 +1,8 @@
-"""Moving KV from host memory to the device: refreshed satellites into the store (``write``),
-or tokens a step attends besides the store's (``fetch`` of host tensors, or ``run`` of a gather
-that reads pinned host memory from the device: OmniKV's offloaded layers).
+"""The one path by which host KV (``host_kv.HostKV``) reaches the device asynchronously, for every
+method that keeps KV off the device: staged rows written into store slots (HeteroCache's refills and
+turn re-selections: ``write``), staged rows copied to fresh device tensors (a turn's prompt keys:
+``fetch``), or a gather that reads pinned host memory from the device (OmniKV's offloaded layers:
+``run``).
 
 Without CUDA the copy is a plain synchronous write (the path CI exercises). On CUDA it is issued
 on a side stream, after the main stream's work so far (so the store is not overwritten while the
@@ -21,7 +23,8 @@ from ..store.ragged import RaggedKVStore
 
 
 class RefreshTransfer:
-    """Writes host KV into store slots, asynchronously on CUDA.
+    """Moves host KV to the device (store slots, fresh tensors or a device-side gather),
+    asynchronously on CUDA.
 
     One per device: layers spread over several devices (``device_map``) each use the transfer,
     side stream and events of their own device.
@@ -82,7 +85,7 @@ class RefreshTransfer:
             return tuple(t.to(self.device) for t in host)
         main = torch.cuda.current_stream(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             start.record(self.stream)
             out = tuple(t.to(self.device, non_blocking=True) for t in host)
             end.record(self.stream)

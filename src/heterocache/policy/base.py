@@ -99,7 +99,10 @@ class Policy:
     refresh while decoding. The defaults keep everything.
     """
 
+    #: The registry name (set by ``heterocache.register_method``).
     name = "base"
+    #: The cache class ``register_method`` made for this policy (None for an unregistered policy).
+    cache_class = None
     #: Whether ``crop`` can restore the cache exactly (False for methods that evict while decoding).
     croppable = True
     #: How many of the prompt's last queries ``plan``/``select``/``on_prefill_done`` read
@@ -210,6 +213,29 @@ class Policy:
 
     def reset(self) -> None:
         """Forget all per-prompt state."""
+
+    # -- what the engine, the memory report and the harness ask every policy (defaults: nothing)
+    def check_prompt(self, prompt_tokens: int) -> None:
+        """Raise ``ValueError`` if this policy cannot serve a prompt of ``prompt_tokens`` tokens at
+        its budget (HeteroCache: a budget below the heads it keeps whole). The evaluation harness
+        asks before a grid starts, so an infeasible cell is skipped up front, not mid-run."""
+
+    def host_bytes_per_layer(self) -> dict[int, int]:
+        """Bytes this policy holds in host memory per layer (its index among the compressed layers);
+        empty when it keeps nothing off the device."""
+        return {}
+
+    def device_extra_bytes_per_layer(self) -> dict[int, int]:
+        """Bytes this policy holds on the device per layer besides the store (landmarks, low-rank
+        factors, page summaries, ...); empty when none."""
+        return {}
+
+    def synchronize(self) -> None:
+        """Wait for this policy's asynchronous host-device copies (before reading its counters)."""
+
+    def copy_seconds(self) -> float:
+        """Seconds spent in host-device copies so far (measured on the GPU; 0.0 when none)."""
+        return 0.0
 
 
 @dataclass

@@ -76,7 +76,8 @@ def check_budget_spec(budget, budget_tokens=None) -> tuple[float | None, int | N
     """
     budget_tokens = check_budget_tokens(budget_tokens)
     if budget is None and budget_tokens is None:
-        raise TypeError("give a budget fraction in (0, 1] or budget_tokens (prompt tokens kept per head)")
+        raise TypeError("budget must be a number in (0, 1] (fraction of the prompt KV kept) unless budget_tokens "
+                        "(prompt tokens kept per head) is given, got None")
     return (None if budget is None else check_budget(budget)), budget_tokens
 
 

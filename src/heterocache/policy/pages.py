@@ -1,6 +1,6 @@
 """Quest-style page summaries of keys: per page of ``page_size`` tokens, the channel-wise minimum
 and maximum key, and the upper bound ``sum_d max(q_d min_d, q_d max_d)`` of any query-key product
-in the page. One implementation for Quest (``policies.quest.PageSummaries``, over a store's
+in the page. One implementation for Quest (``policy.page_selection.PageSummaries``, over a store's
 segments) and HeteroCache's turn re-selection (over the full prompt keys of its compressed heads,
 built at prefill before compression).
 """

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from .base import PrefillContext
-from .budgeted import BudgetedPolicy
-from .scoring import pool_scores, reduce_gqa, topk_keep, window_attention_scores
+from .scorer import ScorerPolicy
+from .scoring import pool_scores, reduce_gqa, window_attention_scores
 
 
 @dataclass
-class WindowScoredPolicy(BudgetedPolicy):
+class WindowScoredPolicy(ScorerPolicy):
     """Keep the prompt tokens most attended by the last ``window`` prompt queries.
 
     Every KV head of every layer keeps ``round(budget * prompt_tokens)`` tokens, or
@@ -54,12 +54,11 @@ class WindowScoredPolicy(BudgetedPolicy):
         """The observation window: the last prompt queries the selection reads."""
         return self.window
 
-    def plan(self, ctx: PrefillContext) -> torch.Tensor:
-        B, H = ctx.key.shape[:2]
-        return self.head_tokens(ctx)[:, None].expand(B, H).clone()
+    def protected_tokens(self) -> int:
+        return self.window  # the observation window is always kept
 
-    def select(self, ctx: PrefillContext, plan: torch.Tensor) -> torch.Tensor:
-        return topk_keep(self.token_scores(ctx), ctx.key_valid, plan, protect_last=self.window)
+    def score(self, ctx: PrefillContext) -> torch.Tensor:
+        return self.token_scores(ctx)
 
     def token_scores(self, ctx: PrefillContext) -> torch.Tensor:
         """SnapKV's importance of every prompt token per KV head: float32 ``[B, H, L]``."""

@@ -22,8 +22,8 @@ class Role(IntEnum):
     SATELLITE    member of a pivot's cluster                 compressed (refreshed)
     ===========  ==========================================  ==================
 
-    (HeteroCache's defaults; its ``anchor_offload``/``turn_reselect`` re-choose anchors at a new
-    turn, and ``pivot_offload`` compresses pivots too.)
+    (HeteroCache's defaults; its ``turn_reselect="own"`` re-chooses anchors at a new turn, and
+    ``pivot_offload`` compresses pivots too.)
     """
 
     ANCHOR = 1

@@ -14,11 +14,11 @@ Backends of one contract (see :mod:`heterocache.attention.kernels.ragged_decode`
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
 from .ragged_decode import ragged_decode_attention_torch
+from .settings import ENV_VAR, decode_setting
 
 __all__ = [
     "BACKENDS",
@@ -29,7 +29,6 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "torch", "triton", "flash")
-ENV_VAR = "HETEROCACHE_DECODE_BACKEND"
 
 
 def triton_available() -> bool:
@@ -42,15 +41,15 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
 
     Args:
         device: device of the tensors.
-        backend: one of :data:`BACKENDS`; ``None`` reads ``$HETEROCACHE_DECODE_BACKEND``
-            (default ``"auto"``). ``"auto"`` = triton on CUDA when triton is importable, else torch.
+        backend: one of :data:`BACKENDS`; ``None`` reads ``backend=`` of ``$HETEROCACHE_DECODE``
+            (default ``"auto"``; :mod:`.settings`). ``"auto"`` = triton on CUDA when triton is importable, else torch.
 
     Raises:
         ValueError: unknown backend name.
     """
-    name = (backend if backend is not None else os.environ.get(ENV_VAR, "auto")).strip().lower() or "auto"
+    name = (backend if backend is not None else decode_setting("backend")).strip().lower() or "auto"
     if name not in BACKENDS:
-        source = "backend" if backend is not None else f"${ENV_VAR}"
+        source = "backend" if backend is not None else f"backend= of ${ENV_VAR}"
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
         return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
@@ -79,7 +78,7 @@ def ragged_decode_attention(
         scale: softmax scale.
         return_lse: also return the log-sum-exp ``[S, G]`` fp32 (``-inf`` for empty segments).
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"flash"``; ``None`` reads
-            ``$HETEROCACHE_DECODE_BACKEND`` (default ``"auto"``).
+            ``backend=`` of ``$HETEROCACHE_DECODE`` (default ``"auto"``).
         num_splits, max_len: Triton only (see ``ragged_decode_attention_triton``); ignored by
             the other backends.
 

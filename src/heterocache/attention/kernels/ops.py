@@ -2,7 +2,7 @@
 ``torch.compile`` traces as a single node and a CUDA graph replays as its launches.
 
 - ``heterocache::block_decode``: the block-wise PyTorch computation (any device): what the GPU
-  decode path runs where Triton cannot (CPU under ``HETEROCACHE_DECODE_STRATEGY=device``, CI).
+  decode path runs where Triton cannot (CPU under ``HETEROCACHE_DECODE=strategy=device``, CI).
 - ``heterocache::ragged_decode_triton``: the split-K Triton kernel as a ``torch.library.triton_op``
   (registered when triton imports), so ``torch.compile`` sees through it to the kernels instead of
   breaking the graph.

@@ -19,13 +19,11 @@ class HeteroCache(RaggedCache):
             folder, a bundled profile name such as "meta-llama/Llama-3.1-8B-Instruct", a Hub repo).
         budget: fraction of the prompt KV kept on the device, in (0, 1] (default 0.25).
         block_size, reserve: store layout (see ``RaggedCache``).
-        **params: the policy's parameters (``budget_tokens``, ``window``, ``score_window``,
-            ``kernel``, ``pooling``, ``refresh_interval``, ``drift_threshold``, ``drift_topk``,
-            ``refresh``, ``offload``,
-            ``inverse_stability``, ``asynchronous``, ``decision_lag``, ``turn_refresh``,
-            ``turn_reselect``, ``turn_scoring``, ``turn_window``, ``anchor_offload``,
-            ``pivot_offload``, ``page_size``, ``summaries_in_budget``, ``summary_memory``,
-            ``summary_drift``; see ``HeteroCachePolicy``).
+        prefill: "exact" or "bounded", how a prompt in pieces is compressed (see ``RaggedCache``).
+        **params: the policy's options (``budget_tokens``, ``window``, ``kernel``,
+            ``refresh_interval``, ``drift_threshold``, ``refresh``, ``offload``,
+            ``inverse_stability``, ``turn_reselect``, ``pivot_offload``; see ``HeteroCachePolicy``
+            and docs/heterocache.md).
 
     Example::
 
@@ -34,10 +32,11 @@ class HeteroCache(RaggedCache):
         print(cache.memory_report()); print(cache.stats())
     """
 
-    def __init__(self, profile, budget: float = 0.25, block_size: int = 64, reserve: int = 128, **params):
+    def __init__(self, profile, budget: float = 0.25, block_size: int = 64, reserve: int = 128, prefill: str = "exact",
+                 **params):
         if isinstance(profile, (str, os.PathLike)):
             profile = HeadProfile.from_pretrained(profile)
-        super().__init__(HeteroCachePolicy(profile=profile, budget=budget, **params), block_size, reserve)
+        super().__init__(HeteroCachePolicy(profile=profile, budget=budget, **params), block_size, reserve, prefill)
 
     @classmethod
     def for_model(cls, model, budget: float = 0.25, **params) -> "HeteroCache":
@@ -67,7 +66,6 @@ class HeteroCache(RaggedCache):
             "refreshes": dict(s.refreshes),
             "satellite_refills": s.satellite_refills,
             "reselected_heads": s.reselected_heads,
-            "summary_checks": s.summary_checks,
             "tokens_moved": s.tokens_moved,
             "bytes_moved": s.bytes_moved,
             "copy_seconds": policy.copy_seconds(),
@@ -83,7 +81,6 @@ class HeteroCache(RaggedCache):
             "refreshes_per_layer_pivot": {f"{layer}:{pivot}": n for (layer, pivot), n in sorted(refreshes.items())},
             "satellite_refills": sum(p["satellite_refills"] for p in parts),
             "reselected_heads": sum(p["reselected_heads"] for p in parts),
-            "summary_checks": sum(p["summary_checks"] for p in parts),
             "tokens_moved": sum(p["tokens_moved"] for p in parts),
             "bytes_moved": sum(p["bytes_moved"] for p in parts),
             "copy_seconds": sum(p["copy_seconds"] for p in parts),
