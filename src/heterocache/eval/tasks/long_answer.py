@@ -9,7 +9,7 @@ Each label names a different statement of the context, so the attention moves th
 as the answer goes on, and the accuracy at each line position shows where a cache lost track.
 
 Tasks:
-    ``recall_lines``: K statements "The special code of <key> is <code>." (adjective-noun keys,
+    ``recall_lines``: K statements "The special code is <key>: <code>." (adjective-noun keys,
         3-digit codes) spread over an essay; the question lists the K keys in a shuffled order; the
         answer is one line ``<key>: <code>`` per key, in that order.
     ``trace_lines``: K + 1 numbered boxes linked by K statements "Box <a> points to box <b>.", in a
@@ -35,7 +35,9 @@ RECALL_HEAD = (
     "Some special codes are hidden in the following text, each one belonging to a name. "
     "Memorize them: I will ask you for them afterwards.\n"
 )
-RECALL_NEEDLE = "The special code of {key} is {value}."
+# The needle holds the answer line's own text ("<key>: <code>"): SmolLM2-135M copies it far more
+# often than from "The special code of <key> is <code>." (docs/long-answer.md: 55% vs 40% of lines).
+RECALL_NEEDLE = "The special code is {key}: {value}."
 RECALL_QUESTION = (
     "\nWhat are the special codes of {keys}? Answer with one line per name, in this order, "
     "each line written as name: code."
@@ -146,6 +148,7 @@ class _LinesTask(LongAnswerTask):
 
     name: str = "lines"
     num_items: int = 5
+    answer_prefix: str = ""
     max_new_tokens: int = 64  # unused by the teacher-forced harness; a free-running answer's limit
 
     def samples(self, formatter, length, num_samples, seed):
@@ -178,6 +181,7 @@ class _LinesTask(LongAnswerTask):
                 index=index,
                 context=self.head + body,
                 question=question,
+                answer_prefix=self.answer_prefix,
                 answers=tuple(item.value for item in items),
                 max_new_tokens=self.max_new_tokens,
                 meta={
