@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,8 +47,8 @@ def answer_lines(tokenizer, task: LongAnswerTask, sample) -> list[LineTokens]:
 
     Each line's text ``separator + label + value`` (no separator before the first) is tokenized
     in one piece and its forced tokens are those lying wholly inside ``separator + label``: a token
-    the label shares with the value (``" ->"`` + ``" bold"`` could merge) is left for the model to
-    write, so the forced tokens are those the model would read writing the true line itself.
+    the label shares with the value (a label's final space merged into a word, ``" bold"``) is left
+    for the model to write, so the forced tokens are those it would read writing the true line.
     """
     lines = []
     for i, item in enumerate(task.items(sample)):
@@ -113,12 +113,27 @@ class _LineWriter:
         return token
 
 
-def _counters(cache) -> dict[str, int] | None:
-    stats = getattr(cache, "stats", None)
-    if not callable(stats):
-        return None
-    now = stats()
-    return {k: int(now[k]) for k in STEP_COUNTERS if isinstance(now.get(k), (int, float))}
+class _Counters:
+    """A cache's ``stats()`` counters (:data:`STEP_COUNTERS`), read again on each :meth:`growth`;
+    ``known`` is False for a cache without ``stats()``."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.known = callable(getattr(cache, "stats", None))
+        self.last = self._read()
+
+    def _read(self) -> dict[str, int]:
+        if not self.known:
+            return {}
+        now = self.cache.stats()
+        return {k: int(now[k]) for k in STEP_COUNTERS if isinstance(now.get(k), (int, float))}
+
+    def growth(self) -> dict[str, int]:
+        """How much each counter grew since the last read."""
+        now = self._read()
+        grew = {k: v - self.last.get(k, 0) for k, v in now.items()}
+        self.last = now
+        return grew
 
 
 @dataclass
@@ -150,7 +165,7 @@ class AnswerOutcome:
     fed: list[int]
     line_steps: list[list[int]]
     turn_stats: dict | None = None
-    step_stats: dict | None = field(default=None)
+    step_stats: dict | None = None
 
 
 @torch.inference_mode()
@@ -165,19 +180,17 @@ def write_answers(model, starts: list[AnswerStart], stop: Callable[[int], bool],
     """
     if max_batch < 1:
         raise ValueError("max_batch must be >= 1")
-    writers, picks, before, turns = [], [], [], []
+    writers, picks, counters, turns = [], [], [], []
     for s in starts:
         if (s.logits is None) == (s.new_ids is None):
             raise ValueError("give exactly one of logits (prompt fully cached) or new_ids")
-        before.append(_counters(s.cache))
+        counters.append(_Counters(s.cache))
         logits = s.logits if s.new_ids is None else _step(model, s.cache, s.new_ids)
-        after = _counters(s.cache)
-        turns.append(None if after is None else {k: v - before[-1].get(k, 0) for k, v in after.items()}
-                     if s.new_ids is not None else {})
-        before[-1] = after
+        turn = counters[-1].growth() if s.new_ids is not None else {}
+        turns.append(turn if counters[-1].known else None)
         writers.append(_LineWriter(s.lines, stop))
         picks.append(int(logits.float().argmax(-1)[0]))
-    steps = [None if b is None else {k: [] for k in b} for b in before]
+    steps = [{k: [] for k in c.last} if c.known else None for c in counters]
     feed = [w.next(p) for w, p in zip(writers, picks)]
     active = [i for i, t in enumerate(feed) if t is not None]
     device = next(model.parameters()).device
@@ -191,10 +204,8 @@ def write_answers(model, starts: list[AnswerStart], stop: Callable[[int], bool],
                 out = step_rows(model, [starts[i].cache for i in rows], [feed[i] for i in rows])
             for i, pick in zip(rows, out):
                 if steps[i] is not None:
-                    now = _counters(starts[i].cache)
-                    for k, series in steps[i].items():
-                        series.append(now[k] - before[i][k])
-                    before[i] = now
+                    for k, grew in counters[i].growth().items():
+                        steps[i][k].append(grew)
                 feed[i] = writers[i].next(pick)
         active = [i for i in active if feed[i] is not None]
     return [AnswerOutcome(w.values, w.fed, w.line_steps, t, s) for w, t, s in zip(writers, turns, steps)]

@@ -35,8 +35,8 @@ RECALL_HEAD = (
     "Some special codes are hidden in the following text, each one belonging to a name. "
     "Memorize them: I will ask you for them afterwards.\n"
 )
-# The needle holds the answer line's own text ("<key>: <code>"): SmolLM2-135M copies it far more
-# often than from "The special code of <key> is <code>." (docs/long-answer.md: 55% vs 40% of lines).
+# The needle holds the answer line's own text ("<key>: <code>"): a small model copies a line it has
+# read far more reliably than it rephrases one (calibration in docs/long-answer.md).
 RECALL_NEEDLE = "The special code is {key}: {value}."
 RECALL_QUESTION = (
     "\nWhat are the special codes of {keys}? Answer with one line per name, in this order, "
