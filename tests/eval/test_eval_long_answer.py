@@ -171,6 +171,15 @@ def test_the_grid_records_lines_and_reports_them_per_position(model, tokenizer, 
     assert "accuracy per line" in summary(result.cells)
     # resumed: nothing runs again
     assert run_eval(model, tokenizer, config, tmp_path, make_cache=make, progress=False, plots=False).ran == 0
+    # one prefill and one decode per cache: the same answers and counters
+    config.shared_prefill, config.decode_batch = False, 1
+    alone = run_eval(model, tokenizer, config, tmp_path / "alone", make_cache=make, progress=False, plots=False)
+
+    def answers(records):
+        return sorted((r["method"], r["mode"], r["sample_idx"], r["prediction"], str(r["step_stats"])) for r in records)
+
+    assert answers(alone.records) == answers(result.records)
+    assert {(r["shared_prefill"], r["batched_decode"]) for r in alone.records} == {(0, 0)}
 
 
 def test_the_per_line_plot_and_page(tmp_path):
