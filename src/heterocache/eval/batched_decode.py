@@ -89,7 +89,6 @@ def greedy_continue_many(model, starts: list[DecodeStart], stop: set[int], max_b
     """
     if max_batch < 1:
         raise ValueError("max_batch must be >= 1")
-    device = next(model.parameters()).device
     logits = []
     for s in starts:
         if (s.logits is None) == (s.new_ids is None):
@@ -108,14 +107,20 @@ def greedy_continue_many(model, starts: list[DecodeStart], stop: set[int], max_b
             return tokens
         for lo in range(0, len(active), max_batch):
             rows = active[lo : lo + max_batch]
-            caches = [starts[i].cache for i in rows]
-            ids = torch.tensor([[nxt[i]] for i in rows], device=device)
-            # Rows may sit at different logical lengths (aware vs agnostic prompts): explicit positions.
-            positions = torch.tensor([[c.get_seq_length()] for c in caches], device=device)
-            out = model(
-                input_ids=ids, position_ids=positions, **cache_kwarg(model, _RowRouter(caches)), use_cache=True,
-                logits_to_keep=1,
-            )
-            picks = out.logits[:, -1].float().argmax(-1).tolist()
+            picks = step_rows(model, [starts[i].cache for i in rows], [nxt[i] for i in rows])
             for i, token in zip(rows, picks):
-                nxt[i] = int(token)
+                nxt[i] = token
+
+
+def step_rows(model, caches: list, tokens: list[int]) -> list[int]:
+    """One batched forward of one new token per cache (``tokens[i]`` into ``caches[i]``, every cache
+    of batch 1, each row attended by its own cache); returns each row's greedy next token."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([[t] for t in tokens], device=device)
+    # Rows may sit at different logical lengths (aware vs agnostic prompts): explicit positions.
+    positions = torch.tensor([[c.get_seq_length()] for c in caches], device=device)
+    out = model(
+        input_ids=ids, position_ids=positions, **cache_kwarg(model, _RowRouter(caches)), use_cache=True,
+        logits_to_keep=1,
+    )
+    return [int(t) for t in out.logits[:, -1].float().argmax(-1).tolist()]

@@ -78,7 +78,8 @@ def register(subparsers) -> None:
         "--tasks",
         type=_csv(str),
         default=("ruler",),
-        help="task or group names: ruler, niah_single, vt, cwe, longbench/hotpotqa, longbenchv2, "
+        help="task or group names: ruler, niah_single, vt, cwe, long_answer (recall_lines, trace_lines: "
+        "teacher-forced multi-line answers scored per line), longbench/hotpotqa, longbenchv2, "
         "infinitebench/passkey, ... ('none' for fidelity only; default: ruler)",
     )
     p.add_argument("--lengths", type=_csv(bounded(int, 1)), default=(1024, 2048, 4096), help="prompt lengths in tokens")
@@ -251,7 +252,7 @@ def run_command(args: argparse.Namespace) -> int:
     from .tasks import available_tasks
 
     if args.list_tasks:
-        print("\n".join(["ruler", "longbench", "infinitebench", *available_tasks()]))
+        print("\n".join(["ruler", "long_answer", "longbench", "infinitebench", *available_tasks()]))
         return 0
     tasks = () if args.tasks in (("none",), ()) else args.tasks
     if not args.no_plots:

@@ -4,6 +4,8 @@
   Full-cache methods (the reference "dynamic", "fullkv") are dashed horizontal lines across the
   whole panel, so they show even when there is a single budget.
 - ``fidelity_<P>.png``: KL(full || method) and top-1 agreement vs budget, one line per method.
+- ``lines_<task>.png`` (long-answer tasks): accuracy per answer line (1 ... K), one line per
+  method; one panel per (mode, length, budget), the full cache dashed in every panel.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from .._optional import require_matplotlib
 from .caches import is_full
 from .generation import MODES
-from .results import FIDELITY_TASK
+from .results import FIDELITY_TASK, line_positions
 
 
 def _safe(name: str) -> str:
@@ -119,6 +121,42 @@ def fidelity_figure(cells: list[dict], prefill: int, title: str = ""):
     return fig
 
 
+def plot_lines(cells: list[dict], task: str, path: Path, title: str = "") -> Path:
+    """Accuracy per answer line for one long-answer task, saved to ``path`` (see :func:`lines_figure`)."""
+    return _save(lines_figure(cells, task, title), path)
+
+
+def lines_figure(cells: list[dict], task: str, title: str = ""):
+    """The matplotlib Figure of accuracy vs answer line (``item_1`` ... ``item_K`` of the cells of
+    ``task``): panels = modes (rows) × (length, budget) pairs (columns), one line per method."""
+    cells = [c for c in cells if c["task"] == task and line_positions(c)]
+    present = {c["mode"] for c in cells}
+    modes = [m for m in MODES if m in present] + sorted(present - set(MODES))
+    columns = sorted({(c["length"], c["budget"]) for c in cells if not is_full(c["method"])}) or sorted(
+        {(c["length"], c["budget"]) for c in cells})
+    fig, axes = _figure(len(modes), len(columns))
+    for r, mode in enumerate(modes):
+        for k, (length, budget) in enumerate(columns):
+            ax = axes[r][k]
+            here = [c for c in cells if c["mode"] == mode and c["length"] == length
+                    and (c["budget"] == budget or is_full(c["method"]))]
+            for i, c in enumerate(sorted(here, key=lambda c: c["method"])):
+                xs = list(range(1, line_positions(c) + 1))
+                ys = [c[f"item_{x}"] for x in xs]
+                if is_full(c["method"]):
+                    ax.plot(xs, ys, color="black", linestyle="--", label=f"{c['method']} (full cache)")
+                else:
+                    ax.plot(xs, ys, marker="o", color=f"C{i}", label=c["method"])
+            ax.set_title(f"{mode}, {length} tokens, budget {budget:g}", fontsize=9)
+            ax.set_xlabel("answer line")
+            ax.set_ylabel("accuracy")
+            ax.set_ylim(-3, 103)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower left")
+    _suptitle(fig, f"{task}: accuracy per answer line" + (f" — {title}" if title else ""))
+    return fig
+
+
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +170,8 @@ def plot_all(cells: list[dict], out_dir: Path, title: str = "") -> list[Path]:
     paths = []
     for task in sorted({c["task"] for c in cells if c["task"] != FIDELITY_TASK}):
         paths.append(plot_task(cells, task, out_dir / f"score_{_safe(task)}.png", title))
+    for task in sorted({c["task"] for c in cells if line_positions(c)}):
+        paths.append(plot_lines(cells, task, out_dir / f"lines_{_safe(task)}.png", title))
     for prefill in sorted({c["length"] for c in cells if c["task"] == FIDELITY_TASK}):
         paths.append(plot_fidelity(cells, prefill, out_dir / f"fidelity_{prefill}.png", title))
     return paths

@@ -28,7 +28,7 @@ from pathlib import Path
 from . import plot
 from .caches import is_full
 from .paired import paired_difference
-from .results import RecordLog, format_metric, load_cells
+from .results import RecordLog, format_metric, load_cells, position_table
 from .tasks import GROUPS
 
 HEADER = """# Results
@@ -327,6 +327,8 @@ def run_section(results_path: Path, img_dir: Path, page_dir: Path) -> tuple[str,
         variant_table_md = markdown_table([c for c in task_cells if is_variant(c["method"])], "score")
         if variant_table_md:
             ablations += [f"#### {task}", "", variant_table_md, ""]
+        # every method, variants included: comparing HeteroCache's variants line by line is the point
+        out += _lines_section(task_cells, img_dir / f"lines_{plot._safe(task)}.png", images, page_dir)
     fidelity = [c for c in cells if c["task"] == plot.FIDELITY_TASK]
     for part, rows, level in ((out, [c for c in fidelity if not is_variant(c["method"])], "###"),
                               (ablations, [c for c in fidelity if is_variant(c["method"])], "####")):
@@ -356,6 +358,22 @@ def _partial_lines(partial: list[tuple[str, str]]) -> list[str]:
         return []
     return ["Not averaged (scored on fewer tasks than the rest; see the per-task tables):", "",
             *[f"- {line}" for _, line in partial], ""]
+
+
+def _lines_section(cells: list[dict], image: Path, images: list[Path], page_dir: Path) -> list[str]:
+    """A long-answer task's accuracy per answer line and ``stats()`` counters per answer (nothing
+    for other tasks), with its per-line plot."""
+    header, rows = position_table(cells)
+    if not rows:
+        return []
+    out = ["Accuracy per answer line (labels teacher-forced, each value generated greedily); the counters "
+           "are means per answer of the cache's `stats()` growth while it wrote the answer (decode) or read "
+           "the question (turn); \"-\" for a cache without `stats()`.", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    if image in images:
+        out += [f"![{cells[0]['task']} per line]({image.relative_to(page_dir).as_posix()})", ""]
+    return out
 
 
 def _records_next_to(results_path: Path) -> list[dict] | None:

@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def load_cells(path: Path) -> tuple[list[dict], dict, dict]:
     return cells, config, meta
 
 
-_FORMATS = {"score": "{:.1f}", "kl": "{:.4g}", "top1_agreement": "{:.3f}"}
+_FORMATS = {"score": "{:.1f}", "kl": "{:.4g}", "top1_agreement": "{:.3f}", "count": "{:.1f}"}
 
 
 def format_metric(value, metric: str) -> str:
@@ -165,8 +166,38 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+#: The answer totals of a cache's ``stats()`` counters that per-line tables show (long-answer tasks).
+ANSWER_COUNTERS = ("decode_drift_checks", "decode_refreshes", "decode_tokens_moved", "turn_reselected_heads")
+
+
+def line_positions(cell: dict) -> int:
+    """How many answer lines a long-answer cell scores per position (``item_1`` ... ``item_K``)."""
+    return sum(1 for k in cell if re.fullmatch(r"item_\d+", k))
+
+
+def position_table(cells: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Accuracy per answer line of the long-answer cells: rows ``(task, length, mode, method,
+    budget)``, columns line 1 ... K, the mean (``score``) and the answer totals of
+    :data:`ANSWER_COUNTERS` the cells have (means per answer; "-" for a cache without ``stats()``).
+    Returns ``(header, rows)``; no rows when no cell scores lines."""
+    cells = [c for c in cells if line_positions(c)]
+    if not cells:
+        return [], []
+    k = max(line_positions(c) for c in cells)
+    counters = [name for name in ANSWER_COUNTERS if any(name in c for c in cells)]
+    header = ["task", "length", "mode", "method", "budget", *[f"line {i + 1}" for i in range(k)], "mean",
+              *[name.replace("_", " ") for name in counters]]
+    rows = []
+    for c in sorted(cells, key=lambda c: (c["task"], c["length"], c["mode"], c["method"], c["budget"])):
+        rows.append([c["task"], str(c["length"]), c["mode"], c["method"], f"{c['budget']:g}",
+                     *[format_metric(c.get(f"item_{i + 1}"), "score") for i in range(k)],
+                     format_metric(c["score"], "score"), *[format_metric(c.get(n), "count") for n in counters]])
+    return header, rows
+
+
 def summary(cells: list[dict]) -> str:
-    """Printable summary: the score table (tasks) and the fidelity tables, budgets as columns."""
+    """Printable summary: the score table (tasks), the accuracy per answer line (long-answer
+    tasks) and the fidelity tables, budgets as columns."""
     parts = []
     for metric, title in (
         ("score", "score (0-100)"),
@@ -176,4 +207,9 @@ def summary(cells: list[dict]) -> str:
         header, rows = pivot(cells, metric)
         if rows:
             parts.append(f"{title}\n{format_table(header, rows)}")
+        if metric == "score":
+            header, rows = position_table(cells)
+            if rows:
+                parts.append(f"long answers: accuracy per line (0-100) and stats() counters per answer\n"
+                             f"{format_table(header, rows)}")
     return "\n\n".join(parts) if parts else "(no results)"

@@ -42,6 +42,7 @@ from .caches import (
 )
 from .fidelity import FidelityConfig, compare, fidelity_ids, teacher_forced_logprobs
 from .generation import Generation, canonical_mode, generate_answer
+from .long_answer import run_long_answer
 from .prompting import PromptFormatter
 from .results import (
     FIDELITY_MODE,
@@ -63,6 +64,7 @@ from .shared_prefill import (
     supports_shared_prefill,
 )
 from .tasks import expand_task_names, get_task
+from .tasks.long_answer import LongAnswerTask
 
 
 @dataclass
@@ -323,6 +325,8 @@ class _Grid:
         self.pairs = list(self.settings)
         _check_settings(log, self.settings, defaults)
         self.tasks = [get_task(name, config.data_dir) for name in config.tasks]
+        if config.prefill_chunk_size is not None and any(isinstance(t, LongAnswerTask) for t in self.tasks):
+            raise ValueError("long-answer tasks prefill in one piece: run them without prefill_chunk_size")
         self.limit = getattr(model.config, "max_position_embeddings", None)
         self.ran = 0
         self.bar = None
@@ -383,6 +387,9 @@ class _Grid:
             max_new = cfg.max_new_tokens or sample.max_new_tokens
             if self.limit and prompt.length + max_new > self.limit:
                 max_new = max(self.limit - prompt.length, 1)
+            if isinstance(task, LongAnswerTask):  # teacher-forced lines, each scored (.long_answer)
+                run_long_answer(self, task, length, sample, prompt, todo)
+                continue
             if self.shared:
                 todo = self.run_shared(task, length, sample, prompt, todo, max_new)
             for _, mode, method, budget in todo:
@@ -462,10 +469,12 @@ class _Grid:
         return logits, time.perf_counter() - start
 
     def log_generation(
-        self, task, length, sample, prompt, mode, method, budget, gen, shared: int = 0, batched: int = 0
+        self, task, length, sample, prompt, mode, method, budget, gen, shared: int = 0, batched: int = 0,
+        metrics: dict | None = None, extra: dict | None = None,
     ) -> None:
         """Append one generation's record (``shared``: caches filled by its prefill forward, 0 = own;
-        ``batched``: rows of the batched greedy decode it was part of, 0 = decoded alone)."""
+        ``batched``: rows of the batched greedy decode it was part of, 0 = decoded alone; ``metrics``:
+        instead of ``task.score``'s; ``extra``: more fields)."""
         self.log.append(
             {
                 "method": method,
@@ -474,7 +483,7 @@ class _Grid:
                 "length": length,
                 "mode": mode,
                 "sample_idx": sample.index,
-                "metrics": {"score": task.score(gen.text, sample)},
+                "metrics": metrics or {"score": task.score(gen.text, sample)},
                 "prediction": gen.text,
                 "answers": list(sample.answers),
                 "prompt_tokens": prompt.length,
@@ -486,6 +495,7 @@ class _Grid:
                 "batched_decode": batched,
                 "meta": _meta_for_record(sample.meta),
                 "settings": self.settings[(method, budget)],
+                **(extra or {}),
             }
         )
         self.ran += 1
