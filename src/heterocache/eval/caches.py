@@ -103,8 +103,10 @@ def cache_settings(cache) -> dict:
     policy's class and options (a profile by its model name and role counts). Recorded with each
     generation so that a resumed run notices records made under other settings (e.g. a changed
     default) instead of mixing them in."""
+    from ..engine.cache import RaggedCache  # here: this module is read by the torch-free CLI
+
     settings = {"cache": type(cache).__name__}
-    policy = getattr(cache, "policy", None)
+    policy = cache.policy if isinstance(cache, RaggedCache) else None
     if policy is None or not dataclasses.is_dataclass(policy):
         return settings
     options = {}
@@ -126,12 +128,15 @@ def cache_settings(cache) -> dict:
 def option_defaults(cache) -> dict:
     """The defaults of a ragged cache's policy options (``cache_settings``' "options"), for
     ``settings_agree``; empty for other caches."""
-    policy = getattr(cache, "policy", None)
+    from ..engine.cache import RaggedCache  # here: this module is read by the torch-free CLI
+
+    policy = cache.policy if isinstance(cache, RaggedCache) else None
     if policy is None or not dataclasses.is_dataclass(policy):
         return {}
     out = {f.name: f.default for f in dataclasses.fields(policy) if f.default is not dataclasses.MISSING}
     # The values a policy resolves its defaults to (e.g. None -> "off") are what a record shows.
-    given = {k: getattr(policy, k) for k in ("profile", "budget", "budget_tokens") if hasattr(policy, k)}
+    fields = {f.name for f in dataclasses.fields(policy)}
+    given = {k: getattr(policy, k) for k in ("profile", "budget", "budget_tokens") if k in fields}
     try:
         plain = type(policy)(**given)
     except (TypeError, ValueError):
