@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -240,11 +241,18 @@ def register_method(
 
 
 def _same_definition(method: Method, obj) -> bool:
-    """Whether ``obj`` is the registered definition run again (a re-imported file, a notebook
-    cell run twice): same module and qualified name. Then it replaces the entry quietly."""
+    """Whether ``obj`` is the registered definition run again (a file imported twice, under any
+    module name; a notebook cell run twice): same qualified name, defined in the same file (or the
+    same module). Then it replaces the entry quietly."""
     old = method.policy_class if isinstance(obj, type) else method.factory
-    return old is not None and (getattr(old, "__module__", None), getattr(old, "__qualname__", None)) == (
-        getattr(obj, "__module__", None), getattr(obj, "__qualname__", None))
+    if old is None or getattr(old, "__qualname__", None) != getattr(obj, "__qualname__", None):
+        return False
+    return _defined_in(old) == _defined_in(obj)
+
+
+def _defined_in(obj) -> str | None:
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    return getattr(module, "__file__", None) or getattr(obj, "__module__", None)
 
 
 def _class_factory(cache_class: type, uses_budget: bool) -> Callable[..., Cache]:
