@@ -18,16 +18,14 @@ from .plan import pivot_offload_pays
 #: the start of step t + 2, when the device has long finished step t (the host runs at most about a
 #: step ahead). A synchronous refresh would be visible from step t + 1: satellites see a drift
 #: refresh one step later than that. 0 acts at once, as the paper does (the host then waits for the
-#: device at every check): the same answers on 80 evaluation samples (docs/results.md#ablations).
+#: device at every check; docs/results.md#ablations compares the two).
 #: A policy reads its own ``_decision_lag`` (this value unless set on the instance, e.g. by a study
 #: of long answers).
 DECISION_LAG = 2
 
 #: Turn queries that score a re-chosen head's prompt at a new turn: about a whole question and the
-#: chat template's tail. On SmolLM2 (query-agnostic, 4096 tokens, budget 0.25, 39-token questions)
-#: the right answer's log-probability loses 1.66 nats against the full cache with the last query,
-#: 1.02 with the last 8, 0.47-0.64 with 12 to 32 (docs/results.md#ablations). A policy reads its own
-#: ``_turn_window``.
+#: chat template's tail (fewer lose the question's start; docs/results.md#ablations has the
+#: measurement). A policy reads its own ``_turn_window``.
 TURN_WINDOW = 32
 
 #: On CUDA, refresh copies run on a side stream, overlapping the layers before the refreshed one

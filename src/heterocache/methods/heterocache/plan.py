@@ -40,10 +40,8 @@ def check_budget_above_floor(full: torch.Tensor, budget: float, kept: str = "vol
 
 
 #: ``pivot_offload="auto"`` compresses the pivots when that at least multiplies the prompt share
-#: each compressed head keeps by this much. On SmolLM2 (RULER, 4096 tokens) it gains at budget
-#: 0.25, where the share grows 10.7x (query-aware +0.9, query-agnostic +2.7 points, 30 samples per
-#: task); at 0.5, where it grows 1.4x, the measurements are mixed (+0.8, -0.9; 20), and the paper's
-#: layout (pivots full, their satellites refreshed when they drift) is kept.
+#: each compressed head keeps by this much; below, the paper's layout (pivots full, their
+#: satellites refreshed when they drift) is kept. Why 2: docs/heterocache.md#pivot_offload.
 PIVOT_OFFLOAD_GAIN = 2.0
 
 
