@@ -135,24 +135,33 @@ def lines_figure(cells: list[dict], task: str, title: str = ""):
     columns = sorted({(c["length"], c["budget"]) for c in cells if not is_full(c["method"])}) or sorted(
         {(c["length"], c["budget"]) for c in cells})
     fig, axes = _figure(len(modes), len(columns))
+    # One colour per method in every panel, and one legend for the figure (not over the curves).
+    methods = sorted({c["method"] for c in cells if not is_full(c["method"])})
+    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    handles: dict[str, object] = {}
     for r, mode in enumerate(modes):
         for k, (length, budget) in enumerate(columns):
             ax = axes[r][k]
             here = [c for c in cells if c["mode"] == mode and c["length"] == length
                     and (c["budget"] == budget or is_full(c["method"]))]
-            for i, c in enumerate(sorted(here, key=lambda c: c["method"])):
+            for c in sorted(here, key=lambda c: c["method"]):
                 xs = list(range(1, line_positions(c) + 1))
                 ys = [c[f"item_{x}"] for x in xs]
                 if is_full(c["method"]):
-                    ax.plot(xs, ys, color="black", linestyle="--", label=f"{c['method']} (full cache)")
+                    label = f"{c['method']} (full cache)"
+                    (line,) = ax.plot(xs, ys, color="black", linestyle="--", label=label)
                 else:
-                    ax.plot(xs, ys, marker="o", color=f"C{i}", label=c["method"])
+                    label = c["method"]
+                    (line,) = ax.plot(xs, ys, marker="o", color=colour[label], label=label)
+                handles.setdefault(label, line)
             ax.set_title(f"{mode}, {length} tokens, budget {budget:g}", fontsize=9)
             ax.set_xlabel("answer line")
             ax.set_ylabel("accuracy")
             ax.set_ylim(-3, 103)
+            ax.set_xticks(range(1, max(line_positions(c) for c in cells) + 1))
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="lower left")
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(4, len(handles)),
+               fontsize=8)
     _suptitle(fig, f"{task}: accuracy per answer line" + (f" — {title}" if title else ""))
     return fig
 
