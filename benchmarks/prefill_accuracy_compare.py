@@ -1,0 +1,73 @@
+"""The accuracy cost of bounded-memory prefill against exact chunked prefill: two eval folders of the
+same grid (``--prefill exact`` and ``--prefill bounded``), paired per sample, RULER average.
+
+    python benchmarks/prefill_accuracy_compare.py runs/eval/chunked_exact runs/eval/chunked_bounded \
+        --out benchmarks/results/chunked_prefill_ruler_compare.json
+
+Prints a Markdown table (the one in docs/results.md#ablations) and writes it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from heterocache.eval.paired import paired_difference
+from heterocache.eval.tasks.ruler import RULER_TASKS
+
+
+def load(folder: Path, tag: str) -> list[dict]:
+    records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines() if line.strip()]
+    for r in records:
+        r["method"] = f"{r['method']}|{tag}"
+    return records
+
+
+def _paired_means(records, method, length, mode) -> dict:
+    """RULER average (mean over tasks of the per-task mean) of each prefill, over the samples both scored."""
+    scores: dict[tuple, dict] = {}
+    for r in records:
+        name, tag = r["method"].split("|")
+        if name == method and r["mode"] == mode and int(r["length"]) == length and r["task"] in RULER_TASKS:
+            scores.setdefault((r["task"], r["sample_idx"]), {})[tag] = r["metrics"]["score"]
+    by_task: dict[str, dict] = {}
+    for (task, _), pair in scores.items():
+        if len(pair) == 2:
+            for tag, value in pair.items():
+                by_task.setdefault(task, {}).setdefault(tag, []).append(value)
+    return {tag: sum(sum(t[tag]) / len(t[tag]) for t in by_task.values()) / max(1, len(by_task))
+            for tag in ("exact", "bounded")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("exact", type=Path, help="eval folder of the exact chunked prefill")
+    parser.add_argument("bounded", type=Path, help="eval folder of the bounded prefill")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    records = load(args.exact, "exact") + load(args.bounded, "bounded")
+    methods = sorted({r["method"].split("|")[0] for r in records})
+    cells = sorted({(int(r["length"]), float(r["budget"]), r["mode"]) for r in records})
+    rows = ["| method | length | budget | mode | exact | bounded | bounded − exact (pairs) |",
+            "|---|---|---|---|---|---|---|"]
+    out = []
+    for method in methods:
+        for length, budget, mode in cells:
+            means = _paired_means(records, method, length, mode)
+            d = paired_difference(records, (f"{method}|bounded", budget), (f"{method}|exact", budget), length, mode,
+                                  RULER_TASKS)
+            if d is None:
+                continue
+            out.append({"method": method, "length": length, "budget": budget, "mode": mode, **means,
+                        "difference": d.mean, "half_width": d.half_width, "pairs": d.pairs})
+            rows.append(f"| {method} | {length} | {budget} | {mode} | {means['exact']:.1f} | {means['bounded']:.1f} | "
+                        f"{d.format()} ({d.pairs}) |")
+    print("\n".join(rows))
+    if args.out:
+        args.out.write_text(json.dumps({"exact": str(args.exact), "bounded": str(args.bounded), "rows": out},
+                                       indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
