@@ -271,13 +271,23 @@ class PromptPieces:
                                 prompt.config, prompt.position_ids)
             self._compress(layer, ctx, prompt.positions)
             return
-        if prompt.host_key is not None:  # bounded, the whole prompt from its host copy
-            ctx = self._context(layer, prompt.queries, prompt.host_key, prompt.host_value, prompt.host_valid,
-                                prompt.scaling, prompt.config, prompt.position_ids)
-        else:  # bounded: what the layer kept
-            k, v, head_valid, _ = right_aligned(layer.store)
-            ctx = self._context(layer, prompt.queries, k, v, head_valid.any(1), prompt.scaling, prompt.config,
-                                head_valid=head_valid, prompt_lengths=prompt.real)
+        if prompt.host_key is not None:
+            # Bounded, with the whole prompt in host memory (a policy whose heads keep a host copy):
+            # choose once more from all of it with the prompt's last queries, as the exact prefill
+            # does (only this layer's prompt is on the device, for this choice), so a question at the
+            # prompt's end finds what the earlier pieces dropped.
+            device = layer.store.device
+            key, value, valid = (t.to(device, non_blocking=True)
+                                 for t in (prompt.host_key, prompt.host_value, prompt.host_valid))
+            ctx = self._context(layer, prompt.queries, key, value, valid, prompt.scaling, prompt.config,
+                                prompt.position_ids)
+            layer.store = None
+            self._compress(layer, ctx, prompt.positions.to(device))
+            return
+        # bounded: what the layer kept
+        k, v, head_valid, _ = right_aligned(layer.store)
+        ctx = self._context(layer, prompt.queries, k, v, head_valid.any(1), prompt.scaling, prompt.config,
+                            head_valid=head_valid, prompt_lengths=prompt.real)
         self.policy.on_prefill_done(layer.policy_idx, layer.store, ctx)
 
     def _fill_window(self, layer: RaggedLayer, key, value, valid, positions, length: int) -> None:
