@@ -24,22 +24,6 @@ def load(folder: Path, tag: str) -> list[dict]:
     return records
 
 
-def _paired_means(records, method, length, mode) -> dict:
-    """RULER average (mean over tasks of the per-task mean) of each prefill, over the samples both scored."""
-    scores: dict[tuple, dict] = {}
-    for r in records:
-        name, tag = r["method"].split("|")
-        if name == method and r["mode"] == mode and int(r["length"]) == length and r["task"] in RULER_TASKS:
-            scores.setdefault((r["task"], r["sample_idx"]), {})[tag] = r["metrics"]["score"]
-    by_task: dict[str, dict] = {}
-    for (task, _), pair in scores.items():
-        if len(pair) == 2:
-            for tag, value in pair.items():
-                by_task.setdefault(task, {}).setdefault(tag, []).append(value)
-    return {tag: sum(sum(t[tag]) / len(t[tag]) for t in by_task.values()) / max(1, len(by_task))
-            for tag in ("exact", "bounded")}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("exact", type=Path, help="eval folder of the exact chunked prefill")
@@ -54,11 +38,11 @@ def main() -> None:
     out = []
     for method in methods:
         for length, budget, mode in cells:
-            means = _paired_means(records, method, length, mode)
             d = paired_difference(records, (f"{method}|bounded", budget), (f"{method}|exact", budget), length, mode,
                                   RULER_TASKS)
             if d is None:
                 continue
+            means = {"exact": d.b_mean, "bounded": d.a_mean}  # over the same samples
             out.append({"method": method, "length": length, "budget": budget, "mode": mode, **means,
                         "difference": d.mean, "half_width": d.half_width, "pairs": d.pairs})
             rows.append(f"| {method} | {length} | {budget} | {mode} | {means['exact']:.1f} | {means['bounded']:.1f} | "

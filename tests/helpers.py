@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    DynamicCache,
     LlamaConfig,
     LlamaForCausalLM,
     Qwen2Config,
@@ -60,7 +61,6 @@ def dynamic_reference(shape: dict, L: int = 90, pad: tuple[int, int] = (1, 11), 
     """A left-padded batch of two rows (row ``pad[0]`` padded by ``pad[1]`` tokens) and its greedy
     tokens with transformers' DynamicCache and SDPA: ``(model with heterocache attention,
     input ids, generate kwargs, reference tokens)``, the oracle of an uncompressed cache."""
-    from transformers import DynamicCache
 
     model = tiny_model("llama", **shape)
     ref_model = tiny_model("llama", attn="sdpa", **shape)
@@ -69,3 +69,16 @@ def dynamic_reference(shape: dict, L: int = 90, pad: tuple[int, int] = (1, 11), 
     mask[pad[0], : pad[1]] = 0
     kw = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
     return model, ids, kw, ref_model.generate(ids, **cache_kwarg(ref_model, DynamicCache()), **kw)
+
+
+class RecordingCache(DynamicCache):
+    """Remembers how many new tokens each call to layer 0's update brought."""
+
+    def __init__(self):
+        super().__init__()
+        self.chunks = []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == 0:
+            self.chunks.append(key_states.shape[-2])
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)

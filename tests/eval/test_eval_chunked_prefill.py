@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import DynamicCache
 
 import heterocache
+from helpers import RecordingCache
 from heterocache.eval import EvalConfig, run_eval
 from heterocache.eval.generation import generate_answer
 from heterocache.eval.prompting import PromptFormatter
@@ -17,19 +17,6 @@ from heterocache.eval.toy import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LENGTH = 700
-
-
-class RecordingCache(DynamicCache):
-    """Remembers how many new tokens each call to layer 0's update brought."""
-
-    def __init__(self):
-        super().__init__()
-        self.chunks = []
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if layer_idx == 0:
-            self.chunks.append(key_states.shape[-2])
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 @pytest.fixture(scope="module")

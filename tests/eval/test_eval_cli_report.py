@@ -160,6 +160,8 @@ def test_paired_difference_by_hand():
     assert d.mean == pytest.approx(50 / 3)
     assert d.half_width == pytest.approx(1.959964 * (1111.111 ** 0.5), rel=1e-4)
     assert d.format() == "+16.7 ± 65.3"
+    # each side over the same pairs: heterocache (66.7 + 100) / 2, dynamic (66.7 + 66.7) / 2 (vt's sample 7 unpaired)
+    assert d.a_mean == pytest.approx(250 / 3) and d.b_mean == pytest.approx(200 / 3)
     one = paired_difference(records[:1] + records[3:4], ("heterocache", 0.25), ("dynamic", 1.0), 1024, "query_aware",
                             {"niah_single"})
     assert one.half_width is None and one.format() == "+0.0 (± n/a)"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from helpers import RecordingCache
 from heterocache.eval import EvalConfig, FidelityConfig, run_eval
 from heterocache.eval.caches import dynamic_only_factory
 from heterocache.eval.generation import generate_answer
@@ -36,19 +37,6 @@ class ForgetfulCache(DynamicCache):
 def factory(method, budget, model):
     """Stand-in registry: "dynamic" is exact, "forget" is lossy at any budget."""
     return {"dynamic": DynamicCache, "forget": ForgetfulCache}[method]()
-
-
-class RecordingCache(DynamicCache):
-    """Remembers how many new tokens each call to layer 0's update brought."""
-
-    def __init__(self):
-        super().__init__()
-        self.chunks = []
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if layer_idx == 0:
-            self.chunks.append(key_states.shape[-2])
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,8 +10,6 @@ here — runs these on a tiny random model:
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from helpers import dynamic_reference, tiny_model
 from heterocache import list_methods, make_cache
 from heterocache._compat import cache_kwarg
 from heterocache.bench.diagnostics import count_decode_steps
+from heterocache.cli._preflight import import_method_modules
 from heterocache.engine.registry import get_method
 from heterocache.profile.testing import toy_profile
 
@@ -28,12 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load_example() -> None:
-    """Register the example's method (``keynorm``) as a user's script does."""
-    path = Path(__file__).resolve().parents[2] / "examples" / "custom_method.py"
-    spec = importlib.util.spec_from_file_location("custom_method_example", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    """Register the example's method (``keynorm``) as ``--methods-from`` does."""
+    import_method_modules([str(Path(__file__).resolve().parents[2] / "examples" / "custom_method.py")])
 
 
 _load_example()

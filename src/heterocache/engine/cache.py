@@ -486,11 +486,8 @@ class RaggedCache(PromptPieces, Cache):
 
 
 class PolicyCache(RaggedCache):
-    """A ``RaggedCache`` driven by one policy class (``policy_class``), built from the policy's
-    parameters: the base of the methods' convenience caches (``H2OCache(budget=0.25)``, ...)."""
+    """The base of the cache classes ``register_method`` makes, one per policy class
+    (``heterocache.engine.registry.policy_cache_class``: ``SnapKVCache(budget=0.25, **options)``,
+    ...); ``policy_class`` is the policy it builds."""
 
     policy_class: type = FullKVPolicy
-
-    def __init__(self, budget: float | None = 0.25, block_size: int = 64, reserve: int = 128, prefill: str = "exact",
-                 **policy_kwargs):
-        super().__init__(self.policy_class(budget=budget, **policy_kwargs), block_size, reserve, prefill)

@@ -26,12 +26,16 @@ class PairedDifference:
             two pairs (no variance to estimate).
         pairs: samples scored by both, over all tasks.
         tasks: tasks that had at least one pair.
+        a_mean, b_mean: each side's score over the same pairs (mean over tasks of the per-task
+            mean), so that ``a_mean - b_mean == mean``.
     """
 
     mean: float
     half_width: float | None
     pairs: int
     tasks: int
+    a_mean: float | None = None
+    b_mean: float | None = None
 
     def format(self) -> str:
         """``"+8.3 ± 6.1"`` (``"+8.3 (n/a)"`` without an interval)."""
@@ -66,19 +70,23 @@ def paired_difference(
             if r["method"] == method and math.isclose(float(r["budget"]), budget, abs_tol=1e-6):
                 scores[(r["task"], int(r["sample_idx"]))][side] = float(score)
     diffs: dict[str, list[float]] = defaultdict(list)
+    sides: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"a": [], "b": []})
     for (task, _), pair in sorted(scores.items()):
         if len(pair) == 2:
             diffs[task].append(pair["a"] - pair["b"])
+            sides[task]["a"].append(pair["a"])
+            sides[task]["b"].append(pair["b"])
     if not diffs:
         return None
     T = len(diffs)
     mean = sum(sum(d) / len(d) for d in diffs.values()) / T
+    a_mean, b_mean = (sum(sum(s[side]) / len(s[side]) for s in sides.values()) / T for side in ("a", "b"))
     if any(len(d) < 2 for d in diffs.values()):
         half = None
     else:
         var = sum(_sample_variance(d) / len(d) for d in diffs.values()) / T**2
         half = Z95 * math.sqrt(var)
-    return PairedDifference(mean, half, sum(len(d) for d in diffs.values()), T)
+    return PairedDifference(mean, half, sum(len(d) for d in diffs.values()), T, a_mean, b_mean)
 
 
 def _sample_variance(x: list[float]) -> float:
