@@ -461,14 +461,20 @@ class RaggedCache(PromptPieces, Cache):
         """
         return build_memory_report(self, aggregate=aggregate)
 
-    def stats(self, aggregate: bool = False) -> dict:
-        """The method's counters (refreshes, drift checks, bytes moved, ...) as plain values; empty
-        for methods that keep none (HeteroCache's cache overrides this).
+    def counters(self, aggregate: bool = False) -> dict:
+        """The method's counters (refreshes, drift checks, bytes moved, ...) as plain values, cheap
+        enough to read at every step; empty for methods that keep none (HeteroCache's cache
+        overrides this).
 
         Args:
             aggregate: under tensor parallelism, the whole model's numbers (a collective).
         """
         return {}
+
+    def stats(self, aggregate: bool = False) -> dict:
+        """:meth:`counters`, with whatever else a method reports about itself (HeteroCache: its
+        bytes by role)."""
+        return self.counters(aggregate)
 
     @property
     def kv_heads(self) -> range | None:

@@ -11,9 +11,9 @@ read as one multi-token turn) the whole answer is a single decode of one-token s
 
 With an empty label and no stop this is ``generate(do_sample=False)`` token for token (tested), so a
 cache sees exactly the decode steps it would see writing the answer itself, with the labels the
-truth. Caches with ``stats()`` (HeteroCache) are read after the prefill, after the question turn
-and after every step: the record keeps, per step, how much each counter (drift checks, refreshes,
-tokens moved from host memory, re-selected heads) grew.
+truth. A cache's counters (``RaggedCache.counters``; HeteroCache's) are read after the prefill,
+after the question turn and after every step: the record keeps, per step, how much each counter
+(drift checks, refreshes, tokens moved from host memory, re-selected heads) grew.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine.cache import RaggedCache
 from .batched_decode import step_rows
 from .shared_prefill import PrefillTarget, _step, eos_ids
 from .tasks.long_answer import LongAnswerTask
 
 #: Value tokens allowed beyond the expected value's own count before a line is cut.
 VALUE_SLACK = 3
-#: The cache ``stats()`` counters recorded per decode step (those a cache reports).
+#: The cache counters (``RaggedCache.counters``) recorded per decode step (those a cache reports).
 STEP_COUNTERS = ("drift_checks", "refreshes", "satellite_refills", "reselected_heads", "tokens_moved")
 
 
@@ -114,18 +115,18 @@ class _LineWriter:
 
 
 class _Counters:
-    """A cache's ``stats()`` counters (:data:`STEP_COUNTERS`), read again on each :meth:`growth`;
-    ``known`` is False for a cache without ``stats()``."""
+    """A cache's counters (:data:`STEP_COUNTERS`, ``RaggedCache.counters``), read again on each
+    :meth:`growth`; ``known`` is False for a cache that has none (transformers' own)."""
 
     def __init__(self, cache):
         self.cache = cache
-        self.known = callable(getattr(cache, "stats", None))
+        self.known = isinstance(cache, RaggedCache)
         self.last = self._read()
 
     def _read(self) -> dict[str, int]:
         if not self.known:
             return {}
-        now = self.cache.stats()
+        now = self.cache.counters()
         return {k: int(now[k]) for k in STEP_COUNTERS if isinstance(now.get(k), (int, float))}
 
     def growth(self) -> dict[str, int]:
@@ -155,10 +156,10 @@ class AnswerOutcome:
         values: each line's generated value tokens.
         fed: every token fed during the answer (labels and values), one decode step each.
         line_steps: ``[first, end)`` decode steps of each line (its label and value).
-        turn_stats: how much each ``stats()`` counter grew while the question turn was read
-            (query-agnostic; empty otherwise); None for a cache without ``stats()``.
+        turn_stats: how much each counter grew while the question turn was read
+            (query-agnostic; empty otherwise); None for a cache without counters.
         step_stats: per counter, its growth at each decode step (``len(fed)`` values); None
-            without ``stats()``.
+            without counters.
     """
 
     values: list[list[int]]
@@ -264,7 +265,7 @@ def answer_record(tokenizer, task: LongAnswerTask, sample, outcome: AnswerOutcom
     """``(metrics, extra fields)`` of one answer's record.
 
     metrics: ``score`` (mean line score), ``item_<i>`` (line ``i``'s score, 0 or 100, from 1), and
-    for a cache with ``stats()`` the answer's totals ``decode_<counter>`` and the question turn's
+    for a cache with counters the answer's totals ``decode_<counter>`` and the question turn's
     ``turn_<counter>`` (query-agnostic). Extra fields: ``prediction`` (labels and generated values,
     one line each), ``values``, ``line_steps``, ``step_stats``, ``turn_stats``.
     """

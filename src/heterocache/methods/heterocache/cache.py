@@ -48,18 +48,18 @@ class HeteroCache(RaggedCache):
     def profile(self) -> HeadProfile:
         return self.policy.profile
 
-    def stats(self, aggregate: bool = False) -> dict:
-        """Refreshes per layer and pivot, checks, tokens and bytes moved, copy time (GPU), and bytes
-        on device and host by role.
+    def counters(self, aggregate: bool = False) -> dict:
+        """Drift checks, refreshes (in all, and per layer and pivot), satellite refills, heads
+        re-selected at turns, tokens and bytes moved, copy time (GPU); no memory walk, so a caller
+        may read it at every step.
 
         Args:
-            aggregate: under tensor parallelism, the whole model's numbers (counts and bytes
-                summed over the ranks; a pivot's refreshes are counted on its own rank, keyed by
-                its global KV head). A collective: every rank must call it.
+            aggregate: under tensor parallelism, the whole model's numbers (counts summed over the
+                ranks; a pivot's refreshes are counted on its own rank, keyed by its global KV
+                head). A collective: every rank must call it.
         """
         policy = self.policy
         policy.synchronize()
-        report = build_memory_report(self, aggregate=aggregate)
         s = policy.stats
         mine = {
             "drift_checks": s.checks,
@@ -84,8 +84,20 @@ class HeteroCache(RaggedCache):
             "tokens_moved": sum(p["tokens_moved"] for p in parts),
             "bytes_moved": sum(p["bytes_moved"] for p in parts),
             "copy_seconds": sum(p["copy_seconds"] for p in parts),
+            "ranks": len(parts),
+        }
+
+    def stats(self, aggregate: bool = False) -> dict:
+        """:meth:`counters`, and the bytes on device and host by role (``memory_report``).
+
+        Args:
+            aggregate: under tensor parallelism, the whole model's numbers (a collective).
+        """
+        counters = self.counters(aggregate)
+        report = build_memory_report(self, aggregate=aggregate)
+        return {
+            **counters,
             "device_bytes_by_role": {role: r["bytes"] for role, r in report.by_role().items()},
             "device_bytes": report.device_bytes,
             "host_bytes": report.host_bytes,
-            "ranks": len(parts),
         }
